@@ -1,0 +1,1 @@
+"""ovirt-imageio: serve and move virtual machine disk images over NBD."""

@@ -1,0 +1,96 @@
+"""
+Routing, and the one place where errors become HTTP responses.
+
+Routes are (regex, handler) pairs; a regex is anchored at the start only and
+the first match wins, as upstream (so `/images/id/extents/x` is an extents
+request). A handler is an object with a method per HTTP verb (get, put...)
+taking (req, resp, *groups).
+"""
+
+import logging
+import re
+
+from .. import errors
+from . import server
+
+log = logging.getLogger("router")
+
+# Domain error -> (status, close connection). First match wins, so
+# subclasses come before their bases.
+STATUS = [
+    (errors.AuthorizationError, 403, True),
+    (errors.InvalidTicket, 400, False),
+    (errors.OutOfRange, 416, False),
+    (errors.Unsupported, 404, False),
+    (errors.CancelTimeout, 409, False),
+    (errors.ExportError, 500, False),
+]
+
+
+class Router:
+
+    def __init__(self, routes):
+        self.routes = [(re.compile(pattern), handler)
+                       for pattern, handler in routes]
+
+    def dispatch(self, req, resp):
+        try:
+            self._dispatch(req, resp)
+        except Exception as e:
+            self._fail(req, resp, e)
+
+    def _dispatch(self, req, resp):
+        if req.framing_error:
+            raise req.framing_error
+        if req.method not in server.METHODS:
+            raise server.Error(405, f"Invalid method {req.method!r}")
+        for regex, handler in self.routes:
+            match = regex.match(req.path)
+            if match:
+                break
+        else:
+            raise server.Error(404, f"No handler for {req.path!r}")
+        method = getattr(handler, req.method.lower(), None)
+        if method is None:
+            raise server.Error(
+                405, f"Method {req.method!r} not defined for {req.path!r}")
+        method(req, resp, *match.groups())
+
+    def _fail(self, req, resp, e):
+        status, message, headers, close = classify(e)
+        if resp.started:
+            # Part of the body is out; the client can only see a short one.
+            log.warning("Request failed after response started, closing "
+                        "connection=%s error=%s", req.context.id,
+                        type(e).__name__)
+            resp.abort()
+            return
+        if status == 500:
+            log.error("Request failed connection=%s", req.context.id,
+                      exc_info=e)
+        else:
+            # Not the message: it may quote the path, and a path holds a
+            # ticket id. The client gets the message.
+            log.debug("Request failed connection=%s status=%s error=%s",
+                      req.context.id, status, type(e).__name__)
+        resp.headers = {k: v for k, v in resp.headers.items()
+                        if k.startswith("access-control-")}
+        resp.headers.update(headers)
+        if close or req.remaining or req.framing_error:
+            resp.close_connection = True
+        resp.send_text(message, status)
+
+
+def classify(e):
+    """Return (status, message, headers, close) for an exception."""
+    if isinstance(e, server.Error):
+        return e.status, e.message, e.headers, False
+    for kind, status, close in STATUS:
+        if isinstance(e, kind):
+            headers = {}
+            if isinstance(e, errors.OutOfRange):
+                headers["content-range"] = f"bytes */{e.size}"
+            return status, str(e), headers, close
+    return (500, "Server failed to perform the request, check logs", {},
+            False)
+

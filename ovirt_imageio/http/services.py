@@ -1,0 +1,93 @@
+"""
+The daemon's three services, built from the configuration:
+
+    remote   HTTPS on [remote] host:port       /images, /info
+    local    HTTP on the [local] unix socket   /images
+    control  HTTP on a unix socket or TCP      /tickets, /profile
+             localhost port ([control])
+
+Tickets are shared by all services: the control service adds them, the
+others serve them.
+"""
+
+import logging
+import urllib.parse
+
+from .. import errors
+from ..nbd import backend
+from . import info
+from . import router
+from . import server
+from . import tickets as tickets_api
+
+log = logging.getLogger("services")
+
+
+def remote(cfg, store):
+    routes = data_routes(cfg, store) + [(r"/info/", info.Handler())]
+    tls = None
+    if cfg.tls.enable:
+        if not cfg.tls.cert_file or not cfg.tls.key_file:
+            raise errors.Error(
+                "[tls] cert_file and key_file are required when [tls] "
+                "enable = true")
+        tls = server.tls_context(cfg.tls.cert_file, cfg.tls.key_file,
+                                 cfg.tls.ca_file, cfg.tls.enable_tls1_1)
+    return server.Service(server.TCPServer(
+        "remote", cfg.remote.host, cfg.remote.port, router.Router(routes),
+        tls_context=tls))
+
+
+def local(cfg, store):
+    return server.Service(server.UnixServer(
+        "local", cfg.local.socket, router.Router(data_routes(cfg, store))))
+
+
+def control(cfg, store):
+    routes = [
+        (r"/tickets/(.*)", tickets_api.Handler(store, export=exporter(cfg))),
+        (r"/profile/", tickets_api.ProfileHandler()),
+    ]
+    r = router.Router(routes)
+    if cfg.control.transport == "tcp":
+        if cfg.control.port == -1:
+            raise errors.Error(
+                "[control] port is required when [control] transport = tcp")
+        srv = server.TCPServer(
+            "control", "localhost", cfg.control.port, r,
+            prefer_ipv4=cfg.control.prefer_ipv4)
+    else:
+        # vdsm and the engine only: owner and group (mode 0660).
+        srv = server.UnixServer("control", cfg.control.socket, r, mode=0o660)
+    return server.Service(srv)
+
+
+def data_routes(cfg, store):
+    # The data plane (/images) arrives with issue 3.
+    return []
+
+
+def exporter(cfg):
+    """
+    Return a function making what serves a new ticket's bytes: for nbd URLs
+    the address of the export, for file URLs our own qemu-nbd.
+    """
+    def export(ticket):
+        scheme = urllib.parse.urlparse(ticket.url).scheme
+        if scheme in ("http", "https"):
+            return None
+        try:
+            return backend.create(
+                ticket.url,
+                run_dir=cfg.daemon.run_dir,
+                read_only="write" not in ticket.ops,
+                shared=cfg.daemon.max_connections,
+                dirty=ticket.dirty)
+        except ValueError as e:
+            raise errors.InvalidTicket(
+                f"Invalid value for 'url': {ticket.url!r}: {e}")
+        except errors.ExportError as e:
+            log.error("Cannot export transfer=%s: %s", ticket.transfer_id, e)
+            raise errors.ExportError(
+                f"Cannot serve transfer {ticket.transfer_id}: {e}")
+    return export

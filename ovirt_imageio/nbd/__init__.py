@@ -1,0 +1,1 @@
+"""Everything NBD: URLs, block status to extents, libnbd client, qemu-nbd."""

@@ -1,0 +1,169 @@
+"""
+The ovirt-imageio daemon: reads the configuration, starts the services,
+serves until SIGTERM or SIGINT, then stops cleanly, stopping every qemu-nbd
+it started.
+"""
+
+import argparse
+import grp
+import json
+import logging
+import logging.config
+import os
+import pwd
+import signal
+import sys
+
+from . import clock as _clock
+from . import config
+from . import errors
+from . import systemd
+from . import tickets
+from . import version
+from .http import services
+from .nbd import qemu_nbd
+
+log = logging.getLogger("server")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = config.load(args.conf_dir)
+    except config.Error as e:
+        sys.exit(f"ovirt-imageio: {e}")
+
+    if args.show_config:
+        print(json.dumps(config.to_dict(cfg), indent=4))
+        return
+
+    try:
+        logging.config.fileConfig(
+            config.logging_config(cfg), disable_existing_loggers=False)
+    except Exception as e:
+        sys.exit(f"ovirt-imageio: Cannot configure logging: {e}")
+
+    log.info("Starting ovirt-imageio %s (pid=%s, conf_dir=%s)",
+             version.string, os.getpid(), args.conf_dir)
+
+    # Signals only set a flag and wake the main thread through this pipe.
+    wakeup_r, wakeup_w = os.pipe()
+    os.set_blocking(wakeup_w, False)
+    signal.set_wakeup_fd(wakeup_w)
+    for signo in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signo, lambda *_: None)
+
+    daemon = Daemon(cfg)
+    try:
+        daemon.start()
+        if args.ticket:
+            daemon.add_ticket_file(args.ticket)
+        if cfg.daemon.drop_privileges:
+            drop_privileges(cfg, daemon)
+        if cfg.daemon.systemd_enable:
+            systemd.notify("READY=1")
+        log.info("Ready")
+        signo = os.read(wakeup_r, 1)
+        log.info("Received signal %d, shutting down",
+                 signo[0] if signo else 0)
+    except (errors.Error, OSError) as e:
+        log.error("Cannot start: %s", e)
+        sys.exit(f"ovirt-imageio: {e}")
+    finally:
+        daemon.stop()
+    log.info("Stopped")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="ovirt-imageio",
+        description="Serve virtual machine disk images by ticket.")
+    p.add_argument(
+        "-c", "--conf-dir", default="/etc/ovirt-imageio",
+        help="configuration directory, holding conf.d/*.conf "
+             "(default /etc/ovirt-imageio)")
+    p.add_argument(
+        "--show-config", action="store_true",
+        help="print the effective configuration as JSON and exit")
+    p.add_argument(
+        "-t", "--ticket", metavar="FILE",
+        help="install the ticket in FILE (JSON) at start")
+    return p.parse_args(argv)
+
+
+class Daemon:
+    """The services and the ticket store; usable in-process by tests."""
+
+    def __init__(self, cfg, clock=_clock.system):
+        self.cfg = cfg
+        self.store = tickets.Store(
+            remove_timeout=cfg.control.remove_timeout,
+            inactivity_timeout=cfg.daemon.inactivity_timeout,
+            clock=clock)
+        self.services = []
+        self.remote = self.local = self.control = None
+
+    def start(self):
+        cfg = self.cfg
+        os.makedirs(cfg.daemon.run_dir, mode=0o750, exist_ok=True)
+        try:
+            self.remote = self._add(services.remote(cfg, self.store))
+            if cfg.local.enable:
+                self.local = self._add(services.local(cfg, self.store))
+            if cfg.control.enable:
+                self.control = self._add(services.control(cfg, self.store))
+        except BaseException:
+            self.stop()
+            raise
+        for service in self.services:
+            service.start()
+            log.info("Serving %s on %r", service.name,
+                     service.server.address())
+
+    def _add(self, service):
+        self.services.append(service)
+        return service
+
+    def add_ticket_file(self, path):
+        with open(path, "rb") as f:
+            info = json.load(f)
+        ticket = self.store.create(info)
+        ticket.resource = services.exporter(self.cfg)(ticket)
+        self.store.add(ticket)
+
+    def stop(self):
+        for service in reversed(self.services):
+            try:
+                service.stop()
+            except Exception:
+                log.exception("Error stopping %s", service.name)
+        self.services = []
+        # Removing the tickets stops the qemu-nbd processes they own.
+        self.store.clear()
+        qemu_nbd.stop_all()
+
+
+def drop_privileges(cfg, daemon):
+    """
+    Started as root to bind privileged resources, run as the configured
+    user from here on; the run dir and control socket become its own.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam(cfg.daemon.user_name)
+        group = grp.getgrnam(cfg.daemon.group_name)
+    except KeyError as e:
+        raise errors.Error(f"Cannot drop privileges: {e.args[0]}")
+    paths = [cfg.daemon.run_dir]
+    if daemon.control and cfg.control.transport == "unix":
+        paths.append(cfg.control.socket)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "baseFilename", None):
+            paths.append(handler.baseFilename)
+    for path in paths:
+        os.chown(path, user.pw_uid, group.gr_gid)
+    os.setgroups([group.gr_gid])
+    os.setgid(group.gr_gid)
+    os.setuid(user.pw_uid)
+    log.info("Running as %s:%s", user.pw_name, group.gr_name)

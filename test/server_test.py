@@ -1,0 +1,105 @@
+"""The daemon as a process: configuration, start-up errors, signals."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+
+import pytest
+
+import testutil
+
+
+def run(*args):
+    return subprocess.run([testutil.bin_path("ovirt-imageio"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_show_config(tmp_path, pki):
+    testutil.write_conf(tmp_path, {"remote": {"port": "54323"},
+                                   "control": {"transport": "tcp",
+                                               "port": "54324"}})
+    r = run("--conf-dir", str(tmp_path), "--show-config")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["remote"]["port"] == 54323
+    assert cfg["control"]["transport"] == "tcp"
+    assert cfg["daemon"]["max_connections"] == 8
+    assert cfg["local"]["socket"] == "\0/org/ovirt/imageio"
+
+
+def test_no_conf_files(tmp_path):
+    r = run("--conf-dir", str(tmp_path), "--show-config")
+    assert r.returncode != 0
+    assert f"Could not find {tmp_path}/conf.d/*.conf" in r.stderr
+
+
+def test_bad_value(tmp_path):
+    path = testutil.write_conf(
+        tmp_path, {"daemon": {"max_connections": "many"}}, "99-local.conf")
+    r = run("--conf-dir", str(tmp_path))
+    assert r.returncode != 0
+    assert path in r.stderr
+    assert "[daemon] max_connections" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_tls_without_cert(tmp_path, pki):
+    d = testutil.DaemonProcess(
+        tmp_path, pki, tls={"cert_file": "", "key_file": ""},
+        handlers={"keys": "stderr"}, logger_root={"handlers": "stderr"})
+    assert d.wait_exit() != 0
+    assert "cert_file and key_file are required" in d.stderr
+    assert "Traceback" not in d.stderr
+
+
+def test_port_in_use(tmp_path, pki):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        d = testutil.DaemonProcess(tmp_path, pki, remote={"port": str(port)})
+        assert d.wait_exit() != 0
+        assert "Address already in use" in d.stderr
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGTERM", "SIGINT"])
+def test_clean_shutdown(tmp_path, pki, signo):
+    d = testutil.DaemonProcess(tmp_path, pki).wait_ready()
+    assert os.path.exists(d.control_socket)
+    assert d.stop(signo) == 0
+    assert not os.path.exists(d.control_socket)
+    assert "Traceback" not in d.stderr
+    with open(d.log) as f:
+        assert "Stopped" in f.read()
+
+
+def test_ticket_option(tmp_path, pki):
+    ticket = {"uuid": "t1", "size": 1024, "ops": ["read"], "timeout": 300,
+              "url": "nbd:unix:/nowhere.sock", "transfer_id": "x"}
+    path = tmp_path / "ticket.json"
+    path.write_text(json.dumps(ticket))
+    d = testutil.DaemonProcess(tmp_path / "d", pki, args=["--ticket", str(path)])
+    try:
+        d.wait_ready()
+        assert d.api.get("t1")["transfer_id"] == "x"
+    finally:
+        assert d.stop() == 0
+
+
+def test_systemd_notify(tmp_path, pki):
+    addr = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(addr)
+        s.settimeout(30)
+        env = dict(os.environ, NOTIFY_SOCKET=addr)
+        d = testutil.DaemonProcess(
+            tmp_path / "d", pki, env=env, daemon={"systemd_enable": "true"})
+        try:
+            assert s.recv(100) == b"READY=1"
+            # Ready means serving.
+            assert d.api.request("GET", "/tickets/x")[0].status == 404
+        finally:
+            assert d.stop() == 0

@@ -1,0 +1,208 @@
+"""Helpers shared by tests: configuration, PKI, control API clients."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_pki(directory):
+    subprocess.run([os.path.join(ROOT, "dev", "mkpki"), str(directory)],
+                   check=True)
+    return {
+        "ca_file": os.path.join(directory, "ca.pem"),
+        "cert_file": os.path.join(directory, "cert.pem"),
+        "key_file": os.path.join(directory, "key.pem"),
+    }
+
+
+def write_conf(conf_dir, sections, name="50-test.conf"):
+    """Write {section: {key: value}} as an INI file in conf_dir/conf.d."""
+    d = os.path.join(conf_dir, "conf.d")
+    os.makedirs(d, exist_ok=True)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {v}" for k, v in values.items())
+        lines.append("")
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def daemon_conf(tmp, pki, **overrides):
+    """A test daemon's configuration: random ports, sockets under tmp."""
+    run_dir = os.path.join(tmp, "run")
+    sections = {
+        "daemon": {"run_dir": run_dir, "drop_privileges": "false",
+                   "systemd_enable": "false"},
+        "tls": dict(pki),
+        "remote": {"host": "127.0.0.1", "port": "0"},
+        "local": {"socket": os.path.join(tmp, "local.sock")},
+        "control": {"transport": "unix",
+                    "socket": os.path.join(tmp, "control.sock")},
+        "handlers": {"keys": "logfile"},
+        "handler_logfile": {"args": repr((os.path.join(tmp, "daemon.log"),))},
+    }
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return sections
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+
+    def __init__(self, path, timeout=30):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+class Control:
+    """A control API client, one connection per call as vdsm does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def request(self, method, path, body=None, headers=None):
+        conn = UnixHTTPConnection(self.path)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp, data
+        finally:
+            conn.close()
+
+    def put(self, ticket):
+        return self.request("PUT", f"/tickets/{ticket['uuid']}", ticket)
+
+    def get(self, ticket_id):
+        resp, data = self.request("GET", f"/tickets/{ticket_id}")
+        assert resp.status == 200, data
+        return json.loads(data)
+
+    def delete(self, ticket_id):
+        return self.request("DELETE", f"/tickets/{ticket_id}")
+
+
+def wait_for(predicate, timeout=10, interval=0.02, message="condition"):
+    """Poll predicate until it is true, or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timeout waiting for {message}")
+        time.sleep(interval)
+
+
+def raw_request(address, data, family=socket.AF_UNIX, timeout=10):
+    """Send raw bytes, return everything the server sends until it closes
+    or goes quiet (for checking exact framing)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(address)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def bin_path(name):
+    """A console script installed in the venv running the tests."""
+    import sys
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+class DaemonProcess:
+    """An ovirt-imageio daemon in a child process, for process-level tests."""
+
+    def __init__(self, tmp, pki, args=(), env=None, **overrides):
+        self.tmp = str(tmp)
+        self.conf = testutil_conf = daemon_conf(self.tmp, pki, **overrides)
+        write_conf(self.tmp, testutil_conf)
+        self.control_socket = testutil_conf["control"]["socket"]
+        self.log = os.path.join(self.tmp, "daemon.log")
+        self.proc = subprocess.Popen(
+            [bin_path("ovirt-imageio"), "--conf-dir", self.tmp, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.api = Control(self.control_socket)
+
+    def wait_ready(self, timeout=20):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode}: "
+                    f"{self.proc.stderr.read().decode()}")
+            try:
+                resp, _ = self.api.request("GET", "/tickets/probe")
+                return resp.status == 404
+            except OSError:
+                return False
+        wait_for(ready, timeout, message="daemon ready")
+        return self
+
+    def wait_exit(self, timeout=30):
+        """Wait for a daemon that should fail to start; return its status."""
+        self.proc.wait(timeout)
+        return self.stop()
+
+    def stop(self, signo=None, timeout=20):
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signo or signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self.stdout = self.proc.stdout.read().decode()
+        self.stderr = self.proc.stderr.read().decode()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return self.proc.returncode
+
+
+def children(pid):
+    """Pids of the live child processes of pid."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def qemu_nbd_pids():
+    """Pids of every running qemu-nbd process."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0]
+            with open(f"/proc/{name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if os.path.basename(argv0) == b"qemu-nbd" and state != "Z":
+            pids.append(int(name))
+    return pids
