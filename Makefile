@@ -5,7 +5,7 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 DEV := .dev
 SYSTEM_PACKAGES := qemu-utils python3-libnbd libnbd-bin nbdkit python3-venv \
-	python3-pip curl openssl
+	curl openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 

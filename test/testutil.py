@@ -3,8 +3,10 @@
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +38,12 @@ def write_conf(conf_dir, sections, name="50-test.conf"):
 
 
 def daemon_conf(tmp, pki, **overrides):
-    """A test daemon's configuration: random ports, sockets under tmp."""
-    run_dir = os.path.join(tmp, "run")
+    """
+    A test daemon's configuration: random ports, sockets under tmp, and a
+    short run dir (qemu-nbd sockets live there; a unix socket path is at
+    most 107 bytes). The caller removes the run dir.
+    """
+    run_dir = tempfile.mkdtemp(prefix="oi-run-", dir="/tmp")
     sections = {
         "daemon": {"run_dir": run_dir, "drop_privileges": "false",
                    "systemd_enable": "false"},
@@ -174,6 +180,7 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+        shutil.rmtree(self.conf["daemon"]["run_dir"], ignore_errors=True)
         self.stdout = self.proc.stdout.read().decode()
         self.stderr = self.proc.stderr.read().decode()
         self.proc.stdout.close()
@@ -182,12 +189,19 @@ class DaemonProcess:
 
 
 def children(pid):
-    """Pids of the live child processes of pid."""
+    """Pids of the live child processes of pid, forked by any thread."""
+    pids = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
-        return []
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            pass
+    return pids
 
 
 def qemu_nbd_pids():

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -31,6 +32,7 @@ def make_daemon(tmp_path, pki):
     yield make
     for d in started:
         d.stop()
+        shutil.rmtree(d.cfg.daemon.run_dir, ignore_errors=True)
 
 
 @pytest.fixture
