@@ -107,9 +107,12 @@ class Daemon:
         cfg = self.cfg
         os.makedirs(cfg.daemon.run_dir, mode=0o750, exist_ok=True)
         try:
-            self.remote = self._add(services.remote(cfg, self.store))
+            unix_socket = None
             if cfg.local.enable:
                 self.local = self._add(services.local(cfg, self.store))
+                unix_socket = self.local.server.address()
+            self.remote = self._add(
+                services.remote(cfg, self.store, unix_socket))
             if cfg.control.enable:
                 self.control = self._add(services.control(cfg, self.store))
         except BaseException:

@@ -47,6 +47,11 @@ MAX_REQUEST_LINE = 4096
 # ticket or PATCH is a few hundred bytes.
 MAX_MESSAGE = 64 * 1024
 
+# Lingering close: at most this much of an unread body is drained, for at
+# most this long, before the connection is closed.
+LINGER_MAX = 1024**2
+LINGER_TIMEOUT = 1.0
+
 METHODS = frozenset(
     ["GET", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "HEAD"])
 
@@ -310,10 +315,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.server.router.dispatch(req, resp)
         if not resp.started or resp._pending is not None:
             resp.finish()
+        self.wfile.flush()
         if req.remaining or req.framing_error:
             # The body was not read: we cannot find the next request.
             self.close_connection = True
-        self.wfile.flush()
+            self._linger(req)
+
+    def _linger(self, req):
+        """
+        Read and drop what is left of a small body before closing. Closing
+        a socket with unread data makes the kernel send a reset, which can
+        destroy our error response before the client reads it.
+        """
+        left = min(req.remaining, LINGER_MAX)
+        if not left:
+            return
+        try:
+            self.connection.settimeout(LINGER_TIMEOUT)
+            while left > 0:
+                data = req.read(min(left, 65536))
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass
 
     def head_block(self, status, headers):
         reason = self.responses.get(status, ("",))[0]

@@ -15,6 +15,7 @@ import urllib.parse
 
 from .. import errors
 from ..nbd import backend
+from . import images
 from . import info
 from . import router
 from . import server
@@ -23,8 +24,9 @@ from . import tickets as tickets_api
 log = logging.getLogger("services")
 
 
-def remote(cfg, store):
-    routes = data_routes(cfg, store) + [(r"/info/", info.Handler())]
+def remote(cfg, store, unix_socket=None):
+    routes = data_routes(cfg, store, unix_socket) + [
+        (r"/info/", info.Handler())]
     tls = None
     if cfg.tls.enable:
         if not cfg.tls.cert_file or not cfg.tls.key_file:
@@ -39,8 +41,10 @@ def remote(cfg, store):
 
 
 def local(cfg, store):
-    return server.Service(server.UnixServer(
-        "local", cfg.local.socket, router.Router(data_routes(cfg, store))))
+    """The local service; its routes are set once its address is known."""
+    srv = server.UnixServer("local", cfg.local.socket, None)
+    srv.router = router.Router(data_routes(cfg, store, srv.address()))
+    return server.Service(srv)
 
 
 def control(cfg, store):
@@ -62,9 +66,14 @@ def control(cfg, store):
     return server.Service(srv)
 
 
-def data_routes(cfg, store):
-    # The data plane (/images) arrives with issue 3.
-    return []
+def data_routes(cfg, store, unix_socket):
+    """The /images routes, the same on the remote and local services."""
+    img = images.Handler(cfg, store, unix_socket=unix_socket)
+    ext = images.ExtentsHandler(img)
+    return [
+        (r"/images/(.*)/extents", ext),
+        (r"/images/(.*)", img),
+    ]
 
 
 def exporter(cfg):
@@ -81,7 +90,10 @@ def exporter(cfg):
                 ticket.url,
                 run_dir=cfg.daemon.run_dir,
                 read_only="write" not in ticket.ops,
-                shared=cfg.daemon.max_connections,
+                # Clients open up to max_connections workers plus a
+                # connection for OPTIONS and extents; qemu-nbd queues
+                # connections past --shared instead of serving them.
+                shared=2 * cfg.daemon.max_connections,
                 dirty=ticket.dirty)
         except ValueError as e:
             raise errors.InvalidTicket(

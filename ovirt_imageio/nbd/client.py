@@ -308,10 +308,11 @@ class Client:
 
     # Extents
 
-    def extents(self, context="zero"):
+    def extents(self, context="zero", offset=0, length=None):
         """
-        Return the merged extents covering the whole image, 0 to size:
-        ZeroExtent for context "zero", DirtyExtent for context "dirty".
+        Return the merged extents covering the image from offset for length
+        bytes (default: the whole image, 0 to size): ZeroExtent for context
+        "zero", DirtyExtent for context "dirty".
 
         Raises errors.Unsupported for "dirty" if the export does not have
         exactly one dirty bitmap.
@@ -324,19 +325,23 @@ class Client:
             raise errors.Unsupported(
                 f"NBD export '{self.export_name}' does not support dirty "
                 f"extents")
+        end = self.size if length is None else min(offset + length,
+                                                       self.size)
         if context == "zero" and not self.has_base_allocation:
             # Nothing known: all data.
-            return [extents.ZeroExtent(0, self.size, zero=False, hole=False)]
+            if offset >= end:
+                return []
+            return [extents.ZeroExtent(offset, end - offset, zero=False,
+                                       hole=False)]
 
         result = []
-        offset = 0
         with self._lock:
             h = self._handle()
-            while offset < self.size:
-                length = min(self.size - offset, MAX_BLOCK_STATUS)
+            while offset < end:
+                length = min(end - offset, MAX_BLOCK_STATUS)
                 replies = self._block_status(h, length, offset)
                 found = extents.clip(
-                    self._combine(context, offset, replies), self.size)
+                    self._combine(context, offset, replies), end)
                 if not found:
                     raise Error(
                         "block_status", offset, length, errno.EPROTO,

@@ -1,0 +1,488 @@
+"""
+The data plane: /images/{ticket} and /images/{ticket}/extents.
+
+State: each HTTP connection opens its own NBD connection to a ticket's
+export on first use (a Link, kept in the connection's Context) and keeps it
+while the connection lives; the ticket counts it in `connections`. A
+request authorizes, takes the link, runs one ticket operation, responds.
+
+Theory of operation, the copy loops. A transfer larger than one buffer is
+cut into pieces of half the configured buffer size. NBD I/O for piece N+1
+runs on the link's I/O thread while the handler thread moves piece N over
+the socket; both wait with the GIL released (libnbd poll, socket send and
+recv). Two half buffers per connection are allocated once and reused, so
+a connection costs what upstream's single buffer costs. A GET asks block
+status for its range first and never reads zero extents: their bytes come
+from one shared zero buffer. Small requests (one piece) run inline on the
+handler thread, so 4 KiB random reads pay no thread hand-off.
+
+Cancellation: every piece reports progress to the ticket operation, which
+raises once the ticket is canceled, so a transfer stops within one piece.
+A canceled ticket closes the NBD connection of links that are idle.
+"""
+
+import collections
+import concurrent.futures
+import json
+import logging
+import threading
+
+from .. import errors
+from ..nbd import client as nbd_client
+from . import cors
+from . import ranges
+from . import server
+
+log = logging.getLogger("images")
+
+# GETs at least this long ask block status first, to skip zero extents.
+# Shorter ones read directly: one NBD round trip instead of two.
+EXTENTS_THRESHOLD = 1024**2
+
+# A PATCH zero is split so cancellation is checked at least this often.
+ZERO_STEP = 1024**3
+
+FEATURES_RW = ["checksum", "extents", "flush", "zero"]
+FEATURES_RO = ["checksum", "extents"]
+
+# One zero buffer shared by every connection, for zero extents of GETs.
+_zeros = None
+_zeros_lock = threading.Lock()
+
+
+def zeros(size):
+    global _zeros
+    with _zeros_lock:
+        if _zeros is None or len(_zeros) < size:
+            _zeros = memoryview(bytes(size))
+        return _zeros
+
+
+class Link:
+    """
+    One HTTP connection's NBD connection to one ticket's export.
+
+    The handler thread holds the lock while it uses the image; cancel()
+    from another thread closes the image only if the link is idle, so an
+    NBD handle is never closed under a running request.
+    """
+
+    def __init__(self, ticket, image, buffer_size):
+        self.ticket = ticket
+        self.image = image
+        self.buffer_size = buffer_size
+        self._lock = threading.Lock()
+        self._buffers = None
+        self._executor = None
+        self.closed = False
+
+    def buffers(self):
+        """Two reused buffers of half the buffer size each."""
+        if self._buffers is None:
+            half = max(self.buffer_size // 2, 4096)
+            self._buffers = (memoryview(bytearray(half)),
+                             memoryview(bytearray(half)))
+        return self._buffers
+
+    def submit(self, fn, *args):
+        """Run fn on this link's I/O thread."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="nbd-io")
+        return self._executor.submit(fn, *args)
+
+    def __enter__(self):
+        self._lock.acquire()
+        if self.closed:
+            self._lock.release()
+            raise errors.TicketCanceled(self.ticket.transfer_id)
+        return self.image
+
+    def __exit__(self, kind, value, tb):
+        try:
+            if isinstance(value, nbd_client.Error):
+                # The NBD connection may be unusable; the next request on
+                # this HTTP connection opens a new one.
+                self._close()
+        finally:
+            self._lock.release()
+
+    def cancel(self):
+        """Called by the ticket, from another thread, when canceled."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close()
+            finally:
+                self._lock.release()
+
+    def close(self):
+        """Called when the HTTP connection ends."""
+        with self._lock:
+            self._close()
+        self.ticket.remove_context(self)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _close(self):
+        if not self.closed:
+            self.closed = True
+            self.image.close()
+
+
+def link(req, ticket, buffer_size):
+    """Return the connection's link to ticket, opening it on first use."""
+    values = req.context.values
+    key = ("link", id(ticket))
+    lk = values.get(key)
+    if lk is not None and lk.ticket is ticket and not lk.closed:
+        return lk
+    if ticket.resource is None:
+        raise errors.ExportError(
+            f"Transfer {ticket.transfer_id} has no NBD export")
+    image = ticket.resource.open()
+    lk = Link(ticket, image, buffer_size)
+    try:
+        ticket.add_context(lk)
+    except BaseException:
+        image.close()
+        raise
+    values[key] = lk
+    req.context.on_close(lk.close)
+    # Once a ticket is in use, the connection may idle as long as the
+    # ticket allows (virt-v2v asks for an hour).
+    req.context.set_timeout(ticket.inactivity_timeout or None)
+    return lk
+
+
+class Handler:
+    """/images/{ticket_id}"""
+
+    def __init__(self, cfg, store, unix_socket=None):
+        self.cfg = cfg
+        self.store = store
+        self.unix_socket = unix_socket
+        self.buffer_size = cfg.backend_nbd.buffer_size
+        self.max_connections = cfg.daemon.max_connections
+
+    def _authorize(self, ticket_id, op):
+        return self.store.authorize(ticket_id, op)
+
+    def _link(self, req, ticket):
+        return link(req, ticket, self.buffer_size)
+
+    # OPTIONS
+
+    def options(self, req, resp, ticket_id):
+        cors.allow(req, resp, "OPTIONS,GET,PUT")
+        require_id(ticket_id)
+        body = {}
+        if self.unix_socket is not None:
+            body["unix_socket"] = self.unix_socket
+        if ticket_id == "*":
+            allow, features = "OPTIONS,GET,PUT,PATCH", FEATURES_RW
+        else:
+            ticket = self._authorize(ticket_id, "read")
+            self._link(req, ticket)
+            ticket.touch()
+            if ticket.may("write"):
+                allow, features = "OPTIONS,GET,PUT,PATCH", FEATURES_RW
+            else:
+                allow, features = "OPTIONS,GET", FEATURES_RO
+        body["features"] = features
+        if ticket_id != "*":
+            body["max_readers"] = self.max_connections
+            body["max_writers"] = self.max_connections
+        resp.headers["allow"] = allow
+        resp.send_json(body)
+
+    # GET and HEAD
+
+    def get(self, req, resp, ticket_id):
+        cors.allow(req, resp, "*")
+        require_id(ticket_id)
+        rng = ranges.parse_range(req.headers.get("range"))
+        if req.query.get("close") == "y":
+            resp.close_connection = True
+        ticket = self._authorize(ticket_id, "read")
+        lk = self._link(req, ticket)
+        offset, length, content_range = ranges.resolve(
+            rng, ticket.size, lk.image.size)
+        resp.status = 206 if content_range else 200
+        resp.headers["content-type"] = "application/octet-stream"
+        resp.headers["accept-ranges"] = "bytes"
+        if content_range:
+            resp.headers["content-range"] = content_range
+        if ticket.filename:
+            resp.headers["content-disposition"] = (
+                f"attachment; filename={ticket.filename}")
+        else:
+            resp.headers["content-disposition"] = "attachment"
+
+        if req.method == "HEAD":
+            resp.start(length)
+            return
+
+        def write(data):
+            # The response starts with the first piece read, so a failure
+            # to read it is still a clean error response.
+            if not resp.started:
+                resp.start(length)
+            resp.write(data)
+
+        with ticket.operation(offset) as op, lk as image:
+            if length <= len(lk.buffers()[0]):
+                buf = lk.buffers()[0][:length]
+                image.read_into(buf, offset)
+                write(buf)
+                op.done(length)
+            else:
+                send(lk, image, offset, length, write, op.done)
+
+    head = get
+
+    # PUT
+
+    def put(self, req, resp, ticket_id):
+        cors.allow(req, resp, "*")
+        require_id(ticket_id)
+        if req.query.get("close") == "y":
+            resp.close_connection = True
+        length = req.content_length
+        if length is None:
+            raise server.Error(400, "Content-Length header is required")
+        offset = 0
+        header = req.headers.get("content-range")
+        if header is not None:
+            offset = ranges.parse_content_range(header)
+        flush = choice(req.query, "flush", ["n", "y"], "y") == "y"
+        ticket = self._authorize(ticket_id, "write")
+        if offset + length > ticket.size:
+            raise errors.OutOfRange(
+                "Requested range out of allowed range", ticket.size)
+        lk = self._link(req, ticket)
+        with ticket.operation(offset) as op, lk as image:
+            receive(lk, image, req, offset, length, op.done)
+            if flush:
+                image.flush()
+
+    # PATCH
+
+    def patch(self, req, resp, ticket_id):
+        require_id(ticket_id)
+        msg = read_json(req)
+        op = msg.get("op")
+        if op is None:
+            raise server.Error(400, "Missing required value for op")
+        if op not in ("flush", "zero"):
+            raise server.Error(
+                400, f"Unsupported value {op!r} for 'op', expecting one of "
+                     f"['flush', 'zero']")
+        if op == "zero":
+            size = integer(msg, "size")
+            offset = integer(msg, "offset", 0)
+            flush = boolean(msg, "flush", False)
+            ticket = self._authorize(ticket_id, "write")
+            if offset + size > ticket.size:
+                raise errors.OutOfRange(
+                    "Requested range out of allowed range", ticket.size)
+            lk = self._link(req, ticket)
+            with ticket.operation(offset) as operation, lk as image:
+                end = offset + size
+                while offset < end:
+                    n = min(end - offset, ZERO_STEP)
+                    image.zero(n, offset, punch_hole=ticket.sparse)
+                    offset += n
+                    operation.done(n)
+                if flush:
+                    image.flush()
+        else:
+            ticket = self._authorize(ticket_id, "write")
+            lk = self._link(req, ticket)
+            with ticket.operation(0), lk as image:
+                image.flush()
+
+
+class ExtentsHandler:
+    """/images/{ticket_id}/extents?context=zero|dirty"""
+
+    def __init__(self, images):
+        self.images = images
+
+    def get(self, req, resp, ticket_id):
+        require_id(ticket_id)
+        ticket = self.images._authorize(ticket_id, "read")
+        context = choice(req.query, "context", ["dirty", "zero"], "zero")
+        if context == "dirty" and not ticket.dirty:
+            raise server.Error(404, "Ticket does not support dirty extents")
+        lk = self.images._link(req, ticket)
+        # Not an operation: upstream does not touch the ticket here.
+        with lk as image:
+            found = image.extents(context)
+        resp.send_json([e.to_dict() for e in found])
+
+
+# The copy loops.
+
+def plan(image, offset, length, piece):
+    """
+    Yield (offset, length, zero) pieces of at most piece bytes covering
+    the range, zero where block status says the bytes read as zero.
+    """
+    if length >= EXTENTS_THRESHOLD:
+        found = image.extents("zero", offset, length)
+    else:
+        found = []
+    end = offset + length
+    covered = offset
+    for ext in found:
+        start = max(ext.start, covered)
+        stop = min(ext.start + ext.length, end)
+        while start < stop:
+            n = min(stop - start, piece)
+            yield start, n, ext.zero
+            start += n
+        covered = max(covered, stop)
+    while covered < end:
+        n = min(end - covered, piece)
+        yield covered, n, False
+        covered += n
+
+
+def send(lk, image, offset, length, write, done):
+    """Read the range from NBD and write it out, overlapping the two."""
+    buffers = lk.buffers()
+    piece = len(buffers[0])
+    pending = collections.deque()
+    try:
+        pieces = plan(image, offset, length, piece)
+        for i, (start, n, zero) in enumerate(pieces):
+            if zero:
+                future = None
+                data = zeros(piece)[:n]
+            else:
+                data = buffers[i % 2][:n]
+                future = lk.submit(image.read_into, data, start)
+            pending.append((future, data, n))
+            # Keep one read ahead: send the older piece while this one is
+            # read. A buffer is reused only after its piece was sent.
+            if len(pending) == 2:
+                _send_piece(pending.popleft(), write, done)
+        while pending:
+            _send_piece(pending.popleft(), write, done)
+    finally:
+        _drain(pending)
+
+
+def _send_piece(item, write, done):
+    future, data, n = item
+    if future is not None:
+        future.result()
+    write(data)
+    done(n)
+
+
+def receive(lk, image, req, offset, length, done):
+    """Read the body from the socket and write it to NBD, overlapping."""
+    buffers = lk.buffers()
+    piece = len(buffers[0])
+    pending = collections.deque()
+    received = 0
+    i = 0
+    try:
+        while received < length:
+            n = min(length - received, piece)
+            buf = buffers[i % 2][:n]
+            got = read_full(req, buf)
+            if got < n:
+                raise server.Error(
+                    400, f"Requested {length} bytes, available "
+                         f"{received + got} bytes")
+            future = lk.submit(image.write, buf, offset + received)
+            pending.append((future, n))
+            received += n
+            i += 1
+            # Before reusing a buffer, its write must be done.
+            if len(pending) == 2:
+                f, size = pending.popleft()
+                f.result()
+                done(size)
+        while pending:
+            f, size = pending.popleft()
+            f.result()
+            done(size)
+    finally:
+        _drain(pending)
+
+
+def read_full(req, buf):
+    """Fill buf from the request body; return bytes read (short at EOF)."""
+    pos = 0
+    while pos < len(buf):
+        n = req.readinto(buf[pos:])
+        if n == 0:
+            break
+        pos += n
+    return pos
+
+
+def _drain(pending):
+    # Never leave NBD I/O running on a buffer we are about to reuse.
+    for item in pending:
+        future = item[0]
+        if future is not None:
+            try:
+                future.result()
+            except Exception:
+                pass
+
+
+# Validation helpers, with upstream's messages.
+
+def require_id(ticket_id):
+    if not ticket_id:
+        raise server.Error(400, "Ticket id is required")
+
+
+def choice(query, name, values, default):
+    value = query.get(name, default)
+    if value not in values:
+        raise server.Error(
+            400, f"Unsupported value {value!r} for {name!r}, expecting one "
+                 f"of {values}")
+    return value
+
+
+def read_json(req):
+    data = req.read_message()
+    try:
+        msg = json.loads(data)
+    except RecursionError:
+        raise server.Error(400, "Invalid JSON message: nested too deeply")
+    except ValueError as e:
+        raise server.Error(400, f"Invalid JSON message {e}")
+    if not isinstance(msg, dict):
+        raise server.Error(
+            400, f"Invalid JSON message: expecting an object, got "
+                 f"{type(msg).__name__}")
+    return msg
+
+
+def integer(msg, name, default=None):
+    if name not in msg:
+        if default is None:
+            raise server.Error(400, f"Missing required value for {name!r}")
+        return default
+    value = msg[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise server.Error(400, f"Integer required {value!r}")
+    if value < 0:
+        raise server.Error(400, f"Invalid value {value} < 0")
+    return value
+
+
+def boolean(msg, name, default):
+    value = msg.get(name, default)
+    if not isinstance(value, bool):
+        raise server.Error(400, f"Boolean required {value!r}")
+    return value
+

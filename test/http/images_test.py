@@ -1,0 +1,773 @@
+"""/images and /extents (API.md section 1) against real qemu-nbd exports."""
+
+import http.client
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+import testutil
+
+MiB = 1024**2
+
+# Small buffers: a few MiB image goes through many pieces of the copy
+# loops, and through the zero-skipping path.
+BUFFER_SIZE = 256 * 1024
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    return make_daemon(
+        backend_nbd={"buffer_size": str(BUFFER_SIZE)},
+        daemon={"max_connections": "4"})
+
+
+def add_ticket(daemon, url, **kw):
+    t = {"uuid": "tid-secret", "size": 4 * MiB, "ops": ["read"],
+         "timeout": 300, "url": url, "transfer_id": "tr-1"}
+    t.update(kw)
+    resp, data = daemon.api.put(t)
+    assert resp.status == 200, data
+    return t
+
+
+class Client:
+    """A keep-alive HTTP client on the daemon's local unix socket."""
+
+    def __init__(self, daemon):
+        self.conn = testutil.UnixHTTPConnection(daemon.cfg.local.socket)
+
+    def request(self, method, path, body=None, headers=None):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        self.conn.request(method, path, body=body, headers=headers or {})
+        resp = self.conn.getresponse()
+        return resp, resp.read()
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def client(daemon):
+    c = Client(daemon)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def image(make_image):
+    """4 MiB raw: data at 0 and 2 MiB, a zero range at 1 MiB, holes."""
+    return make_image(size=4 * MiB, commands=[
+        "write -P 0x41 0 1M", "write -P 0x42 2M 512k",
+        "write -P 0x43 3M 4k"])
+
+
+@pytest.fixture
+def export(qemu_nbd, image):
+    return qemu_nbd(image, fmt="raw")
+
+
+@pytest.fixture
+def rw_export(qemu_nbd, image):
+    return qemu_nbd(image, fmt="raw", shared=8)
+
+
+def url(server):
+    return f"nbd:unix:{server.socket}"
+
+
+def image_bytes(path, offset=0, length=None):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length if length is not None else -1)
+
+
+# OPTIONS
+
+def test_options_star(daemon, client):
+    resp, data = client.request("OPTIONS", "/images/*")
+    assert resp.status == 200
+    assert resp.getheader("allow") == "OPTIONS,GET,PUT,PATCH"
+    assert json.loads(data) == {
+        "unix_socket": daemon.cfg.local.socket,
+        "features": ["checksum", "extents", "flush", "zero"]}
+
+
+@pytest.mark.parametrize("ops,allow,features", [
+    (["read"], "OPTIONS,GET", ["checksum", "extents"]),
+    (["write"], "OPTIONS,GET,PUT,PATCH", ["checksum", "extents", "flush",
+                                          "zero"]),
+])
+def test_options_ticket(daemon, client, export, ops, allow, features):
+    add_ticket(daemon, url(export), ops=ops)
+    resp, data = client.request("OPTIONS", "/images/tid-secret")
+    assert resp.status == 200
+    assert resp.getheader("allow") == allow
+    assert json.loads(data) == {
+        "unix_socket": daemon.cfg.local.socket, "features": features,
+        "max_readers": 4, "max_writers": 4}
+    # OPTIONS opens the backend: the connection counts.
+    assert daemon.api.get("tid-secret")["connections"] == 1
+
+
+def test_options_touches_ticket(daemon, client, export):
+    add_ticket(daemon, url(export), timeout=100)
+    daemon.clock.advance(50)
+    client.request("OPTIONS", "/images/tid-secret")
+    info = daemon.api.get("tid-secret")
+    assert info["idle_time"] == 0
+    assert info["expires"] == int(daemon.clock.now()) + 100
+
+
+def test_options_remote_https(daemon, export, pki):
+    add_ticket(daemon, url(export))
+    host, port = daemon.remote.server.address()[:2]
+    import ssl
+    ctx = ssl.create_default_context(cafile=pki["ca_file"])
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+    conn._context.check_hostname = False
+    conn.request("OPTIONS", "/images/tid-secret")
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 200
+    assert body["unix_socket"] == daemon.cfg.local.socket
+
+
+# Authorization
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "OPTIONS"])
+def test_empty_id(client, method):
+    resp, data = client.request(method, "/images/", headers={
+        "content-length": "0"})
+    assert resp.status == 400
+    assert data == b"Ticket id is required\n"
+
+
+@pytest.mark.parametrize("method,body", [
+    ("GET", None), ("PUT", b"x"), ("PATCH", {"op": "flush"}),
+    ("OPTIONS", None)])
+def test_unknown_ticket(daemon, method, body):
+    c = Client(daemon)
+    resp, data = c.request(method, "/images/nope", body=body)
+    assert resp.status == 403
+    assert data == (b"You are not allowed to access this resource: "
+                    b"No such ticket nope\n")
+    assert resp.getheader("connection") == "close"
+    c.close()
+
+
+def test_expired(daemon, client, export):
+    add_ticket(daemon, url(export), timeout=10)
+    daemon.clock.advance(10)
+    resp, data = client.request("GET", "/images/tid-secret")
+    assert resp.status == 403
+    assert data.endswith(b"Transfer=tr-1 expired\n")
+
+
+def test_forbidden(daemon, client, export):
+    add_ticket(daemon, url(export), ops=["read"])
+    resp, data = client.request("PUT", "/images/tid-secret", body=b"x")
+    assert resp.status == 403
+    assert data.endswith(b"Transfer=tr-1 forbids write\n")
+
+
+def test_write_implies_read(daemon, client, rw_export, image):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    resp, data = client.request("GET", "/images/tid-secret",
+                                headers={"range": "bytes=0-3"})
+    assert resp.status == 206
+    assert data == b"AAAA"
+
+
+def test_odd_ids(daemon, client, export):
+    add_ticket(daemon, url(export))
+    for path in ["/images/%00", "/images/" + "x" * 3000, "/images/%ff%fe",
+                 "/images/tid-secret/", "/images/..%2f..%2fetc"]:
+        c = Client(daemon)
+        resp, data = c.request("GET", path)
+        assert resp.status == 403, path
+        c.close()
+    resp, _ = client.request("GET", "/images/tid-secret",
+                             headers={"range": "bytes=0-0"})
+    assert resp.status == 206
+
+
+# GET
+
+def test_get_full(daemon, client, export, image):
+    add_ticket(daemon, url(export), filename="disk.raw")
+    resp, data = client.request("GET", "/images/tid-secret")
+    assert resp.status == 200
+    assert resp.getheader("content-length") == str(4 * MiB)
+    assert resp.getheader("content-range") is None
+    assert resp.getheader("content-type") == "application/octet-stream"
+    assert resp.getheader("content-disposition") == (
+        "attachment; filename=disk.raw")
+    assert data == image_bytes(image)
+
+
+def test_get_ticket_larger_than_image(daemon, client, export, image):
+    add_ticket(daemon, url(export), size=8 * MiB)
+    resp, data = client.request("GET", "/images/tid-secret")
+    assert resp.status == 200
+    assert data == image_bytes(image)
+
+
+@pytest.mark.parametrize("header,offset,length", [
+    ("bytes=0-3", 0, 4),
+    ("bytes=1048570-1048579", 1048570, 10),
+    ("bytes=0-4194303", 0, 4 * MiB),
+    ("bytes=100-2097251", 100, 2097152),
+    ("bytes=4194300-", 4194300, 4),
+    ("bytes=3000000-", 3000000, 4 * MiB - 3000000),
+    ("bytes=-5", 4 * MiB - 5, 5),
+    ("bytes=-99999999", 0, 4 * MiB),
+], ids=lambda v: str(v))
+def test_get_range(daemon, client, export, image, header, offset, length):
+    add_ticket(daemon, url(export))
+    resp, data = client.request("GET", "/images/tid-secret",
+                                headers={"range": header})
+    assert resp.status == 206
+    assert resp.getheader("content-length") == str(length)
+    assert resp.getheader("content-range") == (
+        f"bytes {offset}-{offset + length - 1}/{4 * MiB}")
+    assert data == image_bytes(image, offset, length)
+
+
+@pytest.mark.parametrize("header,message,content_range", [
+    ("bytes=0-1,5-6", "Cannot satisfy range 'bytes=0-1,5-6', invalid range "
+                      "or multiple ranges", None),
+    ("bytes=10-5", "Cannot satisfy range 'bytes=10-5', first > last", None),
+    ("bytes=-", "Cannot satisfy range 'bytes=-', no first or last", None),
+    ("bytes=0-4194304", "Requested range out of allowed range",
+     "bytes */4194304"),
+    ("bytes=4194304-", None, "bytes */4194304"),
+    ("bytes=-0", None, "bytes */4194304"),
+    ("items=0-1", None, None),
+    ("bytes=0-" + "9" * 5000, None, "bytes */4194304"),
+], ids=lambda v: str(v)[:20])
+def test_get_bad_range(daemon, client, export, header, message,
+                       content_range):
+    add_ticket(daemon, url(export))
+    resp, data = client.request("GET", "/images/tid-secret",
+                                headers={"range": header})
+    assert resp.status == 416
+    if message:
+        assert data.decode() == message + "\n"
+    assert resp.getheader("content-range") == content_range
+    # The connection still serves.
+    resp, data = client.request("GET", "/images/tid-secret",
+                                headers={"range": "bytes=0-0"})
+    assert resp.status == 206
+
+
+def test_get_beyond_image(daemon, client, export):
+    add_ticket(daemon, url(export), size=8 * MiB)
+    resp, data = client.request("GET", "/images/tid-secret",
+                                headers={"range": f"bytes=0-{4 * MiB}"})
+    assert resp.status == 416
+    assert data == (b"Requested more bytes than available: 4194305 > "
+                    b"4194304\n")
+    assert resp.getheader("content-range") == f"bytes */{4 * MiB}"
+
+
+def test_get_close(daemon, client, export):
+    add_ticket(daemon, url(export))
+    resp, data = client.request("GET", "/images/tid-secret?close=y",
+                                headers={"range": "bytes=0-0"})
+    assert resp.status == 206
+    assert resp.getheader("connection") == "close"
+
+
+def test_head(daemon, client, export):
+    add_ticket(daemon, url(export))
+    resp, data = client.request("HEAD", "/images/tid-secret")
+    assert resp.status == 200
+    assert resp.getheader("content-length") == str(4 * MiB)
+    assert resp.getheader("accept-ranges") == "bytes"
+    assert data == b""
+    # HEAD is not a transfer.
+    assert daemon.api.get("tid-secret")["transferred"] == 0
+
+
+def test_get_qcow2_holes(daemon, client, qemu_nbd, make_image):
+    path = make_image(fmt="qcow2", size=4 * MiB, commands=[
+        "write -P 0x55 0 64k", "write -z 1M 64k", "write -P 0x66 3M 1M"])
+    srv = qemu_nbd(path, fmt="qcow2", read_only=True)
+    add_ticket(daemon, url(srv))
+    resp, data = client.request("GET", "/images/tid-secret")
+    assert resp.status == 200
+    expected = bytearray(4 * MiB)
+    expected[:65536] = b"\x55" * 65536
+    expected[3 * MiB:] = b"\x66" * MiB
+    assert data == expected
+
+
+def test_transferred_and_active(daemon, client, export):
+    add_ticket(daemon, url(export))
+    client.request("GET", "/images/tid-secret",
+                   headers={"range": "bytes=0-1048575"})
+    client.request("GET", "/images/tid-secret",
+                   headers={"range": "bytes=524288-1572863"})
+    info = daemon.api.get("tid-secret")
+    assert info["transferred"] == 1572864
+    assert info["active"] is False
+    assert info["connections"] == 1
+
+
+def test_connections_released(daemon, export):
+    add_ticket(daemon, url(export))
+    clients = [Client(daemon) for _ in range(3)]
+    for c in clients:
+        c.request("GET", "/images/tid-secret", headers={"range": "bytes=0-0"})
+    assert daemon.api.get("tid-secret")["connections"] == 3
+    for c in clients:
+        c.close()
+    testutil.wait_for(
+        lambda: daemon.api.get("tid-secret")["connections"] == 0,
+        message="connections closed")
+
+
+def test_inactivity_timeout(daemon, client, export):
+    add_ticket(daemon, url(export), inactivity_timeout=1)
+    client.request("GET", "/images/tid-secret", headers={"range": "bytes=0-0"})
+    assert daemon.api.get("tid-secret")["connections"] == 1
+    # The server closes the idle connection after the ticket's timeout.
+    testutil.wait_for(
+        lambda: daemon.api.get("tid-secret")["connections"] == 0,
+        timeout=20, message="idle connection closed")
+
+
+# PUT
+
+def test_put(daemon, client, rw_export, image):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    data = os.urandom(MiB + 12345)
+    resp, body = client.request(
+        "PUT", "/images/tid-secret?flush=n", body=data,
+        headers={"content-range": f"bytes 100-{100 + len(data) - 1}/*"})
+    assert resp.status == 200
+    assert resp.getheader("content-length") == "0"
+    resp, _ = client.request("PATCH", "/images/tid-secret",
+                             body={"op": "flush"})
+    assert resp.status == 200
+    resp, got = client.request(
+        "GET", "/images/tid-secret",
+        headers={"range": f"bytes=100-{100 + len(data) - 1}"})
+    assert got == data
+    assert image_bytes(image, 100, len(data)) == data
+
+
+def test_put_no_range_writes_at_zero(daemon, client, rw_export, image):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    resp, _ = client.request("PUT", "/images/tid-secret", body=b"hello")
+    assert resp.status == 200
+    assert image_bytes(image, 0, 5) == b"hello"
+
+
+def test_put_content_range_last_ignored(daemon, client, rw_export, image):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    resp, _ = client.request("PUT", "/images/tid-secret", body=b"abc",
+                             headers={"content-range": "bytes 300-301/*"})
+    assert resp.status == 200
+    assert image_bytes(image, 300, 3) == b"abc"
+
+
+def test_put_at_end_empty(daemon, client, rw_export):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    resp, _ = client.request(
+        "PUT", "/images/tid-secret", body=b"",
+        headers={"content-range": f"bytes {4 * MiB}-{4 * MiB}/*"})
+    assert resp.status == 200
+
+
+@pytest.mark.parametrize("path,headers,status,message", [
+    ("/images/tid-secret?flush=maybe", {},
+     400, "Unsupported value 'maybe' for 'flush', expecting one of "
+          "['n', 'y']"),
+    ("/images/tid-secret", {"content-range": "bytes */4"},
+     400, "Invalid Content-Range 'bytes */4'"),
+    ("/images/tid-secret", {"content-range": "bytes 9-1/*"},
+     400, "Invalid Content-Range 'bytes 9-1/*', first > last"),
+    ("/images/tid-secret", {"content-range": f"bytes {4 * MiB - 1}-{4 * MiB}/*"},
+     416, "Requested range out of allowed range"),
+], ids=["flush", "syntax", "first-last", "out-of-range"])
+def test_put_errors_close(daemon, rw_export, path, headers, status, message):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    c = Client(daemon)
+    resp, data = c.request("PUT", path, body=b"xx", headers=headers)
+    assert resp.status == status
+    assert data.decode() == message + "\n"
+    # The body was not read: the server closes the connection.
+    assert resp.getheader("connection") == "close"
+    c.close()
+
+
+def test_put_requires_length(daemon, rw_export):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/tid-secret HTTP/1.1\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.endswith(b"Content-Length header is required\n")
+
+
+def test_put_chunked_refused(daemon, rw_export):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/tid-secret HTTP/1.1\r\ntransfer-encoding: chunked\r\n"
+        b"\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.count(b"HTTP/1.1") == 1
+
+
+def test_put_short_body(daemon, rw_export, image):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/tid-secret HTTP/1.1\r\ncontent-length: 10\r\n\r\n"
+        b"abc")
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.endswith(b"Requested 10 bytes, available 3 bytes\n")
+    assert b"connection: close" in reply
+
+
+def test_put_expect_continue(daemon, rw_export, image):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/tid-secret HTTP/1.1\r\nexpect: 100-continue\r\n"
+        b"content-length: 3\r\n\r\nxyz")
+    assert reply.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+    assert image_bytes(image, 0, 3) == b"xyz"
+
+
+def test_parallel_writers_and_readers(daemon, rw_export, image):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    chunks = [os.urandom(MiB) for _ in range(4)]
+    errors = []
+
+    def write(i):
+        try:
+            c = Client(daemon)
+            resp, _ = c.request(
+                "PUT", "/images/tid-secret?flush=n", body=chunks[i],
+                headers={"content-range":
+                         f"bytes {i * MiB}-{(i + 1) * MiB - 1}/*"})
+            assert resp.status == 200
+            resp, _ = c.request("PATCH", "/images/tid-secret",
+                                body={"op": "flush"})
+            assert resp.status == 200
+            c.close()
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    expected = b"".join(chunks)
+    results = []
+
+    def read():
+        c = Client(daemon)
+        resp, data = c.request("GET", "/images/tid-secret")
+        results.append(resp.status == 200 and data == expected)
+        c.close()
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [True] * 8
+    assert image_bytes(image) == expected
+
+
+# PATCH
+
+@pytest.mark.parametrize("body,message", [
+    (b"", "Invalid JSON message Expecting value: line 1 column 1 (char 0)"),
+    (b"{", "Invalid JSON message Expecting property name enclosed in "
+           "double quotes: line 1 column 2 (char 1)"),
+    (b"[1]", "Invalid JSON message: expecting an object, got list"),
+    (b"[" * 50000, "Invalid JSON message: nested too deeply"),
+    (b"{}", "Missing required value for op"),
+    (b'{"op": "trim"}', "Unsupported value 'trim' for 'op', expecting one "
+                        "of ['flush', 'zero']"),
+    (b'{"op": "zero"}', "Missing required value for 'size'"),
+    (b'{"op": "zero", "size": "1"}', "Integer required '1'"),
+    (b'{"op": "zero", "size": true}', "Integer required True"),
+    (b'{"op": "zero", "size": 1.0}', "Integer required 1.0"),
+    (b'{"op": "zero", "size": -1}', "Invalid value -1 < 0"),
+    (b'{"op": "zero", "size": 1, "offset": -1}', "Invalid value -1 < 0"),
+    (b'{"op": "zero", "size": 1, "flush": "y"}', "Boolean required 'y'"),
+], ids=lambda v: v[:24].decode(errors="replace") if isinstance(v, bytes)
+    else None)
+def test_patch_invalid(daemon, client, rw_export, body, message):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    resp, data = client.request("PATCH", "/images/tid-secret", body=body)
+    assert resp.status == 400
+    assert data.decode() == message + "\n"
+    # Body consumed: the connection stays.
+    assert resp.getheader("connection") is None
+    resp, _ = client.request("PATCH", "/images/tid-secret",
+                             body={"op": "flush"})
+    assert resp.status == 200
+
+
+def test_patch_validation_before_auth(client):
+    resp, data = client.request("PATCH", "/images/nope", body={"op": "x"})
+    assert resp.status == 400
+
+
+def test_patch_too_large(daemon, rw_export):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PATCH /images/tid-secret HTTP/1.1\r\ncontent-length: 99999999\r\n"
+        b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 413 ")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_patch_zero(daemon, client, rw_export, image, sparse):
+    add_ticket(daemon, url(rw_export), ops=["write"], sparse=sparse)
+    resp, _ = client.request(
+        "PATCH", "/images/tid-secret",
+        body={"op": "zero", "offset": 4096, "size": 65536, "flush": True,
+              "future": 1})
+    assert resp.status == 200
+    assert resp.getheader("content-length") == "0"
+    data = image_bytes(image, 0, 80000)
+    assert data[:4096] == b"A" * 4096
+    assert data[4096:4096 + 65536] == bytes(65536)
+    assert data[4096 + 65536:] == b"A" * (80000 - 4096 - 65536)
+    assert daemon.api.get("tid-secret")["transferred"] == 65536
+
+
+def test_patch_zero_size_0(daemon, client, rw_export):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    resp, _ = client.request("PATCH", "/images/tid-secret",
+                             body={"op": "zero", "size": 0})
+    assert resp.status == 200
+
+
+def test_patch_zero_out_of_range(daemon, client, rw_export):
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    resp, data = client.request(
+        "PATCH", "/images/tid-secret",
+        body={"op": "zero", "offset": 4 * MiB - 1, "size": 2})
+    assert resp.status == 416
+    assert resp.getheader("content-range") == f"bytes */{4 * MiB}"
+    assert resp.getheader("connection") is None
+
+
+# Extents
+
+def qemu_map_extents(qemu_img_map, path, fmt):
+    """qemu-img map as our zero extents, merged."""
+    result = []
+    for e in qemu_img_map(path, fmt):
+        item = {"start": e["start"], "length": e["length"],
+                "zero": e["zero"], "hole": not e.get("present", True)}
+        if result and all(result[-1][k] == item[k] for k in ("zero", "hole")):
+            result[-1]["length"] += item["length"]
+        else:
+            result.append(item)
+    return result
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_extents_zero(daemon, client, qemu_nbd, make_image, qemu_img_map,
+                      fmt):
+    path = make_image(fmt=fmt, size=4 * MiB, commands=[
+        "write -P 0x55 0 64k", "write -z 1M 64k", "write -P 0x66 3M 1M"])
+    srv = qemu_nbd(path, fmt=fmt, read_only=True)
+    add_ticket(daemon, url(srv))
+    resp, data = client.request("GET", "/images/tid-secret/extents")
+    assert resp.status == 200
+    assert resp.getheader("content-type") == "application/json"
+    extents = json.loads(data)
+    assert [list(e) for e in extents] == [
+        ["start", "length", "zero", "hole"]] * len(extents)
+    assert extents == qemu_map_extents(qemu_img_map, path, fmt)
+    # Not an operation: extents do not count.
+    assert daemon.api.get("tid-secret")["transferred"] == 0
+
+
+def test_extents_dirty(daemon, client, qemu_nbd, make_image):
+    path = make_image(fmt="qcow2", size=4 * MiB, bitmaps=["b1"], commands=[
+        "write -P 0x55 1M 64k"])
+    srv = qemu_nbd(path, fmt="qcow2", read_only=True, bitmap="b1")
+    add_ticket(daemon, url(srv), dirty=True)
+    resp, data = client.request("GET", "/images/tid-secret/extents?context=dirty")
+    assert resp.status == 200
+    extents = json.loads(data)
+    assert extents == [
+        {"start": 0, "length": MiB, "dirty": False, "zero": True},
+        {"start": MiB, "length": 65536, "dirty": True, "zero": False},
+        {"start": MiB + 65536, "length": 3 * MiB - 65536, "dirty": False,
+         "zero": True},
+    ]
+
+
+def test_extents_dirty_not_enabled(daemon, client, export):
+    add_ticket(daemon, url(export))
+    resp, data = client.request("GET",
+                                "/images/tid-secret/extents?context=dirty")
+    assert resp.status == 404
+    assert data == b"Ticket does not support dirty extents\n"
+
+
+def test_extents_dirty_no_bitmap(daemon, client, export):
+    add_ticket(daemon, url(export), dirty=True)
+    resp, data = client.request("GET",
+                                "/images/tid-secret/extents?context=dirty")
+    assert resp.status == 404
+    assert b"does not support dirty extents" in data
+
+
+def test_extents_bad_context(daemon, client, export):
+    add_ticket(daemon, url(export))
+    resp, data = client.request("GET", "/images/tid-secret/extents?context=x")
+    assert resp.status == 400
+    assert data == (b"Unsupported value 'x' for 'context', expecting one of "
+                    b"['dirty', 'zero']\n")
+
+
+def test_extents_auth_before_context(client):
+    resp, _ = client.request("GET", "/images/nope/extents?context=x")
+    assert resp.status == 403
+
+
+def test_extents_method(daemon, client, export):
+    add_ticket(daemon, url(export))
+    resp, data = client.request("PUT", "/images/tid-secret/extents", body=b"")
+    assert resp.status == 405
+
+
+# CORS
+
+def test_cors(daemon, client, export):
+    add_ticket(daemon, url(export))
+    headers = {"origin": "https://engine", "access-control-request-method":
+               "PUT", "access-control-request-headers": "content-range"}
+    resp, _ = client.request("OPTIONS", "/images/tid-secret", headers=headers)
+    assert resp.getheader("access-control-allow-origin") == "*"
+    assert resp.getheader("access-control-allow-methods") == "OPTIONS,GET,PUT"
+    assert resp.getheader("access-control-allow-headers") == "*"
+    assert resp.getheader("access-control-max-age") == "86400"
+    # On errors too.
+    c = Client(daemon)
+    resp, _ = c.request("GET", "/images/nope", headers={"origin": "x"})
+    assert resp.status == 403
+    assert resp.getheader("access-control-allow-origin") == "*"
+    c.close()
+    # Not on PATCH.
+    resp, _ = client.request("PATCH", "/images/tid-secret",
+                             body={"op": "x"}, headers={"origin": "x"})
+    assert resp.getheader("access-control-allow-origin") is None
+
+
+# Cancellation and failures
+
+def test_delete_cancels_get(daemon, nbdkit):
+    srv = nbdkit("pattern", "size=64M", "rdelay=100ms", filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=64 * MiB)
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret")
+    resp = c.conn.getresponse()
+    assert resp.status == 200
+    outcome = []
+
+    def read():
+        try:
+            resp.read()
+            outcome.append("complete")
+        except (http.client.IncompleteRead, ConnectionError):
+            outcome.append("cut")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    testutil.wait_for(lambda: daemon.api.get("tid-secret")["transferred"],
+                      message="transfer started")
+    r, _ = daemon.api.delete("tid-secret")
+    assert r.status == 204
+    reader.join(30)
+    # Cut at the next piece: far from the 64 MiB requested.
+    assert outcome == ["cut"]
+    c.close()
+
+
+def test_nbd_error(daemon, client, nbdkit, export):
+    srv = nbdkit("memory", "size=4M", "error-pread=EIO", "error-pread-rate=100%",
+                 filters=["error"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=4 * MiB)
+    resp, data = client.request("GET", "/images/tid-secret",
+                                headers={"range": "bytes=0-4095"})
+    assert resp.status == 500
+    assert data == b"Server failed to perform the request, check logs\n"
+    # Other tickets are served.
+    add_ticket(daemon, url(export), uuid="other")
+    c = Client(daemon)
+    resp, _ = c.request("GET", "/images/other", headers={"range": "bytes=0-0"})
+    assert resp.status == 206
+    c.close()
+
+
+def test_nbd_server_dies(daemon, nbdkit, export):
+    srv = nbdkit("pattern", "size=64M", "rdelay=100ms", filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=64 * MiB)
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret")
+    resp = c.conn.getresponse()
+    srv.stop()
+    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+        resp.read()
+    c.close()
+    add_ticket(daemon, url(export), uuid="other")
+    c = Client(daemon)
+    resp, _ = c.request("GET", "/images/other", headers={"range": "bytes=0-0"})
+    assert resp.status == 206
+    c.close()
+
+
+def test_export_unreachable(daemon, client):
+    add_ticket(daemon, "nbd:unix:/no/such.sock")
+    resp, data = client.request("GET", "/images/tid-secret")
+    assert resp.status == 500
+
+
+def test_ticket_id_not_logged(daemon, client, export, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    add_ticket(daemon, url(export))
+    client.request("OPTIONS", "/images/tid-secret")
+    client.request("GET", "/images/tid-secret", headers={"range": "bytes=0-9"})
+    client.request("GET", "/images/tid-secret/extents")
+    c = Client(daemon)
+    c.request("GET", "/images/tid-unknown")
+    c.close()
+    assert "tid-secret" not in caplog.text
+    assert "tid-unknown" not in caplog.text
+
+
+def test_unix_socket_abstract_reported(make_daemon, export):
+    daemon = make_daemon(local={"socket": ""})
+    add_ticket(daemon, url(export))
+    address = daemon.local.server.address()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(address)
+        s.sendall(b"OPTIONS /images/* HTTP/1.1\r\n\r\n")
+        data = s.recv(65536)
+    body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert body["unix_socket"] == address
+    assert address.startswith("\0")
