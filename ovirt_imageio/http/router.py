@@ -10,6 +10,7 @@ taking (req, resp, *groups).
 import logging
 import re
 
+from .. import checksum
 from .. import errors
 from . import server
 
@@ -20,6 +21,7 @@ log = logging.getLogger("router")
 STATUS = [
     (errors.AuthorizationError, 403, True),
     (errors.InvalidTicket, 400, False),
+    (checksum.InvalidArgument, 400, False),
     (errors.OutOfRange, 416, False),
     (errors.Unsupported, 404, False),
     (errors.CancelTimeout, 409, False),

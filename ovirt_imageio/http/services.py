@@ -15,6 +15,7 @@ import urllib.parse
 
 from .. import errors
 from ..nbd import backend
+from . import checksum
 from . import images
 from . import info
 from . import router
@@ -69,9 +70,10 @@ def control(cfg, store):
 def data_routes(cfg, store, unix_socket):
     """The /images routes, the same on the remote and local services."""
     img = images.Handler(cfg, store, unix_socket=unix_socket)
-    ext = images.ExtentsHandler(img)
     return [
-        (r"/images/(.*)/extents", ext),
+        (r"/images/(.*)/extents", images.ExtentsHandler(img)),
+        (r"/images/(.*)/checksum/algorithms", checksum.AlgorithmsHandler()),
+        (r"/images/(.*)/checksum", checksum.Handler(img)),
         (r"/images/(.*)", img),
     ]
 
