@@ -4,12 +4,16 @@
 PYTHON := /usr/bin/python3
 VENV := .venv
 DEV := .dev
-SYSTEM_PACKAGES := qemu-utils python3-libnbd libnbd-bin nbdkit python3-venv \
-	curl openssl
+SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
+	curl openssl gcc python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# The side-by-side benchmark harness (shared/bench/README.md) and its
+# options, e.g. make bench BENCH_ARGS="--scenarios download --runs 5".
+BENCH := ../shared/bench
+BENCH_ARGS ?=
 
-.PHONY: check run venv system-packages clean
+.PHONY: check run bench venv system-packages clean
 
 check: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -17,6 +21,24 @@ check: venv
 run: venv
 	dev/mkconf $(DEV)
 	$(VENV)/bin/ovirt-imageio --conf-dir $(DEV)/conf
+
+# compare runs from the project root: its default daemon A is
+# ./.venv/bin/ovirt-imageio. The anchor venv (daemon B, the clients) is made
+# first by test/upstream.py, under the same lock the tests take. bench/setup
+# checks the venv with `python -` (cwd first on sys.path), where our
+# ovirt_imageio would shadow upstream's; PYTHONSAFEPATH keeps cwd off it.
+# BENCH_ARGS stays unquoted: it holds several options, or none.
+bench: venv
+	@if [ -x $(BENCH)/compare ]; then \
+		anchor=$$($(VENV)/bin/python test/upstream.py | tail -n 1) && \
+		BENCH_ANCHOR_VENV="$$anchor" PYTHONSAFEPATH=1 \
+			$(BENCH)/compare $(BENCH_ARGS); \
+	else \
+		echo "make bench: no benchmark harness at $(BENCH)/compare;" \
+			"it is not part of this repository. Check out the shared" \
+			"tree next to it, or set BENCH=/path/to/shared/bench." >&2; \
+		exit 1; \
+	fi
 
 venv: system-packages $(VENV)/.installed
 

@@ -301,3 +301,14 @@ def pki(tmp_path_factory):
     """A CA and a server certificate for localhost (dev/mkpki)."""
     import testutil
     return testutil.make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def upstream_venv():
+    """
+    Path of the anchor venv with upstream ovirt-imageio 2.5.1 (test/
+    upstream.py), created once per machine when missing; run code under
+    it with upstream.run_client(), its daemon with upstream.UpstreamDaemon.
+    """
+    import upstream
+    return upstream.anchor_venv()
