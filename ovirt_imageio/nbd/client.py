@@ -130,6 +130,11 @@ def open(address, *, dirty=False):
     """
     h = nbd.NBD()
     try:
+        # libnbd zeroes every read buffer before reading into it, so a
+        # buggy server cannot leak old memory. Our buffers are ours and a
+        # failed read is never sent; the memset was 4% of the daemon's CPU
+        # on an HTTPS download.
+        h.set_pread_initialize(False)
         h.set_export_name(address.export)
         if dirty:
             h.set_opt_mode(True)
