@@ -74,3 +74,14 @@ class CancelTimeout(Error):
 
 class ExportError(Error):
     """An NBD export for a ticket could not be started or reached."""
+
+
+class PeerError(Error):
+    """
+    An imageio server we talk to (the daemon behind a proxy) answered with
+    an HTTP error. The proxy passes status and message on unchanged.
+    """
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status

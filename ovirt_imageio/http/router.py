@@ -87,6 +87,9 @@ def classify(e):
     """Return (status, message, headers, close) for an exception."""
     if isinstance(e, server.Error):
         return e.status, e.message, e.headers, False
+    if isinstance(e, errors.PeerError):
+        # The daemon's answer, passed on as it is (API.md section 5).
+        return e.status, str(e), {}, False
     for kind, status, close in STATUS:
         if isinstance(e, kind):
             headers = {}
