@@ -13,10 +13,15 @@ PYTEST_ARGS ?=
 BENCH := ../shared/bench
 BENCH_ARGS ?=
 
-.PHONY: check run bench venv system-packages clean
+.PHONY: check demo run bench venv system-packages clean
 
 check: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The main job end to end: a daemon, qemu-nbd, an image uploaded and
+# downloaded over HTTPS with progress, verified by checksum.
+demo: venv
+	$(VENV)/bin/python dev/demo $(DEV)
 
 run: venv
 	dev/mkconf $(DEV)
