@@ -5,15 +5,23 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 DEV := .dev
 SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
-	curl openssl gcc python3-dev
+	curl openssl gcc python3-dev rpm
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its
 # options, e.g. make bench BENCH_ARGS="--scenarios download --runs 5".
 BENCH := ../shared/bench
 BENCH_ARGS ?=
+# make dist writes the sdist (the RPMs' source) here; make rpm builds the
+# RPMs under RPM_TOPDIR and copies them here too. RPMBUILD_ARGS: --nodeps,
+# since Debian's rpm database knows none of the spec's BuildRequires.
+DIST := dist
+VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
+SDIST := $(DIST)/ovirt_imageio-$(VERSION).tar.gz
+RPM_TOPDIR := $(CURDIR)/build/rpmbuild
+RPMBUILD_ARGS ?= --nodeps
 
-.PHONY: check demo run bench venv system-packages clean
+.PHONY: check demo run bench venv system-packages clean dist rpm
 
 check: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -44,6 +52,29 @@ bench: venv
 			"tree next to it, or set BENCH=/path/to/shared/bench." >&2; \
 		exit 1; \
 	fi
+
+# The sdist, from the working tree: the package and what the spec needs
+# (MANIFEST.in). Offline: the venv's setuptools builds it.
+dist: venv
+	rm -f $(SDIST)
+	$(VENV)/bin/python -m build --sdist --no-isolation --outdir $(DIST) .
+
+# The RPMs (ovirt-imageio-common, -daemon, -client; noarch), built from the
+# sdist and the spec inside it. The venv's Python runs pip and setuptools;
+# the installed commands run /usr/bin/python3. No python3.Xdist() provides:
+# Debian's rpm generates them with a /usr/bin/python3 lacking packaging.
+rpm: dist
+	rm -rf $(RPM_TOPDIR)
+	mkdir -p $(RPM_TOPDIR)/SOURCES
+	cp $(SDIST) $(RPM_TOPDIR)/SOURCES/
+	rpmbuild -tb $(RPMBUILD_ARGS) \
+		--define "_topdir $(RPM_TOPDIR)" \
+		--define "__pythondist_provides %{nil}" \
+		--define "__pythondist_requires %{nil}" \
+		--define "python3 $(abspath $(VENV))/bin/python" \
+		$(SDIST)
+	cp $(RPM_TOPDIR)/RPMS/noarch/*-$(VERSION)-*.noarch.rpm $(DIST)/
+	@ls -1 $(DIST)/*-$(VERSION)-*.noarch.rpm
 
 venv: system-packages $(VENV)/.installed
 

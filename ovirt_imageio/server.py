@@ -56,10 +56,12 @@ def main(argv=None):
     daemon = Daemon(cfg)
     try:
         daemon.start()
-        if args.ticket:
-            daemon.add_ticket_file(args.ticket)
         if cfg.daemon.drop_privileges:
             drop_privileges(cfg, daemon)
+        # After dropping privileges: a file ticket's qemu-nbd must run as
+        # the daemon's user, or the daemon could neither reach nor stop it.
+        if args.ticket:
+            daemon.add_ticket_file(args.ticket)
         if cfg.daemon.systemd_enable:
             systemd.notify("READY=1")
         log.info("Ready")
@@ -149,7 +151,14 @@ class Daemon:
 def drop_privileges(cfg, daemon):
     """
     Started as root to bind privileged resources, run as the configured
-    user from here on; the run dir and control socket become its own.
+    user from here on; the run dir, control socket and log files become its
+    own. The control socket's group is group_name: its members (vdsm) may
+    connect (mode 0660).
+
+    The process keeps the user's supplementary groups (initgroups(), as
+    upstream does): hosts give the user access to images and sockets of
+    other services through them. Dropping is permanent: setuid() as root
+    sets the real, effective and saved ids.
     """
     if os.geteuid() != 0:
         return
@@ -166,7 +175,7 @@ def drop_privileges(cfg, daemon):
             paths.append(handler.baseFilename)
     for path in paths:
         os.chown(path, user.pw_uid, group.gr_gid)
-    os.setgroups([group.gr_gid])
+    os.initgroups(user.pw_name, group.gr_gid)
     os.setgid(group.gr_gid)
     os.setuid(user.pw_uid)
     log.info("Running as %s:%s", user.pw_name, group.gr_name)
