@@ -1,0 +1,500 @@
+"""
+The public client API, with the names and arguments of upstream
+ovirt-imageio 2.5.1's ovirt_imageio.client, so scripts written for it
+(the oVirt SDK examples, backup tools) work unchanged.
+
+Upload and download open the local image with a private qemu-nbd (see
+local.py), the server with RemoteImage (remote.py), and copy between them
+with transfer.py. Nothing they start outlives the call: qemu-nbd, worker
+threads and connections are closed on success, error and
+KeyboardInterrupt alike.
+"""
+
+import collections
+import logging
+import os
+import tarfile
+
+from ovirt_imageio import checksum as blkhash
+
+from . import local
+from . import progress as _progress
+from . import qemu_img
+from . import remote
+from . import transfer
+
+log = logging.getLogger("client")
+
+BUFFER_SIZE = transfer.BUFFER_SIZE
+MAX_WORKERS = transfer.MAX_WORKERS
+
+
+def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
+           progress=None, proxy_url=None, max_workers=MAX_WORKERS,
+           member=None, backing_chain=True, disk_is_zero=False,
+           verify=False):
+    """
+    Upload the image in filename (any format qemu reads: raw, qcow2,
+    vmdk, vhdx, vdi, ISO...) to the transfer URL url, as guest data.
+
+    Args:
+        filename (str): the image to upload.
+        url (str): transfer URL on the host running imageio, e.g.
+            https://host:54322/images/<ticket-id>.
+        cafile (str): CA certificates file to verify the server with
+            (None: the system's CAs).
+        buffer_size (int): bytes read and sent at a time, per worker.
+        secure (bool): verify the server's certificate and host name.
+        progress: an object with a `size` attribute and an `update(n)`
+            method (e.g. ProgressBar), or an update(n) callable.
+        proxy_url (str): transfer URL of the proxy, used if url cannot be
+            reached.
+        max_workers (int): connections to use (at most what the server
+            allows).
+        member (str): upload this file of the tar (OVA) filename, the name
+            `tar tf vm.ova` shows.
+        backing_chain (bool): upload a qcow2 with its backing chain (the
+            default). False uploads only the top layer, keeping
+            unallocated areas unallocated (for an empty snapshot).
+        disk_is_zero (bool): the target disk is known to read zeros: zero
+            extents are skipped without asking the server.
+        verify (bool): after uploading, compare the server's checksum
+            with the local image's; raise ChecksumMismatch if they differ.
+
+    Zero extents are never sent as bytes: they are zeroed on the server,
+    or skipped where the server reports its image already reads zeros.
+
+    Raises TransferError (with the failed operation, range, HTTP status
+    and server message), errors.PeerError (the server refused the
+    transfer), OSError (network), qemu_img.Error, ChecksumMismatch.
+    """
+    if verify and not backing_chain:
+        raise ValueError("verify=True needs backing_chain=True: the server "
+                         "checksums the whole disk, backing chain included")
+    buffer_size = _buffer_size(buffer_size)
+    progress = _progress.wrap(progress)
+    image_info = info(filename, member=member)
+
+    with _open_remote(url, cafile, secure, proxy_url) as dst:
+        workers = max(1, min(max_workers, dst.max_writers))
+        with _open_local(filename, image_info, read_only=True,
+                         shared=workers + 1,
+                         backing_chain=backing_chain) as src:
+            transfer.upload(
+                src, dst,
+                max_workers=workers,
+                buffer_size=buffer_size,
+                # A zero disk needs no zeroing, unless holes must hide a
+                # backing chain's data.
+                zero=not (disk_is_zero and backing_chain),
+                # Without the backing chain, holes stay unallocated so
+                # they expose the target's backing chain.
+                hole=backing_chain,
+                progress=progress)
+            if verify:
+                with src.connect() as image:
+                    transfer.verify(image, dst, "upload")
+
+
+def download(url, filename, cafile, fmt="qcow2", incremental=False,
+             buffer_size=BUFFER_SIZE, secure=True, progress=None,
+             proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
+             backing_format=None, verify=False):
+    """
+    Download the image at the transfer URL url into a new image filename
+    in format fmt ("qcow2" or "raw"). Zero and unallocated areas are not
+    transferred and stay unallocated.
+
+    Args:
+        url (str): transfer URL on the host running imageio.
+        filename (str): the image to create (replaced if it exists).
+        cafile (str): CA certificates file (None: the system's CAs).
+        fmt (str): "qcow2" (default) or "raw".
+        incremental (bool): download only the blocks changed since the
+            backup's checkpoint (dirty extents); needs fmt="qcow2".
+        buffer_size (int): bytes received and written at a time, per
+            worker.
+        secure (bool): verify the server's certificate and host name.
+        progress: as for upload().
+        proxy_url (str): transfer URL of the proxy, used if url cannot be
+            reached.
+        max_workers (int): connections to use (at most what the server
+            allows).
+        backing_file (str): create the qcow2 on top of this image (e.g.
+            the previous backup); zeros are then written where the
+            server's image reads zeros, to hide the backing file's data.
+        backing_format (str): the backing file's format (probed if not
+            given).
+        verify (bool): after downloading, compare the server's checksum
+            with the local image's (through its backing chain); raise
+            ChecksumMismatch if they differ.
+
+    If the download fails, the partly written filename is removed (but
+    not after a checksum mismatch, to let you look at it).
+    """
+    if incremental and fmt != "qcow2":
+        raise ValueError(
+            f"incremental={incremental} is incompatible with fmt={fmt}")
+    if backing_file is not None and fmt != "qcow2":
+        raise ValueError(f"backing_file needs fmt=qcow2, not {fmt}")
+    if verify and incremental and backing_file is None:
+        raise ValueError(
+            "verify=True with incremental=True needs backing_file: only "
+            "the whole chain equals the server's image")
+    buffer_size = _buffer_size(buffer_size)
+    progress = _progress.wrap(progress)
+
+    with _open_remote(url, cafile, secure, proxy_url) as src:
+        workers = max(1, min(max_workers, src.max_readers))
+        # Ask for what we need before creating anything: a server that
+        # cannot give dirty extents fails here.
+        size = src.size
+        src.extents("dirty" if incremental else "zero")
+
+        if backing_file is not None and backing_format is None:
+            backing_format = _probe_backing_format(filename, backing_file)
+        qemu_img.create(filename, fmt, size=size, backing_file=backing_file,
+                        backing_format=backing_format)
+        try:
+            with local.open(filename, fmt, read_only=False,
+                            shared=workers + 1) as dst:
+                transfer.download(
+                    src, dst,
+                    dirty=incremental,
+                    # Only a backing file can show through; a new image
+                    # without one reads zeros where nothing is written.
+                    zero=backing_file is not None,
+                    max_workers=workers,
+                    buffer_size=buffer_size,
+                    progress=progress)
+                if verify:
+                    with dst.connect() as image:
+                        transfer.verify(image, src, "download")
+        except transfer.ChecksumMismatch:
+            raise
+        except BaseException:
+            _remove(filename)
+            raise
+
+
+def info(filename, member=None):
+    """
+    Return `qemu-img info` of filename as a dict. With member, filename
+    is a tar file, and the information is of its file member, with
+    "member-offset" and "member-size" added (where its bytes are in the
+    tar file).
+    """
+    if member:
+        offset, size = _find_member(filename, member)
+        result = qemu_img.info(local.json_spec(filename, offset, size))
+        result["member-offset"] = offset
+        result["member-size"] = size
+        return result
+    return qemu_img.info(filename)
+
+
+def measure(filename, dst_fmt, member=None):
+    """
+    Return `qemu-img measure` of converting filename (or its tar member)
+    to dst_fmt: {"required": ..., "fully-allocated": ...}.
+    """
+    if member:
+        offset, size = _find_member(filename, member)
+        result = qemu_img.measure(local.json_spec(filename, offset, size),
+                                  dst_fmt)
+        result["member-offset"] = offset
+        result["member-size"] = size
+        return result
+    return qemu_img.measure(filename, dst_fmt)
+
+
+def checksum(filename, member=None, block_size=blkhash.DEFAULT_BLOCK_SIZE,
+             algorithm=blkhash.DEFAULT_ALGORITHM, detect_zeroes=True):
+    """
+    Return the checksum of the guest data of filename (or its tar
+    member): {"algorithm", "block_size", "checksum"}, equal to the
+    server's /checksum of the same image with the same block size and
+    algorithm. Zero blocks are always detected (detect_zeroes is kept for
+    compatibility; the result does not depend on it).
+    """
+    image_info = info(filename, member=member)
+    with _open_local(filename, image_info, read_only=True, shared=1) as exp:
+        with exp.connect() as image:
+            return blkhash.compute(image, algorithm=algorithm,
+                                   block_size=block_size)
+
+
+def extents(filename, member=None, bitmap=None):
+    """
+    Iterate over the extents of filename's guest data (or of its tar
+    member), as the /extents API reports them: ZeroExtent items, or
+    DirtyExtent items for the dirty bitmap bitmap.
+
+    The image is read (and its qemu-nbd stopped) on the first next().
+    """
+    image_info = info(filename, member=member)
+    context = "zero" if bitmap is None else "dirty"
+    with _open_local(filename, image_info, read_only=True, shared=1,
+                     bitmap=bitmap) as exp:
+        with exp.connect() as image:
+            found = image.extents(context)
+    for ext in found:
+        yield _public_extent(ext)
+
+
+class ZeroExtent(collections.namedtuple("ZeroExtent",
+                                        "start,length,zero,hole")):
+    """
+    An extent of an image (as upstream's): start, length, zero (reads as
+    zeros), hole (unallocated: reads from the backing chain, if any).
+    """
+    __slots__ = ()
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["start"], d["length"], d["zero"], d.get("hole"))
+
+    @property
+    def data(self):
+        """True if the extent may hold non-zero bytes."""
+        return not self.zero
+
+    def to_dict(self):
+        return {"start": self.start, "length": self.length,
+                "zero": self.zero, "hole": self.hole}
+
+
+class DirtyExtent(collections.namedtuple("DirtyExtent",
+                                         "start,length,dirty,zero")):
+    """
+    An extent of an image during an incremental backup: dirty (changed
+    since the checkpoint), zero (reads as zeros).
+    """
+    __slots__ = ()
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["start"], d["length"], d["dirty"], d.get("zero", False))
+
+    @property
+    def data(self):
+        """True if the extent may hold non-zero bytes."""
+        return not self.zero
+
+    def to_dict(self):
+        return {"start": self.start, "length": self.length,
+                "dirty": self.dirty, "zero": self.zero}
+
+
+class ImageioClient:
+    """
+    A client for one image on an imageio server: random access reads,
+    writes and zeroing over one persistent connection (the unix socket
+    when the server is on this host).
+    """
+
+    def __init__(self, transfer_url, cafile=None, secure=True,
+                 proxy_url=None, buffer_size=BUFFER_SIZE):
+        """
+        Args:
+            transfer_url (str): transfer URL on the host running imageio.
+            cafile (str): CA certificates file (None: the system's CAs).
+            secure (bool): verify the server's certificate and host name.
+            proxy_url (str): the proxy's transfer URL, used if
+                transfer_url cannot be reached.
+            buffer_size (int): buffer for read_from() and write_to().
+        """
+        self._image = _open_remote(transfer_url, cafile, secure, proxy_url)
+        self._buffer_size = _buffer_size(buffer_size)
+        self._buf = None
+
+    @property
+    def max_readers(self):
+        """How many clients may read the image at once."""
+        return self._image.max_readers
+
+    @property
+    def max_writers(self):
+        """How many clients may write the image at once."""
+        return self._image.max_writers
+
+    def size(self):
+        """The image's virtual size in bytes."""
+        return self._image.size
+
+    def extents(self, context="zero"):
+        """
+        Iterate over the image's extents: ZeroExtent for "zero",
+        DirtyExtent for "dirty" (during incremental backup only).
+        """
+        for ext in self._image.extents(context):
+            yield _public_extent(ext)
+
+    def read(self, offset, buffer):
+        """
+        Fill buffer (bytearray, mmap, memoryview) with the bytes at offset
+        and return its length. Raises RuntimeError if the range ends after
+        the image's end.
+        """
+        length = _nbytes(buffer)
+        if offset + length > self._image.size:
+            raise RuntimeError("Read out of image bounds")
+        self._image.read_into(buffer, offset)
+        return length
+
+    def write(self, offset, buffer):
+        """
+        Write buffer (bytes, bytearray, mmap...) at offset (not flushed:
+        call flush()). Raises RuntimeError if the range ends after the
+        image's end.
+        """
+        if offset + _nbytes(buffer) > self._image.size:
+            raise RuntimeError("Write out of image bounds")
+        self._image.write(buffer, offset)
+
+    def zero(self, offset, length):
+        """Make length bytes at offset read as zeros (not flushed)."""
+        self._image.zero(length, offset)
+
+    def flush(self):
+        """Flush what was written to storage."""
+        self._image.flush()
+
+    def read_from(self, reader, offset, length):
+        """
+        Send length bytes from reader (anything with readinto(buf), e.g.
+        a file) to offset, in one request.
+        """
+        self._image.copy_from(_Reader(reader), offset, length,
+                              self._buffer())
+
+    def write_to(self, writer, offset, length):
+        """
+        Get length bytes at offset and write them to writer (anything
+        with write(buf), e.g. a file), in one request.
+        """
+        self._image.copy_to(_Writer(writer), offset, length, self._buffer())
+
+    def close(self):
+        """Close the connection."""
+        self._image.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        try:
+            self.close()
+        except Exception:
+            # Do not hide the error of the with block.
+            if kind is None:
+                raise
+            log.exception("Error closing client")
+
+    def _buffer(self):
+        if self._buf is None:
+            self._buf = bytearray(self._buffer_size)
+        return self._buf
+
+
+# Private
+
+
+class _Reader:
+    """A file's readinto() as an image's read_into()."""
+
+    def __init__(self, reader):
+        self._reader = reader
+
+    def read_into(self, buf, offset):
+        pos = 0
+        while pos < len(buf):
+            n = self._reader.readinto(buf[pos:])
+            if not n:
+                raise RuntimeError(
+                    f"Expected {len(buf)} bytes from reader, got {pos}")
+            pos += n
+
+
+class _Writer:
+    """A file's write() as an image's write()."""
+
+    def __init__(self, writer):
+        self._writer = writer
+
+    def write(self, buf, offset):
+        pos = 0
+        while pos < len(buf):
+            n = self._writer.write(buf[pos:])
+            # Buffered files and most writers return None or everything.
+            if n is None:
+                break
+            pos += n
+
+
+def _nbytes(buffer):
+    with memoryview(buffer) as view:
+        return view.nbytes
+
+
+def _public_extent(ext):
+    if hasattr(ext, "hole"):
+        return ZeroExtent(ext.start, ext.length, ext.zero, ext.hole)
+    return DirtyExtent(ext.start, ext.length, ext.dirty, ext.zero)
+
+
+def _buffer_size(buffer_size):
+    if buffer_size < 1:
+        raise ValueError(f"Invalid buffer_size {buffer_size}")
+    return min(buffer_size, transfer.MAX_BUFFER_SIZE)
+
+
+def _open_remote(url, cafile, secure, proxy_url):
+    """Open url; if it cannot be reached (OSError) and there is a proxy
+    URL, open that instead."""
+    try:
+        return remote.RemoteImage(url, cafile=cafile, secure=secure)
+    except OSError as e:
+        if proxy_url is None:
+            raise
+        log.info("Cannot reach the transfer URL (%s), trying the proxy", e)
+        return remote.RemoteImage(proxy_url, cafile=cafile, secure=secure)
+
+
+def _open_local(filename, image_info, *, read_only, shared,
+                backing_chain=True, bitmap=None):
+    return local.open(
+        filename, image_info["format"],
+        read_only=read_only,
+        shared=shared,
+        offset=image_info.get("member-offset"),
+        size=image_info.get("member-size"),
+        virtual_size=image_info.get("virtual-size"),
+        backing_chain=backing_chain,
+        bitmap=bitmap)
+
+
+def _find_member(tarname, name):
+    with tarfile.open(tarname) as tar:
+        member = tar.getmember(name)
+        if not member.isfile():
+            raise ValueError(f"Member {name!r} of {tarname} is not a file")
+        return member.offset_data, member.size
+
+
+def _probe_backing_format(filename, backing_file):
+    # qemu resolves a relative backing file from the new image's
+    # directory, and needs its format.
+    path = backing_file
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(filename)), path)
+    return qemu_img.info(path)["format"]
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("Cannot remove %s: %s", path, e)

@@ -1,0 +1,156 @@
+"""
+Progress reporting, compatible with upstream's client.ProgressBar.
+
+The pipeline sets `progress.size` once the total is known and calls
+`progress.update(n)` (from worker threads) for every n bytes done,
+including ranges it had nothing to do for, so done reaches size. Any
+object with a settable `size` and an `update(n)` method works (tqdm
+does); a plain callable is wrapped by Callback.
+"""
+
+import json
+import sys
+import threading
+import time
+
+FORMAT_TEXT = "text"
+FORMAT_JSON = "json"
+
+DEFAULT_WIDTH = 79
+
+
+class Callback:
+    """Adapt an update(n) callable (older API) to the progress object."""
+
+    def __init__(self, update):
+        self.update = update
+        self.size = None
+
+
+def wrap(progress):
+    """Return a progress object for what a caller passed (or None)."""
+    if progress is None or hasattr(progress, "update"):
+        return progress
+    if callable(progress):
+        return Callback(progress)
+    raise TypeError(
+        f"progress must have an update(n) method or be callable, got "
+        f"{type(progress).__name__}")
+
+
+def humansize(n):
+    """1536 -> '1.50 KiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            break
+        n /= 1024
+    if unit == "bytes":
+        return f"{n:.0f} bytes"
+    return f"{n:.2f} {unit}"
+
+
+class ProgressBar:
+    """
+    A progress line on a terminal ("text": redrawn in place) or a JSON
+    object per line ("json"), drawn when the percentage changes.
+    """
+
+    def __init__(self, phase=None, error_phase="command failed", size=None,
+                 output=sys.stdout, format=FORMAT_TEXT, step=None,
+                 width=DEFAULT_WIDTH, now=time.monotonic):
+        """
+        phase: what is going on; error_phase: the phase shown when the
+        code in the `with` block fails; size: total bytes (may be set
+        later); output: a text file; format: "text" or "json"; step:
+        unused, for compatibility; width: of a text line; now: clock.
+        """
+        if format not in (FORMAT_TEXT, FORMAT_JSON):
+            raise ValueError(f"Unsupported progress format {format!r}")
+        self._phase = phase
+        self._error_phase = error_phase
+        self._size = size
+        self._output = output
+        self._format = format
+        self._width = width
+        self._now = now
+        self._lock = threading.Lock()
+        self._start = now()
+        self._done = 0
+        # Percent drawn last; -1 so that the first update draws 0%.
+        self._value = -1
+        self._closed = False
+        self._draw()
+
+    @property
+    def phase(self):
+        return self._phase
+
+    @phase.setter
+    def phase(self, value):
+        with self._lock:
+            if not self._closed and value != self._phase:
+                self._phase = value
+                self._draw()
+
+    @property
+    def size(self):
+        return self._size
+
+    @size.setter
+    def size(self, value):
+        with self._lock:
+            if not self._closed and value != self._size:
+                self._size = value
+                self._draw()
+
+    @property
+    def done(self):
+        return self._done
+
+    def update(self, n):
+        """Add n bytes done; redraw when the percentage changes."""
+        with self._lock:
+            if self._closed:
+                return
+            self._done += n
+            if self._size:
+                value = int(self._done / self._size * 100)
+                if value > self._value:
+                    self._value = value
+                    self._draw()
+
+    def close(self):
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._draw(last=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None:
+            self.phase = self._error_phase
+        self.close()
+
+    def _draw(self, last=False):
+        elapsed = self._now() - self._start
+        if self._format == FORMAT_JSON:
+            record = {"transferred": self._done, "elapsed": elapsed,
+                      "description": self._phase or ""}
+            if self._size is not None:
+                record["size"] = self._size
+            self._write(json.dumps(record), "\n")
+            return
+        percent = f"{max(0, self._value):3d}%" if self._size else "----"
+        rate = self._done / elapsed if elapsed else 0
+        line = (f"[ {percent} ] {humansize(self._done)}, {elapsed:.2f} s, "
+                f"{humansize(rate)}/s")
+        if self._phase:
+            line += f" | {self._phase}"
+        # "\r" redraws the same line; the last one ends it.
+        self._write(line.ljust(self._width), "\n" if last else "\r")
+
+    def _write(self, line, end):
+        self._output.write(line + end)
+        self._output.flush()

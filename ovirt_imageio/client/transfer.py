@@ -1,0 +1,511 @@
+"""
+The transfer pipeline: copy an image between a local NBD export and a
+RemoteImage, with several connections.
+
+Theory of operation.
+
+- Planning is pure (plan_zero, plan_dirty, skip_zeroed, split): extents
+  become a list of requests, each COPY (move the bytes), ZERO (make the
+  range read as zeros on the destination) or SKIP (nothing to do: the
+  destination already reads right). Zero extents never become bytes.
+- Upload: the source's zero and hole extents are zeroed on the server,
+  except where the server's own extents say it already reads zeros (a new
+  disk: nothing at all is sent for them) or the caller says the disk is
+  zero. Holes stay holes when uploading a qcow2 layer without its backing
+  chain.
+- Download: the local image is new and empty, so zeros and holes are
+  skipped; with a backing file, zero extents that are not holes are
+  zeroed locally so they hide the backing file's data. Incremental:
+  dirty data is copied, dirty zeros zeroed, clean ranges skipped.
+- Requests are split (COPY at most MAX_COPY, ZERO at most MAX_ZERO) to
+  spread the work and report progress often.
+- run() starts up to max_workers threads. Each worker has its own HTTP
+  connection (RemoteImage.clone()) and its own NBD connection to the
+  local qemu-nbd, and one buffer, reused for every piece. Worker 0 reuses
+  the connections the caller already opened. A COPY is one HTTP request
+  streaming the range in buffer-sized pieces. At the end every worker
+  that wrote flushes its own connection.
+- Failure: the first error stops the other workers at their next piece
+  and is raised as TransferError naming the operation, the range, and the
+  HTTP status and server message. KeyboardInterrupt (or any exception)
+  in the caller's thread stops the workers the same way; run() returns or
+  raises only after every worker thread has ended and closed its
+  connections.
+"""
+
+import logging
+import threading
+import typing
+
+from ovirt_imageio import checksum as blkhash
+from ovirt_imageio import errors
+from ovirt_imageio.nbd import extents as nbd_extents
+
+log = logging.getLogger(__name__)
+
+MiB = 1024**2
+
+# Largest request: big enough that HTTP overhead does not matter, small
+# enough to spread an image over the workers and report progress often
+# (upstream uses the same).
+MAX_COPY = 128 * MiB
+
+# Largest zero request. Zeroing costs the server little per byte, so a
+# larger request means fewer round trips for large sparse images; our
+# daemon zeroes in 1 GiB steps anyway.
+MAX_ZERO = 1024 * MiB
+
+# Buffer limits: the NBD protocol's usual maximum request is 32 MiB.
+MAX_BUFFER_SIZE = 32 * MiB
+BUFFER_SIZE = 4 * MiB
+MAX_WORKERS = 4
+
+COPY = "copy"
+ZERO = "zero"
+SKIP = "skip"
+
+
+class Request(typing.NamedTuple):
+    op: str
+    start: int
+    length: int
+
+
+class TransferError(Exception):
+    """
+    A transfer failed. Attributes: name ("upload", "download"), op
+    ("read", "write", "zero", "flush", "connect"), offset, length, status
+    (the HTTP status when the server answered with an error, else None).
+    The original exception is __cause__.
+    """
+
+    def __init__(self, name, op, offset, length, cause):
+        self.name = name
+        self.op = op
+        self.offset = offset
+        self.length = length
+        self.status = getattr(cause, "status", None)
+        if isinstance(cause, errors.PeerError):
+            detail = f"server answered {cause.status}: {cause}"
+        else:
+            detail = f"{type(cause).__name__}: {cause}"
+        where = ""
+        if length:
+            where = f" bytes {offset}-{offset + length - 1}"
+        super().__init__(f"{name} failed: {op}{where}: {detail}")
+
+
+class ChecksumMismatch(Exception):
+    """After a transfer, the local and the server's checksums differ."""
+
+
+# Planning: pure functions over extents.
+
+def plan_zero(found, zero=True, hole=True):
+    """
+    Requests for zero extents: data => COPY; zero extents => ZERO when
+    zero is true (holes only when hole is also true), else SKIP.
+    """
+    requests = []
+    for ext in found:
+        if not ext.zero:
+            op = COPY
+        elif zero and (hole or not ext.hole):
+            op = ZERO
+        else:
+            op = SKIP
+        requests.append(Request(op, ext.start, ext.length))
+    return _merge(requests)
+
+
+def plan_dirty(found):
+    """
+    Requests for dirty extents: dirty data => COPY, dirty zeros => ZERO,
+    clean => SKIP.
+    """
+    requests = []
+    for ext in found:
+        if not ext.dirty:
+            op = SKIP
+        elif ext.zero:
+            op = ZERO
+        else:
+            op = COPY
+        requests.append(Request(op, ext.start, ext.length))
+    return _merge(requests)
+
+
+def skip_zeroed(requests, dst_extents):
+    """
+    Turn the parts of ZERO requests where the destination already reads
+    zeros (dst_extents, zero extents of the destination) into SKIP.
+    Ranges the destination's extents do not cover stay ZERO.
+    """
+    zeros = [(e.start, e.start + e.length) for e in dst_extents if e.zero]
+    result = []
+    i = 0
+    for req in requests:
+        if req.op != ZERO:
+            result.append(req)
+            continue
+        pos, end = req.start, req.start + req.length
+        # Zero ranges are sorted; drop those ending before this request.
+        while i < len(zeros) and zeros[i][1] <= pos:
+            i += 1
+        j = i
+        while pos < end:
+            if j < len(zeros) and zeros[j][0] < end:
+                zstart, zend = zeros[j]
+                if zstart > pos:
+                    result.append(Request(ZERO, pos, zstart - pos))
+                    pos = zstart
+                skip_end = min(zend, end)
+                if skip_end > pos:
+                    result.append(Request(SKIP, pos, skip_end - pos))
+                    pos = skip_end
+                if zend <= end:
+                    j += 1
+                else:
+                    break
+            else:
+                result.append(Request(ZERO, pos, end - pos))
+                pos = end
+    return _merge(result)
+
+
+def split(requests, max_copy=MAX_COPY, max_zero=MAX_ZERO):
+    """Split COPY and ZERO requests larger than their limit."""
+    result = []
+    for req in requests:
+        step = {COPY: max_copy, ZERO: max_zero}.get(req.op)
+        if step is None or req.length <= step:
+            result.append(req)
+            continue
+        start, end = req.start, req.start + req.length
+        while start < end:
+            n = min(step, end - start)
+            result.append(Request(req.op, start, n))
+            start += n
+    return result
+
+
+def _merge(requests):
+    merged = []
+    for req in requests:
+        if req.length == 0:
+            continue
+        if merged:
+            last = merged[-1]
+            if (last.op == req.op
+                    and last.start + last.length == req.start):
+                merged[-1] = Request(last.op, last.start,
+                                     last.length + req.length)
+                continue
+        merged.append(req)
+    return merged
+
+
+# Upload and download.
+
+def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
+           zero=True, hole=True, progress=None):
+    """
+    Copy the local export to dst (a RemoteImage) with up to max_workers
+    connections. zero=False skips zero extents (the disk is known to be
+    zero); hole=False keeps holes unallocated on the destination.
+    """
+    primary = export.connect()
+    try:
+        requests = plan_zero(primary.extents("zero"), zero=zero, hole=hole)
+        requests = _skip_remote_zeros(requests, dst)
+        if progress is not None:
+            progress.size = primary.size
+
+        def open_worker(index):
+            if index == 0:
+                return _Worker(primary, dst, buffer_size, owned=())
+            src = export.connect()
+            try:
+                other = dst.clone()
+            except BaseException:
+                src.close()
+                raise
+            return _Worker(src, other, buffer_size, owned=(other, src))
+
+        run(split(requests), open_worker, max_workers, progress=progress,
+            name="upload", copy_op="write",
+            copy=lambda w, req, report: w.dst.copy_from(
+                w.src, req.start, req.length, w.buf, progress=report),
+            zero=lambda w, req: w.dst.zero(req.length, req.start))
+    finally:
+        primary.close()
+
+
+def download(src, export, *, dirty=False, zero=False,
+             max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
+             progress=None):
+    """
+    Copy src (a RemoteImage) to the local export, a new empty image, with
+    up to max_workers connections. dirty: copy only dirty extents. zero:
+    zero the zero extents that are not holes (a new image with a backing
+    file).
+    """
+    if dirty:
+        requests = plan_dirty(src.extents("dirty"))
+    else:
+        requests = plan_zero(src.extents("zero"), zero=zero, hole=False)
+    if progress is not None:
+        progress.size = src.size
+    primary = export.connect()
+    try:
+        def open_worker(index):
+            if index == 0:
+                return _Worker(src, primary, buffer_size, owned=())
+            dst = export.connect()
+            try:
+                other = src.clone()
+            except BaseException:
+                dst.close()
+                raise
+            return _Worker(other, dst, buffer_size, owned=(dst, other))
+
+        run(split(requests), open_worker, max_workers, progress=progress,
+            name="download", copy_op="read",
+            copy=lambda w, req, report: w.src.copy_to(
+                w.dst, req.start, req.length, w.buf, progress=report),
+            zero=lambda w, req: w.dst.zero(req.length, req.start,
+                                           punch_hole=True))
+    finally:
+        primary.close()
+
+
+def verify(local, remote, name):
+    """
+    Compare the server's checksum of the image with the checksum of the
+    local image (local: an NBD connection, so guest data). A local image
+    smaller than the remote one is compared as if padded with zeros.
+
+    Raises ChecksumMismatch.
+    """
+    try:
+        theirs = remote.checksum(timeout=None)
+    except errors.Unsupported:
+        raise ChecksumMismatch(
+            f"Cannot verify {name}: the server does not support checksums")
+    size = remote.size
+    if local.size > size:
+        raise ChecksumMismatch(
+            f"{name} verification failed: local image size {local.size} "
+            f"is larger than the server's image size {size}")
+    ours = blkhash.compute(_Padded(local, size), theirs["algorithm"],
+                           theirs["block_size"])
+    if ours["checksum"] != theirs["checksum"]:
+        raise ChecksumMismatch(
+            f"{name} verification failed: local checksum "
+            f"{ours['checksum']} != server checksum {theirs['checksum']} "
+            f"(algorithm={theirs['algorithm']}, "
+            f"block_size={theirs['block_size']})")
+    log.debug("%s verified: %s", name, ours)
+
+
+def _skip_remote_zeros(requests, dst):
+    """Skip zeroing where the server says its image reads zeros."""
+    if not dst.can_extents or not any(r.op == ZERO for r in requests):
+        return requests
+    try:
+        found = dst.extents("zero")
+    except (errors.Unsupported, errors.PeerError) as e:
+        log.debug("Cannot get destination extents, zeroing: %s", e)
+        return requests
+    return skip_zeroed(requests, found)
+
+
+class _Padded:
+    """An image seen as size bytes: its own, then zeros."""
+
+    def __init__(self, image, size):
+        self._image = image
+        self.size = size
+
+    def extents(self, context="zero"):
+        found = self._image.extents(context)
+        if self._image.size < self.size:
+            found.append(nbd_extents.ZeroExtent(
+                self._image.size, self.size - self._image.size,
+                zero=True, hole=False))
+        return found
+
+    def read_into(self, buf, offset):
+        own = max(0, min(len(buf), self._image.size - offset))
+        if own:
+            self._image.read_into(buf[:own], offset)
+        if own < len(buf):
+            buf[own:] = bytes(len(buf) - own)
+
+
+# The workers.
+
+class _Stopped(Exception):
+    """Raised in a worker when the transfer was stopped."""
+
+
+class _Worker:
+
+    def __init__(self, src, dst, buffer_size, owned):
+        self.src = src
+        self.dst = dst
+        self.buf = bytearray(buffer_size)
+        self._owned = owned
+
+    def close(self):
+        for image in self._owned:
+            try:
+                image.close()
+            except Exception:
+                log.exception("Error closing %s", image)
+
+
+class _State:
+    """What the workers share: the requests, progress, the first error."""
+
+    def __init__(self, requests, progress):
+        self._requests = iter(requests)
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._finished = 0
+        self._finished_cond = threading.Condition(threading.Lock())
+        self.stop = threading.Event()
+        self.error = None
+
+    def finished(self):
+        """Called by each worker as its last action."""
+        with self._finished_cond:
+            self._finished += 1
+            self._finished_cond.notify_all()
+
+    def wait_for_workers(self, count, interruptible=True):
+        """
+        Wait until count workers finished. With interruptible=False, a
+        KeyboardInterrupt stops the workers but the wait goes on (a
+        worker may still use the caller's connections) and the interrupt
+        is raised after.
+        """
+        pending = None
+        while True:
+            try:
+                with self._finished_cond:
+                    while self._finished < count:
+                        self._finished_cond.wait()
+                break
+            except BaseException as e:
+                if interruptible:
+                    raise
+                self.stop.set()
+                pending = e
+        if pending is not None:
+            raise pending
+
+    def next(self):
+        with self._lock:
+            return next(self._requests, None)
+
+    def report(self, n):
+        if self.stop.is_set():
+            raise _Stopped
+        if self._progress is not None:
+            with self._lock:
+                self._progress.update(n)
+
+    def fail(self, error):
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self.stop.set()
+
+
+def run(requests, open_worker, max_workers, *, progress, name, copy_op,
+        copy, zero):
+    """
+    Run requests with up to max_workers worker threads.
+
+    open_worker(index) returns a _Worker; copy(worker, request, report)
+    and zero(worker, request) do one request. Raises the first
+    TransferError; returns only after every thread has ended.
+    """
+    work = [r for r in requests if r.op != SKIP]
+    skipped = sum(r.length for r in requests if r.op == SKIP)
+    state = _State(work, progress)
+    if skipped and progress is not None:
+        progress.update(skipped)
+    count = max(0, min(max_workers, len(work)))
+    threads = [
+        threading.Thread(
+            target=_work, name=f"{name}/{i}", daemon=True,
+            args=(state, open_worker, i, name, copy_op, copy, zero))
+        for i in range(count)]
+    started = []
+    try:
+        for t in threads:
+            t.start()
+            started.append(t)
+        # Not Thread.join(): a join interrupted by KeyboardInterrupt can
+        # leave the thread listed as alive (Python 3.11).
+        state.wait_for_workers(len(started))
+    except BaseException:
+        # KeyboardInterrupt, most likely: stop the workers at their next
+        # piece and wait until they closed their connections.
+        log.debug("%s interrupted, stopping workers", name)
+        state.stop.set()
+        state.wait_for_workers(len(started), interruptible=False)
+        for t in started:
+            t.join()
+        raise
+    for t in started:
+        t.join()
+    if state.error is not None:
+        raise state.error
+
+
+def _work(state, open_worker, index, name, copy_op, copy, zero):
+    worker = None
+    req = None
+    wrote = False
+    try:
+        worker = open_worker(index)
+        while not state.stop.is_set():
+            req = state.next()
+            if req is None:
+                break
+            if req.op == COPY:
+                copy(worker, req, state.report)
+            else:
+                zero(worker, req)
+                state.report(req.length)
+            wrote = True
+        else:
+            return
+        req = None
+        if wrote:
+            # Every worker flushes its own connection: a server need not
+            # flush other connections' writes.
+            worker.dst.flush()
+    except _Stopped:
+        pass
+    except Exception as e:
+        if worker is None:
+            op, offset, length = "connect", 0, 0
+        elif req is None:
+            op, offset, length = "flush", 0, 0
+        else:
+            op = copy_op if req.op == COPY else "zero"
+            offset, length = req.start, req.length
+        log.debug("Worker %s/%s failed: %s", name, index, e)
+        error = TransferError(name, op, offset, length, e)
+        error.__cause__ = e
+        state.fail(error)
+    finally:
+        try:
+            if worker is not None:
+                worker.close()
+        finally:
+            state.finished()

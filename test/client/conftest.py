@@ -1,0 +1,171 @@
+"""
+Fixtures for client tests.
+
+    stub_server   factory: stub_server(handler) starts an HTTP/1.1 server on
+                  127.0.0.1 whose every request is answered by
+                  handler(request) -> Response; records the requests.
+                  For what our daemon never does: legacy answers, broken
+                  responses, closing idle connections. The response type
+                  is stub_server.Response.
+    make_daemon   in-process daemons, as test/http/conftest.py's (whose
+                  fixtures are not visible here)
+    client_daemon an in-process daemon with 1 MiB buffers and 4
+                  connections per ticket
+"""
+
+import dataclasses
+import http.server
+import os
+import shutil
+import threading
+
+import pytest
+
+import testutil
+from ovirt_imageio import clock
+from ovirt_imageio import config
+from ovirt_imageio import server
+
+MiB = 1024**2
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict
+    body: bytes
+
+
+@dataclasses.dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict = dataclasses.field(default_factory=dict)
+    # Close the connection after the response, without telling the client
+    # (no Connection: close header), like a server whose idle timeout hit.
+    drop: bool = False
+    # Send fewer body bytes than Content-Length says, then close.
+    truncate: int | None = None
+    # Close the connection without answering at all.
+    hang_up: bool = False
+
+
+class StubServer:
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.requests = []
+        self.connections = 0
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                stub.connections += 1
+
+            def log_message(self, *args):
+                pass
+
+            def handle_one_request(self):
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline:
+                    self.close_connection = True
+                    return
+                if not self.parse_request():
+                    return
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                req = Request(self.command, self.path,
+                              {k.lower(): v for k, v in self.headers.items()},
+                              body)
+                stub.requests.append(req)
+                resp = stub.handler(req)
+                if resp.hang_up:
+                    self.close_connection = True
+                    return
+                self.send_response(resp.status)
+                headers = {"content-length": str(len(resp.body))}
+                headers.update(resp.headers)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                if resp.truncate is not None:
+                    self.wfile.write(resp.body[:resp.truncate])
+                    self.close_connection = True
+                else:
+                    self.wfile.write(resp.body)
+                self.wfile.flush()
+                if resp.drop:
+                    self.close_connection = True
+
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        # A short poll interval: shutdown() waits for one.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+            daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        port = self.server.server_address[1]
+        return f"http://127.0.0.1:{port}/images/stub"
+
+    def methods(self):
+        return [r.method for r in self.requests]
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub_server():
+    servers = []
+
+    def start(handler):
+        s = StubServer(handler)
+        servers.append(s)
+        return s
+
+    # Tests reach the response type here: this conftest is not importable
+    # by name (test/conftest.py is "conftest").
+    start.Response = Response
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def make_daemon(tmp_path, pki):
+    """Start in-process daemons with a fake clock; stop them at teardown."""
+    started = []
+
+    def make(**overrides):
+        tmp = str(tmp_path / f"daemon{len(started)}")
+        os.makedirs(tmp)
+        testutil.write_conf(tmp, testutil.daemon_conf(tmp, pki, **overrides))
+        cfg = config.load(tmp, vendor_dir=os.path.join(tmp, "vendor"))
+        d = server.Daemon(cfg, clock=clock.FakeClock())
+        d.clock = d.store.clock
+        started.append(d)
+        d.start()
+        if d.control:
+            d.api = testutil.Control(d.control.server.address())
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+        shutil.rmtree(d.cfg.daemon.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def client_daemon(make_daemon):
+    return make_daemon(
+        backend_nbd={"buffer_size": str(MiB)},
+        daemon={"max_connections": "4"})

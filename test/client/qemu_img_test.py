@@ -1,0 +1,48 @@
+"""qemu-img wrappers (client/qemu_img.py)."""
+
+import os
+
+import pytest
+
+from ovirt_imageio.client import qemu_img
+
+MiB = 1024**2
+
+
+def test_create_info_measure(tmp_path):
+    path = str(tmp_path / "disk.qcow2")
+    qemu_img.create(path, "qcow2", size=MiB)
+    info = qemu_img.info(path)
+    assert info["format"] == "qcow2"
+    assert info["virtual-size"] == MiB
+    measure = qemu_img.measure(path, "raw")
+    assert measure["required"] == MiB
+
+
+def test_create_with_backing(tmp_path):
+    base = str(tmp_path / "base.qcow2")
+    qemu_img.create(base, "qcow2", size=MiB)
+    top = str(tmp_path / "top.qcow2")
+    qemu_img.create(top, "qcow2", backing_file="base.qcow2",
+                    backing_format="qcow2")
+    info = qemu_img.info(top)
+    assert info["backing-filename"] == "base.qcow2"
+    assert info["virtual-size"] == MiB
+
+
+def test_colon_in_name(tmp_path, monkeypatch):
+    # Never taken for a protocol.
+    monkeypatch.chdir(tmp_path)
+    qemu_img.create("nbd:disk", "raw", size=MiB)
+    assert os.path.getsize(tmp_path / "nbd:disk") == MiB
+    assert qemu_img.info("nbd:disk")["format"] == "raw"
+
+
+def test_error(tmp_path):
+    path = str(tmp_path / "missing")
+    with pytest.raises(qemu_img.Error) as e:
+        qemu_img.info(path)
+    assert e.value.op == "info"
+    assert e.value.returncode == 1
+    assert str(e.value).startswith(f"qemu-img info {path} failed with exit "
+                                   f"code 1: qemu-img:")
