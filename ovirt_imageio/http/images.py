@@ -16,6 +16,10 @@ status for its range first and never reads zero extents: their bytes come
 from one shared zero buffer. Small requests (one piece) run inline on the
 handler thread, so 4 KiB random reads pay no thread hand-off.
 
+An image may move a whole range itself: the proxy's relay (relay.py) has
+send() and receive(), streaming each client request as one request to the
+daemon; the copy loops are then not used.
+
 Cancellation: every piece reports progress to the ticket operation, which
 raises once the ticket is canceled, so a transfer stops within one piece.
 A canceled ticket closes the NBD connection of links that are idle.
@@ -140,6 +144,8 @@ def link(req, ticket, buffer_size):
         raise errors.ExportError(
             f"Transfer {ticket.transfer_id} has no NBD export")
     image = ticket.resource.open()
+    # A proxy ticket's relay brings its own size ([backend_http]).
+    buffer_size = getattr(ticket.resource, "buffer_size", None) or buffer_size
     lk = Link(ticket, image, buffer_size)
     try:
         ticket.add_context(lk)
@@ -182,7 +188,7 @@ class Handler:
             allow, features = "OPTIONS,GET,PUT,PATCH", FEATURES_RW
         else:
             ticket = self._authorize(ticket_id, "read")
-            self._link(req, ticket)
+            lk = self._link(req, ticket)
             ticket.touch()
             if ticket.may("write"):
                 allow, features = "OPTIONS,GET,PUT,PATCH", FEATURES_RW
@@ -190,8 +196,12 @@ class Handler:
                 allow, features = "OPTIONS,GET", FEATURES_RO
         body["features"] = features
         if ticket_id != "*":
-            body["max_readers"] = self.max_connections
-            body["max_writers"] = self.max_connections
+            # Through the proxy, what the daemon reported: it serves the
+            # connections, not the proxy.
+            body["max_readers"] = getattr(
+                lk.image, "max_readers", self.max_connections)
+            body["max_writers"] = getattr(
+                lk.image, "max_writers", self.max_connections)
         resp.headers["allow"] = allow
         resp.send_json(body)
 
@@ -230,7 +240,11 @@ class Handler:
             resp.write(data)
 
         with ticket.operation(offset) as op, lk as image:
-            if length <= len(lk.buffers()[0]):
+            if hasattr(image, "send"):
+                # The proxy's relay streams the range itself: one request
+                # to the daemon per client request (relay.py).
+                image.send(write, offset, length, op.done, lk.buffers()[0])
+            elif length <= len(lk.buffers()[0]):
                 buf = lk.buffers()[0][:length]
                 image.read_into(buf, offset)
                 write(buf)
@@ -261,9 +275,14 @@ class Handler:
                 "Requested range out of allowed range", ticket.size)
         lk = self._link(req, ticket)
         with ticket.operation(offset) as op, lk as image:
-            receive(lk, image, req, offset, length, op.done)
-            if flush:
-                image.flush()
+            if hasattr(image, "receive"):
+                # The proxy's relay streams the body itself (relay.py).
+                image.receive(body_reader(req, length), offset, length,
+                              op.done, lk.buffers()[0], flush=flush)
+            else:
+                receive(lk, image, req, offset, length, op.done)
+                if flush:
+                    image.flush()
 
     # PATCH
 
@@ -412,6 +431,24 @@ def receive(lk, image, req, offset, length, done):
             done(size)
     finally:
         _drain(pending)
+
+
+def body_reader(req, length):
+    """
+    Return read_into(buf): fill buf from the request body, or raise
+    upstream's 400 if the body ends first.
+    """
+    received = 0
+
+    def read_into(buf):
+        nonlocal received
+        got = read_full(req, buf)
+        received += got
+        if got < len(buf):
+            raise server.Error(
+                400, f"Requested {length} bytes, available {received} bytes")
+
+    return read_into
 
 
 def read_full(req, buf):

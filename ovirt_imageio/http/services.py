@@ -18,6 +18,7 @@ from ..nbd import backend
 from . import checksum
 from . import images
 from . import info
+from . import relay
 from . import router
 from . import server
 from . import tickets as tickets_api
@@ -81,12 +82,13 @@ def data_routes(cfg, store, unix_socket):
 def exporter(cfg):
     """
     Return a function making what serves a new ticket's bytes: for nbd URLs
-    the address of the export, for file URLs our own qemu-nbd.
+    the address of the export, for file URLs our own qemu-nbd, for http and
+    https URLs (the proxy on the engine host) a relay to the daemon.
     """
     def export(ticket):
         scheme = urllib.parse.urlparse(ticket.url).scheme
         if scheme in ("http", "https"):
-            return None
+            return relay_for(cfg, ticket)
         try:
             return backend.create(
                 ticket.url,
@@ -105,3 +107,22 @@ def exporter(cfg):
             raise errors.ExportError(
                 f"Cannot serve transfer {ticket.transfer_id}: {e}")
     return export
+
+
+def relay_for(cfg, ticket):
+    """The relay of a proxy ticket, to the daemon at ticket.url."""
+    u = urllib.parse.urlsplit(ticket.url)
+    try:
+        u.port
+    except ValueError as e:
+        raise errors.InvalidTicket(
+            f"Invalid value for 'url': {ticket.url!r}: {e}")
+    if not u.hostname:
+        raise errors.InvalidTicket(
+            f"Invalid value for 'url': {ticket.url!r}: host is required")
+    # engine-setup writes the CA that signed the hosts' certificates in
+    # [backend_http]; without it the proxy trusts its own CA.
+    cafile = cfg.backend_http.ca_file or cfg.tls.ca_file or None
+    return relay.Relay(
+        ticket.url, cafile=cafile, buffer_size=cfg.backend_http.buffer_size,
+        transfer_id=ticket.transfer_id)
