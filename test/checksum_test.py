@@ -6,7 +6,6 @@ images and real NBD exports.
 
 import collections
 import hashlib
-import os
 import subprocess
 
 import pytest

@@ -8,7 +8,6 @@ Each call is one small JSON message. Messages and statuses are upstream's
 import json
 import logging
 
-from .. import errors
 from . import server
 
 log = logging.getLogger("tickets")

@@ -15,16 +15,10 @@ Fixtures for client tests.
 
 import dataclasses
 import http.server
-import os
-import shutil
 import threading
 
 import pytest
 
-import testutil
-from ovirt_imageio import clock
-from ovirt_imageio import config
-from ovirt_imageio import server
 
 MiB = 1024**2
 
@@ -138,30 +132,6 @@ def stub_server():
     yield start
     for s in servers:
         s.stop()
-
-
-@pytest.fixture
-def make_daemon(tmp_path, pki):
-    """Start in-process daemons with a fake clock; stop them at teardown."""
-    started = []
-
-    def make(**overrides):
-        tmp = str(tmp_path / f"daemon{len(started)}")
-        os.makedirs(tmp)
-        testutil.write_conf(tmp, testutil.daemon_conf(tmp, pki, **overrides))
-        cfg = config.load(tmp, vendor_dir=os.path.join(tmp, "vendor"))
-        d = server.Daemon(cfg, clock=clock.FakeClock())
-        d.clock = d.store.clock
-        started.append(d)
-        d.start()
-        if d.control:
-            d.api = testutil.Control(d.control.server.address())
-        return d
-
-    yield make
-    for d in started:
-        d.stop()
-        shutil.rmtree(d.cfg.daemon.run_dir, ignore_errors=True)
 
 
 @pytest.fixture

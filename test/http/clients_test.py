@@ -6,12 +6,10 @@ its own venv: it shares our import name).
 
 import hashlib
 import json
-import os
 import subprocess
 
 import pytest
 
-import testutil
 import upstream
 
 MiB = 1024**2
