@@ -16,12 +16,16 @@ from . import server
 
 class AlgorithmsHandler:
 
+    name = "algorithms"
+
     def get(self, req, resp, ticket_id):
         # No ticket needed: any id, even an empty one.
         resp.send_json({"algorithms": checksum.ALGORITHMS})
 
 
 class Handler:
+
+    name = "checksum"
 
     def __init__(self, images_handler):
         self.images = images_handler
@@ -31,7 +35,7 @@ class Handler:
         algorithm, block_size = checksum.validate(
             req.query.get("algorithm"), req.query.get("block_size"))
         try:
-            ticket = self.images._authorize(ticket_id, "read")
+            ticket = self.images._authorize(req, ticket_id, "read")
         except errors.AuthorizationError as e:
             # Unlike the other data requests, upstream keeps the
             # connection open here.

@@ -163,6 +163,8 @@ def link(req, ticket, buffer_size):
 class Handler:
     """/images/{ticket_id}"""
 
+    name = "images"
+
     def __init__(self, cfg, store, unix_socket=None):
         self.cfg = cfg
         self.store = store
@@ -170,8 +172,11 @@ class Handler:
         self.buffer_size = cfg.backend_nbd.buffer_size
         self.max_connections = cfg.daemon.max_connections
 
-    def _authorize(self, ticket_id, op):
-        return self.store.authorize(ticket_id, op)
+    def _authorize(self, req, ticket_id, op):
+        ticket = self.store.authorize(ticket_id, op)
+        # For the request's log line: the transfer id, never the ticket id.
+        req.transfer_id = ticket.transfer_id
+        return ticket
 
     def _link(self, req, ticket):
         return link(req, ticket, self.buffer_size)
@@ -187,7 +192,7 @@ class Handler:
         if ticket_id == "*":
             allow, features = "OPTIONS,GET,PUT,PATCH", FEATURES_RW
         else:
-            ticket = self._authorize(ticket_id, "read")
+            ticket = self._authorize(req, ticket_id, "read")
             lk = self._link(req, ticket)
             ticket.touch()
             if ticket.may("write"):
@@ -213,10 +218,11 @@ class Handler:
         rng = ranges.parse_range(req.headers.get("range"))
         if req.query.get("close") == "y":
             resp.close_connection = True
-        ticket = self._authorize(ticket_id, "read")
+        ticket = self._authorize(req, ticket_id, "read")
         lk = self._link(req, ticket)
         offset, length, content_range = ranges.resolve(
             rng, ticket.size, lk.image.size)
+        req.range = (offset, length)
         resp.status = 206 if content_range else 200
         resp.headers["content-type"] = "application/octet-stream"
         resp.headers["accept-ranges"] = "bytes"
@@ -269,7 +275,8 @@ class Handler:
         if header is not None:
             offset = ranges.parse_content_range(header)
         flush = choice(req.query, "flush", ["n", "y"], "y") == "y"
-        ticket = self._authorize(ticket_id, "write")
+        ticket = self._authorize(req, ticket_id, "write")
+        req.range = (offset, length)
         if offset + length > ticket.size:
             raise errors.OutOfRange(
                 "Requested range out of allowed range", ticket.size)
@@ -300,7 +307,8 @@ class Handler:
             size = integer(msg, "size")
             offset = integer(msg, "offset", 0)
             flush = boolean(msg, "flush", False)
-            ticket = self._authorize(ticket_id, "write")
+            ticket = self._authorize(req, ticket_id, "write")
+            req.range = (offset, size)
             if offset + size > ticket.size:
                 raise errors.OutOfRange(
                     "Requested range out of allowed range", ticket.size)
@@ -315,7 +323,7 @@ class Handler:
                 if flush:
                     image.flush()
         else:
-            ticket = self._authorize(ticket_id, "write")
+            ticket = self._authorize(req, ticket_id, "write")
             lk = self._link(req, ticket)
             with ticket.operation(0), lk as image:
                 image.flush()
@@ -324,12 +332,14 @@ class Handler:
 class ExtentsHandler:
     """/images/{ticket_id}/extents?context=zero|dirty"""
 
+    name = "extents"
+
     def __init__(self, images):
         self.images = images
 
     def get(self, req, resp, ticket_id):
         require_id(ticket_id)
-        ticket = self.images._authorize(ticket_id, "read")
+        ticket = self.images._authorize(req, ticket_id, "read")
         context = choice(req.query, "context", ["dirty", "zero"], "zero")
         if context == "dirty" and not ticket.dirty:
             raise server.Error(404, "Ticket does not support dirty extents")

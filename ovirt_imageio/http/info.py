@@ -6,6 +6,8 @@ from . import cors
 
 class Handler:
 
+    name = "info"
+
     def get(self, req, resp):
         cors.allow(req, resp, "GET")
         resp.send_json({"version": version.string})

@@ -9,6 +9,7 @@ taking (req, resp, *groups).
 
 import logging
 import re
+import time
 
 from .. import checksum
 from .. import errors
@@ -36,10 +37,13 @@ class Router:
                        for pattern, handler in routes]
 
     def dispatch(self, req, resp):
+        start = time.monotonic()
         try:
             self._dispatch(req, resp)
         except Exception as e:
             self._fail(req, resp, e)
+        finally:
+            log_request(req, resp, time.monotonic() - start)
 
     def _dispatch(self, req, resp):
         if req.framing_error:
@@ -49,6 +53,7 @@ class Router:
         for regex, handler in self.routes:
             match = regex.match(req.path)
             if match:
+                req.route = getattr(handler, "name", type(handler).__name__)
                 break
         else:
             raise server.Error(404, f"No handler for {req.path!r}")
@@ -99,3 +104,18 @@ def classify(e):
     return (500, "Server failed to perform the request, check logs", {},
             False)
 
+
+def log_request(req, resp, seconds):
+    """
+    One line per request: what, for whom, which range, how it ended, how
+    long it took. The path is not logged: it holds the ticket id.
+    """
+    if req.range is not None:
+        offset, length = req.range
+        rng = f"{offset}+{length}"
+    else:
+        rng = "-"
+    log.info("%s %s client=%s connection=%s transfer=%s range=%s status=%s "
+             "seconds=%.6f", req.method, req.route or "-", req.context.client,
+             req.context.id, req.transfer_id or "-", rng, resp.status,
+             seconds)

@@ -112,6 +112,10 @@ class Request:
         self.framing_error = None
         self._length = None
         self._remaining = 0
+        # Set by handlers for the request's log line.
+        self.transfer_id = None
+        self.range = None
+        self.route = None
         value = self.headers.get("content-length")
         if "transfer-encoding" in self.headers:
             # Bodies are framed by Content-Length only, as upstream.
@@ -266,7 +270,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                self.request)
         self._start = time.monotonic()
         self._requests = 0
-        log.debug("OPEN connection=%s client=%s service=%s",
+        log.info("OPEN connection=%s client=%s service=%s",
                   self.context.id, self.context.client, self.server.name)
 
     def handle(self):
@@ -287,7 +291,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.context.close()
         if self.server.tls_context is not None:
             self.request.close()
-        log.debug("CLOSE connection=%s requests=%s seconds=%.3f",
+        log.info("CLOSE connection=%s requests=%s seconds=%.3f",
                   self.context.id, self._requests,
                   time.monotonic() - self._start)
 

@@ -15,6 +15,8 @@ log = logging.getLogger("tickets")
 
 class Handler:
 
+    name = "tickets"
+
     def __init__(self, store, export=None):
         """
         store: the tickets.Store.
@@ -29,6 +31,7 @@ class Handler:
         ticket = self.store.lookup(ticket_id)
         if ticket is None:
             raise server.Error(404, f"No such ticket {ticket_id!r}")
+        req.transfer_id = ticket.transfer_id
         resp.send_json(ticket.info())
 
     def put(self, req, resp, ticket_id):
@@ -37,6 +40,7 @@ class Handler:
         # The ticket is stored under its uuid; the path id is ignored, as
         # upstream does.
         ticket = self.store.create(info)
+        req.transfer_id = ticket.transfer_id
         if self.export is not None:
             ticket.resource = self.export(ticket)
         self.store.add(ticket)
@@ -56,11 +60,15 @@ class Handler:
         ticket = self.store.lookup(ticket_id)
         if ticket is None:
             raise server.Error(404, f"No such ticket: {ticket_id}")
+        req.transfer_id = ticket.transfer_id
         log.info("Extending transfer=%s timeout=%s", ticket.transfer_id, timeout)
         ticket.extend(timeout)
 
     def delete(self, req, resp, ticket_id):
         if ticket_id:
+            ticket = self.store.lookup(ticket_id)
+            if ticket is not None:
+                req.transfer_id = ticket.transfer_id
             self.store.remove(ticket_id)
         else:
             log.info("Removing all tickets")
@@ -86,6 +94,8 @@ def _read_json(req, what):
 
 class ProfileHandler:
     """/profile/: upstream's profiler control; we ship no profiler."""
+
+    name = "profile"
 
     def get(self, req, resp):
         raise server.Error(404, "yappi is not installed")

@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import re
 import socket
 import threading
 
@@ -758,6 +759,13 @@ def test_ticket_id_not_logged(daemon, client, export, caplog):
     c.close()
     assert "tid-secret" not in caplog.text
     assert "tid-unknown" not in caplog.text
+    # One line per request: method, route, client, transfer, range, status.
+    assert re.search(r"GET images client=local connection=\d+ transfer=tr-1 "
+                     r"range=0\+10 status=206 seconds=[0-9.]+", caplog.text)
+    assert re.search(r"GET images client=local connection=\d+ transfer=- "
+                     r"range=- status=403 ", caplog.text)
+    assert re.search(r"OPEN connection=\d+ client=local service=local",
+                     caplog.text)
 
 
 def test_unix_socket_abstract_reported(make_daemon, export):
