@@ -31,6 +31,7 @@ import ctypes
 import functools
 import logging
 import os
+import select
 import queue
 import signal
 import subprocess
@@ -302,7 +303,7 @@ def _terminate(proc, timeout):
     if proc.poll() is None:
         try:
             proc.terminate()
-            proc.wait(timeout)
+            _wait(proc, timeout)
         except subprocess.TimeoutExpired:
             log.warning("qemu-nbd pid=%s did not terminate in %s seconds, "
                         "killing it", proc.pid, timeout)
@@ -310,6 +311,26 @@ def _terminate(proc, timeout):
             proc.wait()
         except ProcessLookupError:
             proc.wait()
+
+
+def _wait(proc, timeout):
+    """
+    Wait for proc to exit. Popen.wait(timeout) polls with sleeps growing to
+    50 ms, which was two thirds of a sparse download's time; a pidfd wakes
+    us when the process exits.
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        proc.wait(timeout)
+        return
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if not ready:
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+    proc.wait()
 
 
 def _remove(path):
