@@ -757,13 +757,15 @@ def test_ticket_id_not_logged(daemon, client, export, caplog):
     c = Client(daemon)
     c.request("GET", "/images/tid-unknown")
     c.close()
-    assert "tid-secret" not in caplog.text
-    assert "tid-unknown" not in caplog.text
     # One line per request: method, route, client, transfer, range, status.
+    # The server logs it after sending the response: wait for it.
+    testutil.wait_for(lambda: re.search(
+        r"GET images client=local connection=\d+ transfer=- range=- "
+        r"status=403 ", caplog.text), message="request logged")
     assert re.search(r"GET images client=local connection=\d+ transfer=tr-1 "
                      r"range=0\+10 status=206 seconds=[0-9.]+", caplog.text)
-    assert re.search(r"GET images client=local connection=\d+ transfer=- "
-                     r"range=- status=403 ", caplog.text)
+    assert "tid-secret" not in caplog.text
+    assert "tid-unknown" not in caplog.text
     assert re.search(r"OPEN connection=\d+ client=local service=local",
                      caplog.text)
 
