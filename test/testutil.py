@@ -1,6 +1,5 @@
 """Helpers shared by tests: configuration, PKI, control API clients."""
 
-import http.client
 import json
 import os
 import shutil
@@ -8,6 +7,8 @@ import socket
 import subprocess
 import tempfile
 import time
+
+from ovirt_imageio import admin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,16 +61,8 @@ def daemon_conf(tmp, pki, **overrides):
     return sections
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-
-    def __init__(self, path, timeout=30):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+# The admin tool's unix-socket HTTP connection serves the tests too.
+UnixHTTPConnection = admin.UnixHTTPConnection
 
 
 class Control:

@@ -111,7 +111,8 @@ def open(filename, fmt, *, read_only=True, shared=8, offset=None,
             path_fmt = "qcow2"
             # The backing file inherits the overlay's cache mode: direct
             # I/O only if both file systems support it.
-            cache = ("none" if _direct_io(filename) and _direct_io(path)
+            cache = ("none" if qemu_nbd.supports_direct_io(filename)
+                     and qemu_nbd.supports_direct_io(path)
                      else "writeback")
         # aio=threads: this export lives for one transfer, and qemu-nbd
         # takes ~40 ms to exit with native AIO (2 ms with threads); that
@@ -162,12 +163,3 @@ def _file_node(filename):
         block = False
     return {"driver": "host_device" if block else "file",
             "filename": filename}
-
-
-def _direct_io(path):
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True

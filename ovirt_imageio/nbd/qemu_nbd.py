@@ -158,7 +158,7 @@ def start(path, socket, *, fmt="raw", read_only=False, shared=8, cache=None,
         "--persistent",
     ]
     if cache is None:
-        if _supports_direct_io(path):
+        if supports_direct_io(path):
             cmd += ["--cache=none", f"--aio={aio}"]
         else:
             cmd.append("--cache=writeback")
@@ -233,7 +233,7 @@ def running():
 # Private
 
 
-def _supports_direct_io(path):
+def supports_direct_io(path):
     # O_DIRECT is a property of the file system (tmpfs refuses it with
     # EINVAL). A file we cannot open at all is left for qemu-nbd to report.
     try:

@@ -124,7 +124,7 @@ def test_command_line_options(make_image, qemu_nbd):
 def test_cache_without_direct_io(make_image, sock_dir, monkeypatch):
     # Linux >= 6.6 tmpfs supports O_DIRECT, so there is no file system at
     # hand that refuses it; pretend the probe failed.
-    monkeypatch.setattr(qemu_nbd, "_supports_direct_io", lambda path: False)
+    monkeypatch.setattr(qemu_nbd, "supports_direct_io", lambda path: False)
     sock = os.path.join(sock_dir, "sock")
     with qemu_nbd.start(make_image(size=M), sock) as server:
         args = cmdline(server.pid)
@@ -138,8 +138,8 @@ def test_cache_without_direct_io(make_image, sock_dir, monkeypatch):
 
 def test_supports_direct_io(make_image, tmp_path):
     # tmp_path is on a disk file system here (ext4, xfs).
-    assert qemu_nbd._supports_direct_io(make_image(size=M))
-    assert not qemu_nbd._supports_direct_io(str(tmp_path / "missing"))
+    assert qemu_nbd.supports_direct_io(make_image(size=M))
+    assert not qemu_nbd.supports_direct_io(str(tmp_path / "missing"))
 
 
 def test_format_is_never_probed(make_image, qemu_nbd):
