@@ -770,6 +770,24 @@ def test_ticket_id_not_logged(daemon, client, export, caplog):
                      caplog.text)
 
 
+def test_request_log_levels(daemon, client, export, caplog):
+    import logging
+    caplog.set_level(logging.INFO)
+    add_ticket(daemon, url(export))
+    client.request("GET", "/images/tid-secret", headers={"range": "bytes=0-9"})
+    client.request("GET", "/images/tid-secret",
+                   headers={"range": f"bytes=0-{2 * MiB - 1}"})
+    client.request("GET", "/images/tid-secret",
+                   headers={"range": "bytes=9-0"})
+    # A transfer-sized request and a failure log at INFO; a small fast
+    # read only at DEBUG.
+    testutil.wait_for(lambda: "status=416" in caplog.text,
+                      message="416 logged")
+    assert re.search(r"GET images .* range=0\+2097152 status=206",
+                     caplog.text)
+    assert "range=0+10 " not in caplog.text
+
+
 def test_unix_socket_abstract_reported(make_daemon, export):
     daemon = make_daemon(local={"socket": ""})
     add_ticket(daemon, url(export))
