@@ -82,6 +82,8 @@ class PeerError(Error):
     an HTTP error. The proxy passes status and message on unchanged.
     """
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status = status
+        # Headers that belong with the status, e.g. 416's Content-Range.
+        self.headers = headers or {}

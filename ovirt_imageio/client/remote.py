@@ -715,7 +715,12 @@ class RemoteImage:
         return lines[0].rstrip() if lines else resp.reason
 
     def _raise_peer_error(self, resp):
-        raise errors.PeerError(resp.status, self._error_message(resp))
+        headers = {}
+        content_range = resp.getheader("content-range")
+        if content_range is not None:
+            headers["content-range"] = content_range
+        raise errors.PeerError(resp.status, self._error_message(resp),
+                               headers)
 
 
 class _UnixConnection(http.client.HTTPConnection):

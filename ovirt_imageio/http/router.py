@@ -94,7 +94,7 @@ def classify(e):
         return e.status, e.message, e.headers, False
     if isinstance(e, errors.PeerError):
         # The daemon's answer, passed on as it is (API.md section 5).
-        return e.status, str(e), {}, False
+        return e.status, str(e), dict(e.headers), False
     for kind, status, close in STATUS:
         if isinstance(e, kind):
             headers = {}

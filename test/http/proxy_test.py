@@ -447,9 +447,12 @@ def test_upload_out_of_daemon_range(daemon, proxy, pair, target):
         headers={"Content-Range": f"bytes {SIZE}-{SIZE + 4095}/*"})
     assert resp.status == 416
     assert body == b"Requested range out of allowed range\n"
+    # The daemon's Content-Range comes along with its status.
+    assert resp.getheader("content-range") == f"bytes */{SIZE}"
     resp, body = via_proxy.request(
         "PATCH", body={"op": "zero", "offset": SIZE, "size": 4096})
     assert resp.status == 416
+    assert resp.getheader("content-range") == f"bytes */{SIZE}"
     # The connection still works.
     resp, body = via_proxy.request("PATCH", body={"op": "flush"})
     assert resp.status == 200
