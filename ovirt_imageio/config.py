@@ -93,9 +93,9 @@ DEFAULTS = {
         # the daemons it talks to; empty uses [tls] ca_file. Needed only when
         # the two CAs differ.
         "ca_file": "",
-        # Bytes per request to the daemon, and per connection in memory.
-        # Copied from backend_file; also the granularity of "transferred"
-        # progress through the proxy.
+        # Memory per client connection through the proxy; half of it is
+        # the piece streamed at a time (each client request is one request
+        # to the daemon), and the granularity of "transferred" progress.
         "buffer_size": 8 * MiB,
     },
     "backend_nbd": {
