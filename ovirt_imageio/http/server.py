@@ -18,6 +18,7 @@ TCP client that never speaks TLS stalls every new connection.
 """
 
 import http.server
+import io
 import itertools
 import json
 import logging
@@ -31,6 +32,7 @@ import time
 import urllib.parse
 
 from .. import version
+from . import tls
 
 log = logging.getLogger("http")
 
@@ -251,27 +253,41 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.context = None
         self.request.settimeout(PREAUTH_TIMEOUT)
-        tls = self.server.tls_context
-        if tls is not None:
-            try:
-                self.request = tls.wrap_socket(self.request, server_side=True)
-            except (OSError, ssl.SSLError) as e:
-                log.debug("TLS handshake with %s failed: %s",
-                          self.client_address, e)
-                self.request.close()
-                self.request = None
-                return
         # TCP_NODELAY: a response's last segment must not wait for the
         # client's delayed ACK (40 ms per small request otherwise).
         self.disable_nagle_algorithm = (
             self.server.address_family != socket.AF_UNIX)
-        super().setup()
+        if self.server.tls_context is None:
+            super().setup()
+        elif not self._setup_tls():
+            return
         self.context = Context(next(_conn_ids), self.address_string(),
                                self.request)
         self._start = time.monotonic()
         self._requests = 0
         log.info("OPEN connection=%s client=%s service=%s",
                   self.context.id, self.context.client, self.server.name)
+
+    def _setup_tls(self):
+        """
+        Handshake in this connection's thread, then read and write through
+        tls.Connection (batched socket I/O). Return False if the client
+        never completed the handshake.
+        """
+        self.connection = self.request
+        conn = tls.Connection(self.request, self.server.tls_context)
+        try:
+            conn.handshake()
+        except (OSError, ssl.SSLError) as e:
+            log.debug("TLS handshake with %s failed: %s",
+                      self.client_address, e)
+            return False
+        if self.disable_nagle_algorithm:
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                    True)
+        self.rfile = io.BufferedReader(tls.Reader(conn))
+        self.wfile = tls.Writer(conn)
+        return True
 
     def handle(self):
         if self.context is None:
@@ -289,8 +305,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.context.close()
-        if self.server.tls_context is not None:
-            self.request.close()
         log.info("CLOSE connection=%s requests=%s seconds=%.3f",
                   self.context.id, self._requests,
                   time.monotonic() - self._start)

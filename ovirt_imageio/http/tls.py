@@ -1,0 +1,112 @@
+"""
+TLS for one server connection, through memory BIOs.
+
+ssl.SSLSocket lets OpenSSL do the socket I/O, one TLS record (at most 16
+KiB) at a time: a send() per record, and two read()s per record (header,
+then body; Python does not enable read-ahead). Over a whole image that is
+hundreds of thousands of system calls, each also pushing a segment through
+TCP. Here OpenSSL encrypts into and decrypts from memory, and we move
+bytes to and from the socket in batches of up to BATCH bytes: one send per
+batch of records, one recv for many records. The price is one memory copy
+of the ciphertext; a copy is cheaper than the system calls it saves.
+
+The socket stays a plain socket: timeouts, TCP_NODELAY and shutdown apply
+to it as to any other connection.
+"""
+
+import io
+import ssl
+
+# Bytes of ciphertext moved per send or recv. Large enough to amortize the
+# system call and TCP overhead; small enough to stay in cache.
+BATCH = 256 * 1024
+
+
+class Connection:
+
+    def __init__(self, sock, context):
+        self.sock = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_side=True)
+        self._eof = False
+
+    def handshake(self):
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    raise ConnectionResetError(
+                        "Client closed the connection during the TLS "
+                        "handshake")
+        # Session tickets and the end of the handshake.
+        self._flush()
+
+    def version(self):
+        return self._tls.version()
+
+    def recv_into(self, buf):
+        """Read decrypted bytes into buf; 0 at the end of the stream."""
+        while True:
+            try:
+                return self._tls.read(len(buf), buf)
+            except ssl.SSLWantReadError:
+                # OpenSSL may have something to say first (key updates).
+                self._flush()
+                if not self._fill():
+                    return 0
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # Closed, with or without close_notify: end of stream.
+                return 0
+
+    def sendall(self, data):
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), BATCH):
+            self._tls.write(view[start:start + BATCH])
+            self._flush()
+
+    def _flush(self):
+        if self._out.pending:
+            self.sock.sendall(self._out.read())
+
+    def _fill(self):
+        """Read ciphertext from the socket; False at end of stream."""
+        if self._eof:
+            return False
+        data = self.sock.recv(BATCH)
+        if not data:
+            self._eof = True
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
+
+
+class Reader(io.RawIOBase):
+    """The connection's decrypted input, for io.BufferedReader."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        return self._conn.recv_into(buf)
+
+
+class Writer(io.RawIOBase):
+    """The connection's output: each write is sent whole before returning."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self._conn.sendall(data)
+        return memoryview(data).nbytes

@@ -1,0 +1,128 @@
+"""tls.Connection: TLS through memory BIOs with batched socket I/O, against
+the stdlib's ssl client."""
+
+import hashlib
+import io
+import os
+import socket
+import ssl
+import threading
+
+import pytest
+
+from ovirt_imageio.http import server
+from ovirt_imageio.http import tls
+
+
+@pytest.fixture
+def contexts(pki):
+    srv = server.tls_context(pki["cert_file"], pki["key_file"])
+    cli = ssl.create_default_context(cafile=pki["ca_file"])
+    return srv, cli
+
+
+def pair(contexts):
+    """A connected (server tls.Connection, client SSLSocket)."""
+    srv_ctx, cli_ctx = contexts
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.settimeout(10)
+    result = {}
+
+    def client():
+        result["client"] = cli_ctx.wrap_socket(b, server_hostname="localhost")
+
+    t = threading.Thread(target=client)
+    t.start()
+    conn = tls.Connection(a, srv_ctx)
+    conn.handshake()
+    t.join(10)
+    return conn, result["client"]
+
+
+def test_large_transfer_both_ways(contexts):
+    conn, client = pair(contexts)
+    data = os.urandom(3 * tls.BATCH + 12345)
+    received = []
+
+    def receive():
+        buf = bytearray()
+        while len(buf) < len(data):
+            buf += client.recv(65536)
+        received.append(bytes(buf))
+        client.sendall(data[::-1])
+
+    t = threading.Thread(target=receive)
+    t.start()
+    conn.sendall(memoryview(data))
+    reader = io.BufferedReader(tls.Reader(conn))
+    back = bytearray(len(data))
+    view = memoryview(back)
+    got = 0
+    while got < len(back):
+        n = reader.readinto(view[got:])
+        assert n
+        got += n
+    t.join(10)
+    assert received == [data]
+    assert hashlib.sha256(back).digest() == hashlib.sha256(data[::-1]).digest()
+    assert conn.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_readline_then_body(contexts):
+    conn, client = pair(contexts)
+    client.sendall(b"GET / HTTP/1.1\r\n\r\nBODY")
+    reader = io.BufferedReader(tls.Reader(conn))
+    assert reader.readline() == b"GET / HTTP/1.1\r\n"
+    assert reader.readline() == b"\r\n"
+    assert reader.read(4) == b"BODY"
+
+
+@pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "eof"])
+def test_end_of_stream(contexts, clean):
+    conn, client = pair(contexts)
+    client.sendall(b"last")
+    closer = None
+    if clean:
+        # unwrap() sends close_notify, then waits for ours, which never
+        # comes: run it aside.
+        client.settimeout(2)
+        closer = threading.Thread(target=lambda: _quietly(client.unwrap))
+        closer.start()
+    else:
+        # FIN without close_notify (a truncation, as many clients do).
+        client.shutdown(socket.SHUT_WR)
+    buf = bytearray(100)
+    assert conn.recv_into(buf) == 4
+    assert conn.recv_into(buf) == 0
+    assert conn.recv_into(buf) == 0
+    if closer:
+        closer.join(10)
+
+
+def _quietly(fn):
+    try:
+        fn()
+    except (OSError, ssl.SSLError):
+        pass
+
+
+def test_client_leaves_during_handshake(contexts):
+    srv_ctx, _ = contexts
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+    b.close()
+    conn = tls.Connection(a, srv_ctx)
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        conn.handshake()
+
+
+def test_plain_http_is_refused(contexts):
+    srv_ctx, _ = contexts
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    b.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    conn = tls.Connection(a, srv_ctx)
+    with pytest.raises(ssl.SSLError):
+        conn.handshake()
