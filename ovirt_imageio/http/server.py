@@ -31,8 +31,8 @@ import threading
 import time
 import urllib.parse
 
+from .. import tls
 from .. import version
-from . import tls
 
 log = logging.getLogger("http")
 

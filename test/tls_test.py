@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
+from ovirt_imageio import tls
 from ovirt_imageio.http import server
-from ovirt_imageio.http import tls
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """
-TLS for one server connection, through memory BIOs.
+TLS for one connection, through memory BIOs: the daemon's connections
+(server side) and the client library's and proxy's connections to a
+daemon (client side).
 
 ssl.SSLSocket lets OpenSSL do the socket I/O, one TLS record (at most 16
 KiB) at a time: a send() per record, and two read()s per record (header,
@@ -24,11 +26,17 @@ BATCH = 256 * 1024
 
 class Connection:
 
-    def __init__(self, sock, context):
+    def __init__(self, sock, context, server_hostname=None):
+        """
+        Server side unless server_hostname is given; a client verifies the
+        server's certificate against it (as the context says).
+        """
         self.sock = sock
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._in, self._out, server_side=True)
+        self._tls = context.wrap_bio(
+            self._in, self._out, server_side=server_hostname is None,
+            server_hostname=server_hostname)
         self._eof = False
 
     def handshake(self):
@@ -40,7 +48,7 @@ class Connection:
                 self._flush()
                 if not self._fill():
                     raise ConnectionResetError(
-                        "Client closed the connection during the TLS "
+                        "Peer closed the connection during the TLS "
                         "handshake")
         # Session tickets and the end of the handshake.
         self._flush()
@@ -110,3 +118,30 @@ class Writer(io.RawIOBase):
     def write(self, data):
         self._conn.sendall(data)
         return memoryview(data).nbytes
+
+
+class Socket:
+    """
+    A connected TLS client socket with batched I/O, offering what
+    http.client uses of a socket (sendall, makefile("rb")); everything
+    else (timeouts, addresses, fileno, close) is the plain socket's.
+    """
+
+    def __init__(self, sock, context, server_hostname):
+        self._sock = sock
+        self._conn = Connection(sock, context, server_hostname)
+        self._conn.handshake()
+
+    def sendall(self, data):
+        self._conn.sendall(data)
+
+    def makefile(self, mode="rb", *args, **kwargs):
+        if mode != "rb":
+            raise ValueError(f"Unsupported mode {mode!r}")
+        return io.BufferedReader(Reader(self._conn))
+
+    def version(self):
+        return self._conn.version()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
