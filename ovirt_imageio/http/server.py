@@ -400,7 +400,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class _Server(socketserver.ThreadingMixIn):
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 40
+    # Connections waiting for accept(). Upstream's 40 refuses the 41st of
+    # a burst (seen: 50 clients connecting at once to the local socket);
+    # the kernel caps this at net.core.somaxconn.
+    request_queue_size = socket.SOMAXCONN
 
     def handle_error(self, request, client_address):
         log.exception("Unhandled error in connection from %s", client_address)

@@ -233,3 +233,8 @@ def test_relay_close_is_noop(tmp_path):
     r = relay.Relay("https://localhost:1/images/x")
     r.close()
     r.close()
+    # It owns no connection: open() still makes a new one (and fails here,
+    # nothing listens on port 1) instead of using a closed one.
+    with pytest.raises(Exception) as e:
+        r.open()
+    assert not isinstance(e.value, (AttributeError, TypeError))

@@ -228,3 +228,4 @@ def test_close_twice_without_server(run_dir):
                        read_only=False, shared=1)
     b.close()
     b.close()
+    assert b.server is None
