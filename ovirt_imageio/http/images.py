@@ -178,6 +178,15 @@ class Handler:
         req.transfer_id = ticket.transfer_id
         return ticket
 
+    def _authorize_write(self, req, ticket_id, offset, length):
+        """Authorize writing length bytes at offset (PUT, PATCH zero)."""
+        ticket = self._authorize(req, ticket_id, "write")
+        req.range = (offset, length)
+        if offset + length > ticket.size:
+            raise errors.OutOfRange(
+                "Requested range out of allowed range", ticket.size)
+        return ticket
+
     def _link(self, req, ticket):
         return link(req, ticket, self.buffer_size)
 
@@ -275,11 +284,7 @@ class Handler:
         if header is not None:
             offset = ranges.parse_content_range(header)
         flush = choice(req.query, "flush", ["n", "y"], "y") == "y"
-        ticket = self._authorize(req, ticket_id, "write")
-        req.range = (offset, length)
-        if offset + length > ticket.size:
-            raise errors.OutOfRange(
-                "Requested range out of allowed range", ticket.size)
+        ticket = self._authorize_write(req, ticket_id, offset, length)
         lk = self._link(req, ticket)
         with ticket.operation(offset) as op, lk as image:
             if hasattr(image, "receive"):
@@ -307,11 +312,7 @@ class Handler:
             size = integer(msg, "size")
             offset = integer(msg, "offset", 0)
             flush = boolean(msg, "flush", False)
-            ticket = self._authorize(req, ticket_id, "write")
-            req.range = (offset, size)
-            if offset + size > ticket.size:
-                raise errors.OutOfRange(
-                    "Requested range out of allowed range", ticket.size)
+            ticket = self._authorize_write(req, ticket_id, offset, size)
             lk = self._link(req, ticket)
             with ticket.operation(offset) as operation, lk as image:
                 end = offset + size
