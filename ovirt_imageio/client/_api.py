@@ -156,8 +156,9 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
         qemu_img.create(filename, fmt, size=size, backing_file=backing_file,
                         backing_format=backing_format)
         try:
-            with local.open(filename, fmt, read_only=False,
-                            shared=workers + 1) as dst:
+            # qemu-nbd starts only if something is written or verified.
+            with local.open_lazily(filename, fmt, read_only=False,
+                                   shared=workers + 1) as dst:
                 transfer.download(
                     src, dst,
                     dirty=incremental,

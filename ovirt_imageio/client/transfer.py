@@ -248,7 +248,8 @@ def download(src, export, *, dirty=False, zero=False,
     Copy src (a RemoteImage) to the local export, a new empty image, with
     up to max_workers connections. dirty: copy only dirty extents. zero:
     zero the zero extents that are not holes (a new image with a backing
-    file).
+    file). export.connect() is called only if there is something to copy
+    or zero.
     """
     if dirty:
         requests = plan_dirty(src.extents("dirty"))
@@ -256,7 +257,12 @@ def download(src, export, *, dirty=False, zero=False,
         requests = plan_zero(src.extents("zero"), zero=zero, hole=False)
     if progress is not None:
         progress.size = src.size
-    primary = export.connect()
+    # Nothing to write (an empty or all zero image): the new image already
+    # reads right, and export.connect() is never called, so a lazily
+    # opened export never starts its qemu-nbd (local.open_lazily()).
+    primary = None
+    if any(r.op != SKIP for r in requests):
+        primary = export.connect()
     try:
         def open_worker(index):
             if index == 0:
@@ -276,7 +282,8 @@ def download(src, export, *, dirty=False, zero=False,
             zero=lambda w, req: w.dst.zero(req.length, req.start,
                                            punch_hole=True))
     finally:
-        primary.close()
+        if primary is not None:
+            primary.close()
 
 
 def verify(local, remote, name):

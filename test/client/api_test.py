@@ -18,7 +18,7 @@ import pytest
 
 from ovirt_imageio import client
 from ovirt_imageio import errors
-from ovirt_imageio.nbd import qemu_nbd
+from ovirt_imageio.nbd import qemu_nbd as qemu_nbd_module
 
 MiB = 1024**2
 GiB = 1024**3
@@ -437,6 +437,50 @@ def test_download_verify_mismatch_keeps_file(daemon, pki, qemu_nbd,
     assert os.path.exists(out)
 
 
+# Empty images: nothing to write, so no local qemu-nbd.
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_download_empty_starts_no_qemu_nbd(daemon, pki, qemu_nbd,
+                                           make_image, tmp_path, monkeypatch,
+                                           fmt):
+    src = make_image(name="src", fmt="qcow2", size=TiB)
+    srv = qemu_nbd(src, fmt="qcow2", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"], size=TiB)
+    data = make_image(name="data", size=SIZE, commands=["write 0 4k"])
+    srv = qemu_nbd(data, fmt="raw", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"], uuid="data")
+    # The daemon's exports run already; a local one could not start.
+    monkeypatch.setattr(qemu_nbd_module, "QEMU_NBD", "/nonexistent/qemu-nbd")
+    out = str(tmp_path / f"out.{fmt}")
+    progress = Progress()
+    client.download(https_url(daemon), out, pki["ca_file"], fmt=fmt,
+                    progress=progress)
+    info = client.info(out)
+    assert (info["format"], info["virtual-size"]) == (fmt, TiB)
+    assert os.stat(out).st_blocks * 512 <= MiB
+    assert progress.size == progress.done == TiB
+    # A download with something to write does need it.
+    with pytest.raises(errors.ExportError):
+        client.download(https_url(daemon, "data"), out, pki["ca_file"],
+                        fmt=fmt)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_download_empty_verify(daemon, pki, qemu_nbd, make_image, tmp_path,
+                               fmt):
+    # Verification reads the new image: its qemu-nbd starts then.
+    src = make_image(name="src", fmt="qcow2", size=SIZE)
+    srv = qemu_nbd(src, fmt="qcow2", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    out = str(tmp_path / f"out.{fmt}")
+    running = len(qemu_nbd_running())
+    client.download(https_url(daemon), out, pki["ca_file"], fmt=fmt,
+                    verify=True)
+    compare(src, out, "qcow2", fmt)
+    assert len(qemu_nbd_running()) == running
+
+
 # Sparse images: nothing but data on the wire.
 
 def test_sparse_1tib(daemon, pki, make_image, qemu_nbd, tmp_path):
@@ -576,7 +620,7 @@ def test_keyboard_interrupt(daemon, pki, nbdkit, make_image, tmp_path):
 
 
 def qemu_nbd_running():
-    return qemu_nbd.running()
+    return qemu_nbd_module.running()
 
 
 def worker_threads():

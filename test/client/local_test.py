@@ -44,6 +44,34 @@ def test_open_writable(make_image):
         assert read(export, 100, 5) == b"hello"
 
 
+def test_open_lazily(make_image):
+    path = make_image(size=MiB, commands=["write -P 0x61 0 4k"])
+    running = len(qemu_nbd.running())
+    with local.open_lazily(path, "raw", shared=2) as export:
+        assert not export.started
+        assert len(qemu_nbd.running()) == running
+        assert read(export, 0, 4) == b"aaaa"
+        assert export.started
+        assert len(qemu_nbd.running()) == running + 1
+        # One qemu-nbd serves every connection.
+        assert read(export, 1, 3) == b"aaa"
+        assert len(qemu_nbd.running()) == running + 1
+    assert len(qemu_nbd.running()) == running
+    with pytest.raises(ValueError):
+        export.connect()
+    export.close()
+
+
+def test_open_lazily_never_connected(tmp_path):
+    # Nothing is checked or started before connect(): not even that the
+    # file exists.
+    running = len(qemu_nbd.running())
+    with local.open_lazily(str(tmp_path / "missing"), "raw") as export:
+        pass
+    assert not export.started
+    assert len(qemu_nbd.running()) == running
+
+
 def test_open_failure_cleans_up(tmp_path):
     path = str(tmp_path / "not-qcow2")
     with open(path, "wb") as f:

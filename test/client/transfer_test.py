@@ -292,6 +292,62 @@ def test_run_interrupted():
     assert threading.active_count() == before
 
 
+# download()
+
+class Remote(Memory):
+    """A remote image: Memory with zero extents, for download()."""
+
+    def __init__(self, data, found):
+        super().__init__(data)
+        self.found = found
+
+    def extents(self, context="zero"):
+        return self.found
+
+    def copy_to(self, dst, offset, length, buf, progress=None):
+        self._check("read", offset)
+        dst.write(self.data[offset:offset + length], offset)
+        progress(length)
+
+
+class Export:
+    """A local export; connect() gives its one image."""
+
+    def __init__(self, image):
+        self.image = image
+        self.connects = 0
+
+    def connect(self):
+        self.connects += 1
+        return self.image
+
+
+def test_download_nothing_to_write():
+    # A new image without a backing file reads zeros: an image of zeros
+    # and holes needs no local connection at all.
+    src = Remote(bytes(300), [Z(0, 100, zero=True, hole=True),
+                              Z(100, 200, zero=True)])
+    export = Export(None)
+    progress = Progress()
+    transfer.download(src, export, progress=progress)
+    assert export.connects == 0
+    assert progress.size == progress.done == 300
+    assert src.calls == []
+
+
+def test_download_data():
+    src = Remote(b"x" * 100 + bytes(200), [Z(0, 100), Z(100, 200, zero=True)])
+    dst = Memory(bytes(300))
+    export = Export(dst)
+    progress = Progress()
+    transfer.download(src, export, progress=progress)
+    assert export.connects == 1
+    assert dst.data == src.data
+    assert src.calls == [("read", 0)]
+    assert dst.calls == [("write", 0), ("flush", 0)]
+    assert progress.done == 300
+
+
 # Verification helpers
 
 def test_padded():
