@@ -8,14 +8,18 @@ local.py), the server with RemoteImage (remote.py), and copy between them
 with transfer.py. Nothing they start outlives the call: qemu-nbd, worker
 threads and connections are closed on success, error and
 KeyboardInterrupt alike.
+
+Start-up time. A client command pays for every module imported, once
+when it starts and again when it exits; a download of an empty image is
+over in ~25 ms, less than the imports. So modules only some calls need
+(tarfile for OVA members, checksum and hashlib for verification, and the
+NBD modules, used only once there is something to read or write
+locally) are imported by the functions that use them.
 """
 
 import collections
 import logging
 import os
-import tarfile
-
-from ovirt_imageio import checksum as blkhash
 
 from . import local
 from . import progress as _progress
@@ -27,6 +31,12 @@ log = logging.getLogger("client")
 
 BUFFER_SIZE = transfer.BUFFER_SIZE
 MAX_WORKERS = transfer.MAX_WORKERS
+
+# checksum()'s defaults: ovirt_imageio.checksum's DEFAULT_BLOCK_SIZE and
+# DEFAULT_ALGORITHM (a test keeps them equal), written out so that
+# importing the client does not import checksum and hashlib.
+_CHECKSUM_BLOCK_SIZE = 4 * 1024**2
+_CHECKSUM_ALGORITHM = "blake2b"
 
 
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
@@ -209,8 +219,8 @@ def measure(filename, dst_fmt, member=None):
     return qemu_img.measure(filename, dst_fmt)
 
 
-def checksum(filename, member=None, block_size=blkhash.DEFAULT_BLOCK_SIZE,
-             algorithm=blkhash.DEFAULT_ALGORITHM, detect_zeroes=True):
+def checksum(filename, member=None, block_size=_CHECKSUM_BLOCK_SIZE,
+             algorithm=_CHECKSUM_ALGORITHM, detect_zeroes=True):
     """
     Return the checksum of the guest data of filename (or its tar
     member): {"algorithm", "block_size", "checksum"}, equal to the
@@ -218,6 +228,8 @@ def checksum(filename, member=None, block_size=blkhash.DEFAULT_BLOCK_SIZE,
     algorithm. Zero blocks are always detected (detect_zeroes is kept for
     compatibility; the result does not depend on it).
     """
+    from ovirt_imageio import checksum as blkhash
+
     image_info = info(filename, member=member)
     with _open_local(filename, image_info, read_only=True, shared=1) as exp:
         with exp.connect() as image:
@@ -476,6 +488,10 @@ def _open_local(filename, image_info, *, read_only, shared,
 
 
 def _find_member(tarname, name):
+    # Imported here: only OVA users need it, and it costs every command
+    # ~2 ms (with its own imports) to start and exit.
+    import tarfile
+
     with tarfile.open(tarname) as tar:
         member = tar.getmember(name)
         if not member.isfile():

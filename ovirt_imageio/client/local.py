@@ -31,15 +31,16 @@ size limit, so this keeps one way of starting qemu-nbd.
 import json
 import logging
 import os
-import shutil
 import stat
-import tempfile
 import threading
 
-from ovirt_imageio.nbd import client as nbd_client
-from ovirt_imageio.nbd import qemu_nbd
-
 from . import qemu_img
+
+# The NBD modules (ovirt_imageio.nbd.client, qemu_nbd), shutil and
+# tempfile are imported where they are used, not here: with their own
+# imports (ctypes, concurrent.futures, subprocess, bz2, lzma...) they cost
+# a client command ~6 ms to start and exit, and a download with nothing to
+# write (LazyExport) never uses them.
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,13 @@ class Export:
 
     def connect(self):
         """A new NBD connection to the image; the caller closes it."""
+        from ovirt_imageio.nbd import client as nbd_client
         return nbd_client.open(self.server.address, dirty=self._dirty)
 
     def close(self):
         """Stop qemu-nbd and remove the temporary directory."""
+        import shutil
+
         try:
             self.server.stop()
         finally:
@@ -145,6 +149,11 @@ def open(filename, fmt, *, read_only=True, shared=8, offset=None,
     backing_chain: False serves a qcow2 without its backing files.
     bitmap: also export this dirty bitmap.
     """
+    import shutil
+    import tempfile
+
+    from ovirt_imageio.nbd import qemu_nbd
+
     filename = os.path.abspath(filename)
     need_overlay = (offset is not None or size is not None
                     or (fmt == "qcow2" and not backing_chain))

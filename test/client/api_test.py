@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -658,6 +659,32 @@ def test_info_missing_file(tmp_path):
     with pytest.raises(qemu_img.Error) as e:
         client.info(str(tmp_path / "missing"))
     assert "missing" in str(e.value)
+
+
+def test_checksum_defaults():
+    # Written out in the client so that importing it does not import
+    # checksum (hashlib).
+    from ovirt_imageio import checksum as blkhash
+    from ovirt_imageio.client import _api
+    assert _api._CHECKSUM_BLOCK_SIZE == blkhash.DEFAULT_BLOCK_SIZE
+    assert _api._CHECKSUM_ALGORITHM == blkhash.DEFAULT_ALGORITHM
+
+
+# Start-up: a client command pays for every import when it starts and
+# again when it exits; these are needed only by some calls.
+LAZY_MODULES = [
+    "ovirt_imageio.checksum", "ovirt_imageio.nbd.client",
+    "ovirt_imageio.nbd.qemu_nbd", "hashlib", "tarfile", "shutil",
+    "tempfile", "typing", "concurrent.futures", "ctypes"]
+
+
+def test_import_is_light():
+    code = ("import sys\n"
+            "from ovirt_imageio import client\n"
+            f"print([m for m in {LAZY_MODULES!r} if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
 
 
 # ImageioClient
