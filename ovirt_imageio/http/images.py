@@ -16,6 +16,12 @@ status for its range first and never reads zero extents: their bytes come
 from one shared zero buffer. Small requests (one piece) run inline on the
 handler thread, so 4 KiB random reads pay no thread hand-off.
 
+On a plain connection (the local unix socket, or the remote service
+without TLS) nothing is copied through the daemon: the link's Stream
+(nbd/stream.py) splices GET data from the NBD socket to the client's
+socket and PUT bodies the other way, and serves PATCH zero and flush; the
+copy loops serve TLS connections, whose bytes must be encrypted here.
+
 An image may move a whole range itself: the proxy's relay (relay.py) has
 send() and receive(), streaming each client request as one request to the
 daemon; the copy loops are then not used.
@@ -27,6 +33,7 @@ A canceled ticket closes the NBD connection of links that are idle.
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import logging
 import threading
@@ -42,6 +49,10 @@ log = logging.getLogger("images")
 # GETs at least this long ask block status first, to skip zero extents.
 # Shorter ones read directly: one NBD round trip instead of two.
 EXTENTS_THRESHOLD = 1024**2
+
+# Zero extents of a spliced GET are sent from the shared zero buffer in
+# pieces of this size.
+ZERO_CHUNK = 4 * 1024**2
 
 # A PATCH zero is split so cancellation is checked at least this often.
 ZERO_STEP = 1024**3
@@ -66,19 +77,48 @@ class Link:
     """
     One HTTP connection's NBD connection to one ticket's export.
 
-    The handler thread holds the lock while it uses the image; cancel()
-    from another thread closes the image only if the link is idle, so an
+    On a plain (non-TLS) connection to an NBD export, the link's
+    connection is a Stream (nbd/stream.py) that splices data between the
+    NBD socket and the client's socket; requests it does not serve
+    (/extents, /checksum) use a libnbd client. A link holds one of the two
+    at a time, switching when a request needs the other, so an HTTP
+    connection never costs more than one NBD connection (vdsm's qemu-nbd
+    allows 8).
+
+    The handler thread holds the lock while it uses the connection;
+    cancel() from another thread closes it only if the link is idle, so an
     NBD handle is never closed under a running request.
     """
 
-    def __init__(self, ticket, image, buffer_size):
+    def __init__(self, ticket, resource, buffer_size, sock=None):
         self.ticket = ticket
-        self.image = image
+        self.resource = resource
         self.buffer_size = buffer_size
+        # The client's socket, if data may be spliced to and from it.
+        self.sock = sock if hasattr(resource, "open_stream") else None
+        self.image = None
+        self.stream = None
+        self.size = None
         self._lock = threading.Lock()
         self._buffers = None
         self._executor = None
         self.closed = False
+
+    def open(self):
+        """Connect now, so a missing export fails the first request."""
+        if self.sock is not None:
+            self.stream = self.resource.open_stream()
+            self.size = self.stream.size
+        else:
+            self.image = self.resource.open()
+            self.size = self.image.size
+
+    def data(self):
+        """
+        Hold the link for a data request (GET, PUT, PATCH): a context
+        manager giving the Stream if the link splices, else the image.
+        """
+        return self.streaming() if self.sock is not None else self
 
     def buffers(self):
         """Two reused buffers of half the buffer size each."""
@@ -96,18 +136,52 @@ class Link:
         return self._executor.submit(fn, *args)
 
     def __enter__(self):
+        """Hold the link; return its libnbd image (or relay)."""
+        self._acquire()
+        try:
+            if self.image is None:
+                self._close_stream()
+                self.image = self.resource.open()
+            return self.image
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def __exit__(self, kind, value, tb):
+        self._release(value)
+
+    @contextlib.contextmanager
+    def streaming(self):
+        """Hold the link; yield its Stream."""
+        self._acquire()
+        error = None
+        try:
+            if self.stream is None:
+                self._close_image()
+                self.stream = self.resource.open_stream()
+            yield self.stream
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self._release(error)
+
+    def _acquire(self):
         self._lock.acquire()
         if self.closed:
             self._lock.release()
             raise errors.TicketCanceled(self.ticket.transfer_id)
-        return self.image
 
-    def __exit__(self, kind, value, tb):
+    def _release(self, error):
         try:
-            if isinstance(value, nbd_client.Error):
+            if isinstance(error, nbd_client.Error):
                 # The NBD connection may be unusable; the next request on
                 # this HTTP connection opens a new one.
-                self._close()
+                self._close_image()
+                self._close_stream()
+            elif self.stream is not None and self.stream.broken:
+                # Interrupted in the middle of a payload.
+                self._close_stream()
         finally:
             self._lock.release()
 
@@ -130,7 +204,18 @@ class Link:
     def _close(self):
         if not self.closed:
             self.closed = True
-            self.image.close()
+            self._close_image()
+            self._close_stream()
+
+    def _close_image(self):
+        image, self.image = self.image, None
+        if image is not None:
+            image.close()
+
+    def _close_stream(self):
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.close()
 
 
 def link(req, ticket, buffer_size):
@@ -143,14 +228,15 @@ def link(req, ticket, buffer_size):
     if ticket.resource is None:
         raise errors.ExportError(
             f"Transfer {ticket.transfer_id} has no NBD export")
-    image = ticket.resource.open()
     # A proxy ticket's relay brings its own size ([backend_http]).
     buffer_size = getattr(ticket.resource, "buffer_size", None) or buffer_size
-    lk = Link(ticket, image, buffer_size)
+    sock = req.context.sock if req.context.plain else None
+    lk = Link(ticket, ticket.resource, buffer_size, sock)
+    lk.open()
     try:
         ticket.add_context(lk)
     except BaseException:
-        image.close()
+        lk._close()
         raise
     values[key] = lk
     req.context.on_close(lk.close)
@@ -230,7 +316,7 @@ class Handler:
         ticket = self._authorize(req, ticket_id, "read")
         lk = self._link(req, ticket)
         offset, length, content_range = ranges.resolve(
-            rng, ticket.size, lk.image.size)
+            rng, ticket.size, lk.size)
         req.range = (offset, length)
         resp.status = 206 if content_range else 200
         resp.headers["content-type"] = "application/octet-stream"
@@ -253,6 +339,11 @@ class Handler:
             if not resp.started:
                 resp.start(length)
             resp.write(data)
+
+        if lk.sock is not None:
+            with ticket.operation(offset) as op, lk.streaming() as stream:
+                splice_out(stream, lk.sock, offset, length, write, op.done)
+            return
 
         with ticket.operation(offset) as op, lk as image:
             if hasattr(image, "send"):
@@ -286,6 +377,19 @@ class Handler:
         flush = choice(req.query, "flush", ["n", "y"], "y") == "y"
         ticket = self._authorize_write(req, ticket_id, offset, length)
         lk = self._link(req, ticket)
+        if lk.sock is not None:
+            with ticket.operation(offset) as op, lk.streaming() as stream:
+                prefix = req.take_body()
+                try:
+                    stream.receive(lk.sock, offset, length, prefix, op.done)
+                except EOFError as e:
+                    resp.close_connection = True
+                    raise server.Error(
+                        400, f"Requested {length} bytes, available "
+                             f"{e.args[0]} bytes")
+                if flush:
+                    stream.flush()
+            return
         with ticket.operation(offset) as op, lk as image:
             if hasattr(image, "receive"):
                 # The proxy's relay streams the body itself (relay.py).
@@ -314,7 +418,7 @@ class Handler:
             flush = boolean(msg, "flush", False)
             ticket = self._authorize_write(req, ticket_id, offset, size)
             lk = self._link(req, ticket)
-            with ticket.operation(offset) as operation, lk as image:
+            with ticket.operation(offset) as operation, lk.data() as image:
                 end = offset + size
                 while offset < end:
                     n = min(end - offset, ZERO_STEP)
@@ -326,7 +430,7 @@ class Handler:
         else:
             ticket = self._authorize(req, ticket_id, "write")
             lk = self._link(req, ticket)
-            with ticket.operation(0), lk as image:
+            with ticket.operation(0), lk.data() as image:
                 image.flush()
 
 
@@ -376,6 +480,31 @@ def plan(image, offset, length, piece):
         n = min(end - covered, piece)
         yield covered, n, False
         covered += n
+
+
+def splice_out(stream, sock, offset, length, write, done):
+    """
+    Send the range from the Stream to the client's socket: data by
+    splice(2), zero extents from the shared zero buffer. write(b"")
+    starts the response.
+    """
+    def begin():
+        write(b"")
+
+    for start, n, zero in plan(stream, offset, length, length):
+        if zero:
+            begin()
+            buf = zeros(ZERO_CHUNK)
+            end = start + n
+            while start < end:
+                k = min(end - start, len(buf))
+                sock.sendall(buf[:k])
+                done(k)
+                start += k
+        else:
+            stream.send(sock, start, n, begin, done)
+    # An empty range: just the head.
+    begin()
 
 
 def send(lk, image, offset, length, write, done):

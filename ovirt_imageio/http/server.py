@@ -77,10 +77,12 @@ class Context:
     closer, run when the connection ends.
     """
 
-    def __init__(self, conn_id, client, sock):
+    def __init__(self, conn_id, client, sock, plain=False):
         self.id = conn_id
         self.client = client
         self.sock = sock
+        # No TLS: body bytes may move between sock and NBD by splice(2).
+        self.plain = plain
         self.values = {}
         self._closers = []
 
@@ -162,6 +164,26 @@ class Request:
             n = self.remaining
         data = self._handler.rfile.read(n)
         self._remaining -= len(data)
+        return data
+
+    def take_body(self):
+        """
+        For a handler that moves the body from the socket itself (plain
+        connections only): return the body bytes already buffered here,
+        and count the whole body as read.
+        """
+        sock = self._handler.connection
+        timeout = sock.gettimeout()
+        # peek() reads the socket only if nothing is buffered; non-blocking,
+        # that read returns what has arrived, or nothing.
+        sock.settimeout(0)
+        try:
+            buffered = self._handler.rfile.peek()
+        finally:
+            sock.settimeout(timeout)
+        n = min(len(buffered), self._remaining)
+        data = self._handler.rfile.read(n) if n else b""
+        self._remaining = 0
         return data
 
     def read_message(self, limit=MAX_MESSAGE):
@@ -262,7 +284,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif not self._setup_tls():
             return
         self.context = Context(next(_conn_ids), self.address_string(),
-                               self.request)
+                               self.request,
+                               plain=self.server.tls_context is None)
         self._start = time.monotonic()
         self._requests = 0
         log.info("OPEN connection=%s client=%s service=%s",

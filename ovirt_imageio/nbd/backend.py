@@ -24,6 +24,7 @@ import urllib.parse
 from ovirt_imageio import errors
 from ovirt_imageio.nbd import client
 from ovirt_imageio.nbd import qemu_nbd
+from ovirt_imageio.nbd import stream
 from ovirt_imageio.nbd import url as nbd_url
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,18 @@ class Backend:
         """
         try:
             return client.open(self.address, dirty=self.dirty)
+        except client.Error as e:
+            raise errors.ExportError(
+                f"Cannot connect to NBD export {self.address}: {e}") from e
+
+    def open_stream(self):
+        """
+        Return a new NBD connection for splicing data (stream.Stream).
+
+        Raises errors.ExportError if the export cannot be reached.
+        """
+        try:
+            return stream.open(self.address)
         except client.Error as e:
             raise errors.ExportError(
                 f"Cannot connect to NBD export {self.address}: {e}") from e

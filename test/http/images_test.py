@@ -5,6 +5,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import threading
 
 import pytest
@@ -35,10 +36,20 @@ def add_ticket(daemon, url, **kw):
 
 
 class Client:
-    """A keep-alive HTTP client on the daemon's local unix socket."""
+    """
+    A keep-alive HTTP client of the daemon: on the local unix socket,
+    where data is spliced between the sockets (nbd/stream.py), or over
+    HTTPS, where it goes through the copy loops (images.send/receive).
+    """
 
-    def __init__(self, daemon):
-        self.conn = testutil.UnixHTTPConnection(daemon.cfg.local.socket)
+    def __init__(self, daemon, transport="unix"):
+        if transport == "unix":
+            self.conn = testutil.UnixHTTPConnection(daemon.cfg.local.socket)
+        else:
+            ctx = ssl.create_default_context(cafile=daemon.cfg.tls.ca_file)
+            port = daemon.remote.server.address()[1]
+            self.conn = http.client.HTTPSConnection(
+                "localhost", port, context=ctx)
 
     def request(self, method, path, body=None, headers=None):
         if isinstance(body, (dict, list)):
@@ -51,9 +62,9 @@ class Client:
         self.conn.close()
 
 
-@pytest.fixture
-def client(daemon):
-    c = Client(daemon)
+@pytest.fixture(params=["unix", "https"])
+def client(request, daemon):
+    c = Client(daemon, request.param)
     yield c
     c.close()
 
@@ -438,6 +449,44 @@ def test_put_short_body(daemon, rw_export, image):
     assert b"connection: close" in reply
 
 
+def test_put_pipelined(daemon, rw_export, image):
+    # Both requests in one packet: the body of the first and all of the
+    # second are buffered before the handler takes the socket over.
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/tid-secret HTTP/1.1\r\ncontent-length: 5\r\n"
+        b"content-range: bytes 100-104/*\r\n\r\nhello"
+        b"GET /images/tid-secret HTTP/1.1\r\nrange: bytes=98-106\r\n"
+        b"connection: close\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 200 OK") == 1
+    assert reply.count(b"HTTP/1.1 206 Partial Content") == 1
+    assert reply.endswith(b"AAhelloAA")
+    assert image_bytes(image, 100, 5) == b"hello"
+
+
+def test_put_short_large_body(daemon, rw_export, image):
+    # A body that ends in the middle of a piece: the complete pieces are
+    # written, the partial one is not, and the daemon keeps serving.
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    sent = os.urandom(MiB + MiB // 2)
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/tid-secret HTTP/1.1\r\ncontent-length: %d\r\n\r\n"
+        % (3 * MiB) + sent)
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.endswith(
+        b"Requested %d bytes, available %d bytes\n" % (3 * MiB, len(sent)))
+    assert image_bytes(image, 0, MiB) == sent[:MiB]
+    c = Client(daemon)
+    resp, data = c.request("GET", "/images/tid-secret",
+                           headers={"range": f"bytes=0-{2 * MiB - 1}"})
+    c.close()
+    assert resp.status == 206
+    assert data[:MiB] == sent[:MiB]
+    assert data[MiB:] == image_bytes(image, MiB, MiB)
+
+
 def test_put_expect_continue(daemon, rw_export, image):
     add_ticket(daemon, url(rw_export), ops=["write"])
     reply = testutil.raw_request(
@@ -762,8 +811,9 @@ def test_ticket_id_not_logged(daemon, client, export, caplog):
     testutil.wait_for(lambda: re.search(
         r"GET images client=local connection=\d+ transfer=- range=- "
         r"status=403 ", caplog.text), message="request logged")
-    assert re.search(r"GET images client=local connection=\d+ transfer=tr-1 "
-                     r"range=0\+10 status=206 seconds=[0-9.]+", caplog.text)
+    assert re.search(r"GET images client=(local|127.0.0.1) connection=\d+ "
+                     r"transfer=tr-1 range=0\+10 status=206 seconds=[0-9.]+",
+                     caplog.text)
     assert "tid-secret" not in caplog.text
     assert "tid-unknown" not in caplog.text
     assert re.search(r"OPEN connection=\d+ client=local service=local",

@@ -1,0 +1,693 @@
+"""
+An NBD connection that moves data between a socket and the export without
+copying it through user space, for plain (non-TLS) HTTP connections.
+
+State: connection. A Stream owns one NBD connection to one export and one
+pipe. It is used by one HTTP connection's thread at a time (the images
+Link's lock), so it has no lock of its own.
+
+Theory of operation. libnbd reads a reply's payload into our buffer and
+we send the buffer to the client: two copies of every byte in the daemon,
+plus the hand-off between threads. Here the daemon speaks the NBD protocol
+itself and moves payloads with splice(2): from the NBD socket into a pipe
+and from the pipe into the client's socket (GET), or from the client's
+socket into the pipe and from the pipe into the NBD socket (PUT). On
+Linux >= 6.5 splicing between a pipe and a socket passes page references,
+so the bytes are copied only by the peers: qemu-nbd when it sends, the
+client when it receives. The daemon keeps the protocol work: headers,
+block status, errors.
+
+Protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md):
+fixed newstyle handshake; NBD_OPT_STRUCTURED_REPLY; NBD_OPT_SET_META_CONTEXT
+with base:allocation, for skipping zero extents on a GET; NBD_OPT_GO with
+block size info. Reads carry NBD_CMD_FLAG_DF when the server offers it, so
+a read's data comes as one chunk that can be spliced whole.
+
+Ordering: a read's reply is one chunk sent whole under qemu-nbd's send
+lock, so once its header has arrived, the next read may be sent and its
+reply will follow this one. That keeps two reads in flight (the server
+reads the next piece while this one is spliced) without ever receiving
+replies out of order.
+
+Writes: a piece is spliced from the client into the pipe whole before its
+NBD_CMD_WRITE header is sent, so a client that stops short never leaves a
+half-sent request: the NBD connection stays usable and every complete
+piece is written. Write replies carry no data, so writes are pipelined
+and their replies collected as they come and at the end of the request.
+
+A Stream whose transfer was interrupted in the middle of a payload (the
+client went away, a timeout) cannot be used again: `broken` is set and the
+owner closes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+
+from ovirt_imageio.nbd import client as nbd_client
+from ovirt_imageio.nbd import extents
+
+log = logging.getLogger(__name__)
+
+Error = nbd_client.Error
+
+# Handshake.
+NBDMAGIC = b"NBDMAGIC"
+IHAVEOPT = b"IHAVEOPT"
+REPLY_MAGIC = 0x3e889045565a9
+FLAG_FIXED_NEWSTYLE = 1 << 0
+FLAG_NO_ZEROES = 1 << 1
+
+OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_SET_META_CONTEXT = 10
+
+REP_ACK = 1
+REP_INFO = 3
+REP_META_CONTEXT = 4
+REP_FLAG_ERROR = 1 << 31
+
+INFO_EXPORT = 0
+INFO_BLOCK_SIZE = 3
+
+# Transmission flags.
+FLAG_READ_ONLY = 1 << 1
+FLAG_SEND_FLUSH = 1 << 2
+FLAG_SEND_FUA = 1 << 3
+FLAG_SEND_WRITE_ZEROES = 1 << 6
+FLAG_SEND_DF = 1 << 7
+
+# Commands and their flags.
+CMD_READ = 0
+CMD_WRITE = 1
+CMD_DISC = 2
+CMD_FLUSH = 3
+CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_DF = 1 << 2
+
+REQUEST = struct.Struct(">IHHQQI")
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY = struct.Struct(">IIQ")
+SIMPLE_REPLY_MAGIC = 0x67446698
+CHUNK = struct.Struct(">IHHQI")
+CHUNK_MAGIC = 0x668e33ef
+CHUNK_FLAG_DONE = 1 << 0
+
+CHUNK_NONE = 0
+CHUNK_OFFSET_DATA = 1
+CHUNK_OFFSET_HOLE = 2
+CHUNK_BLOCK_STATUS = 5
+CHUNK_ERROR = (1 << 15) + 1
+CHUNK_ERROR_OFFSET = (1 << 15) + 2
+
+# NBD errors as the protocol numbers them (most equal Linux errno values).
+_NBD_ERRNO = {1: errno.EPERM, 5: errno.EIO, 12: errno.ENOMEM,
+              22: errno.EINVAL, 28: errno.ENOSPC, 75: errno.EOVERFLOW,
+              95: errno.EOPNOTSUPP, 108: errno.ESHUTDOWN}
+
+# Pipe capacity: the most one splice moves. 1 MiB is the default
+# /proc/sys/fs/pipe-max-size; a smaller pipe still works, in more calls.
+PIPE_SIZE = 1024**2
+
+# Largest read request (qemu-nbd's maximum is 32 MiB). Progress is
+# reported, and cancellation checked, once per request; with one read
+# ahead, 8 MiB keeps the server busy.
+MAX_REQUEST = 8 * 1024**2
+
+# Bytes read from the NBD socket at once for replies (see _recv_exact).
+RECV_BUFFER = 64 * 1024
+
+# Write requests sent before waiting for a reply.
+MAX_WRITES_IN_FLIGHT = 16
+
+# Handshake replies larger than this are not from a sane server.
+MAX_OPTION_REPLY = 64 * 1024
+
+_ZEROS = memoryview(bytes(PIPE_SIZE))
+
+
+def open(address):
+    """Connect to the export at address (url.Address); return a Stream."""
+    if address.is_unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = address.socket
+    else:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        target = (address.host, address.port)
+    try:
+        sock.connect(target)
+        if not address.is_unix:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        return Stream(sock, address)
+    except OSError as e:
+        sock.close()
+        if isinstance(e, Error):
+            raise
+        raise Error("connect", 0, 0, e.errno or errno.EIO,
+                    f"Cannot connect to {address}: {e}") from None
+
+
+class Stream:
+    """
+    An open connection. Attributes: address, size, read_only, can_zero,
+    can_flush, maximum_block_size, has_base_allocation, broken.
+    """
+
+    def __init__(self, sock, address):
+        self._sock = sock
+        self.address = address
+        self.broken = False
+        self._cookies = itertools.count(1)
+        self._structured = False
+        self._base_allocation_id = None
+        self._writes = 0
+        self._pipe = None
+        self._pipe_size = 0
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = self._rend = 0
+        self._handshake(address.export)
+        self.has_base_allocation = self._base_allocation_id is not None
+        self._max_request = min(self.maximum_block_size, MAX_REQUEST)
+
+    def __repr__(self):
+        return f"<Stream address={self.address} size={self.size}>"
+
+    # Data to and from sockets.
+
+    def send(self, sock, offset, length, begin=None, done=None):
+        """
+        Send length bytes of the image from offset to the socket sock,
+        in pieces of at most the server's maximum request. begin() is
+        called once the first piece's reply arrived without error, before
+        its first byte moves, so a failed read can still be answered with
+        an error response; done(bytes) is called after each piece.
+        """
+        end = offset + length
+        pos = offset
+        pending = None
+        try:
+            if pos < end:
+                pending = self._submit_read(pos, min(end - pos,
+                                                     self._max_request))
+            while pending is not None:
+                cookie, start, n = pending
+                pending = None
+                done_flag = self._read_header(cookie, start, n)
+                pos = start + n
+                if done_flag and pos < end:
+                    # This reply is being sent whole; the next one will
+                    # come after it.
+                    pending = self._submit_read(
+                        pos, min(end - pos, self._max_request))
+                if begin is not None:
+                    begin()
+                    begin = None
+                self._splice_out(sock, n)
+                if not done_flag:
+                    self._read_final(cookie, start, n)
+                    if pos < end:
+                        pending = self._submit_read(
+                            pos, min(end - pos, self._max_request))
+                if done is not None:
+                    done(n)
+        except BaseException:
+            # A reply or a read ahead may be left unread.
+            self.broken = True
+            raise
+
+    def receive(self, sock, offset, length, prefix=b"", done=None):
+        """
+        Write length bytes read from the socket sock at offset: first the
+        bytes of prefix (body bytes the caller had buffered), then the
+        rest from sock. Returns once every write was acknowledged.
+
+        If sock ends early, raises EOFError with the number of body bytes
+        received; every complete piece before it is written.
+        """
+        prefix = memoryview(prefix)
+        pos, end = offset, offset + length
+        received = 0
+        try:
+            while pos < end:
+                n = min(end - pos, self._max_request, self._pipe_capacity())
+                head = prefix[:n]
+                prefix = prefix[len(head):]
+                got = len(head) + self._fill_pipe(sock, n - len(head))
+                if got < n:
+                    self._drain_pipe()
+                    self._wait_writes(0)
+                    raise EOFError(received + got)
+                self._send_write_request(pos, n, head)
+                received += n
+                pos += n
+                self._wait_writes(MAX_WRITES_IN_FLIGHT)
+                if done is not None:
+                    done(n)
+            self._wait_writes(0)
+        except (Error, EOFError):
+            raise
+        except BaseException:
+            self.broken = True
+            raise
+
+    # Commands without data.
+
+    def zero(self, length, offset, punch_hole=False):
+        if not self.can_zero:
+            self._write_zeros(length, offset)
+            return
+        flags = 0 if punch_hole else CMD_FLAG_NO_HOLE
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, nbd_client.MAX_ZERO)
+            self._command(CMD_WRITE_ZEROES, flags, offset, n, "zero")
+            offset += n
+
+    def flush(self):
+        if self.can_flush:
+            self._command(CMD_FLUSH, 0, 0, 0, "flush")
+
+    def extents(self, context="zero", offset=0, length=None):
+        """
+        Zero extents from base:allocation only (enough to skip zeros on a
+        GET); the /extents API uses nbd.client, which merges allocation
+        depth and dirty bitmaps.
+        """
+        if context != "zero":
+            raise ValueError(f"Unsupported extents context {context!r}")
+        end = self.size if length is None else min(offset + length,
+                                                   self.size)
+        if not self.has_base_allocation:
+            if offset >= end:
+                return []
+            return [extents.ZeroExtent(offset, end - offset, zero=False,
+                                       hole=False)]
+        result = []
+        while offset < end:
+            n = min(end - offset, nbd_client.MAX_BLOCK_STATUS)
+            entries = self._block_status(offset, n)
+            found = extents.clip(extents.zero_extents(offset, entries), end)
+            if not found:
+                raise Error("block_status", offset, n, errno.EPROTO,
+                            "server replied without extents")
+            result[-1:] = extents.merge(result[-1:] + found)
+            offset = found[-1].start + found[-1].length
+        return result
+
+    def close(self):
+        """Disconnect; safe to call more than once."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        try:
+            if not self.broken and self._writes == 0:
+                sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC,
+                                          next(self._cookies), 0, 0))
+        except OSError as e:
+            log.debug("Error disconnecting from %s: %s", self.address, e)
+        finally:
+            sock.close()
+            if self._pipe is not None:
+                for fd in self._pipe:
+                    os.close(fd)
+                self._pipe = None
+
+    # Handshake.
+
+    def _handshake(self, export):
+        magic = self._recv_exact(16)
+        if magic[:8] != NBDMAGIC or magic[8:] != IHAVEOPT:
+            raise Error("connect", 0, 0, errno.EPROTO,
+                        "Not a fixed newstyle NBD server")
+        (flags,) = struct.unpack(">H", self._recv_exact(2))
+        if not flags & FLAG_FIXED_NEWSTYLE:
+            raise Error("connect", 0, 0, errno.EPROTO,
+                        "Server does not support fixed newstyle")
+        self._sock.sendall(struct.pack(
+            ">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
+
+        self._option(OPT_STRUCTURED_REPLY, b"")
+        if self._structured:
+            name = export.encode("utf-8")
+            query = extents.BASE_ALLOCATION.encode()
+            data = (struct.pack(">I", len(name)) + name
+                    + struct.pack(">II", 1, len(query)) + query)
+            self._option(OPT_SET_META_CONTEXT, data)
+
+        name = export.encode("utf-8")
+        data = (struct.pack(">I", len(name)) + name
+                + struct.pack(">HH", 1, INFO_BLOCK_SIZE))
+        self.maximum_block_size = nbd_client.DEFAULT_MAXIMUM_BLOCK_SIZE
+        self.size = None
+        self._option(OPT_GO, data)
+        if self.size is None:
+            raise Error("connect", 0, 0, errno.EPROTO,
+                        "Server did not send the export size")
+
+    def _option(self, option, data):
+        self._sock.sendall(IHAVEOPT + struct.pack(">II", option, len(data))
+                           + data)
+        while True:
+            magic, opt, kind, length = struct.unpack(
+                ">QIII", self._recv_exact(20))
+            if magic != REPLY_MAGIC or opt != option:
+                raise Error("connect", 0, 0, errno.EPROTO,
+                            f"Bad option reply {magic:#x} for {opt}")
+            if length > MAX_OPTION_REPLY:
+                raise Error("connect", 0, 0, errno.EPROTO,
+                            f"Option reply too large: {length}")
+            payload = self._recv_exact(length)
+            if kind == REP_ACK:
+                if option == OPT_STRUCTURED_REPLY:
+                    self._structured = True
+                return
+            if kind & REP_FLAG_ERROR:
+                if option == OPT_GO:
+                    raise Error("connect", 0, 0, errno.ENOENT,
+                                f"Server refused export "
+                                f"{self.address.export!r}: "
+                                f"{payload.decode('utf-8', 'replace')}")
+                # Optional features: go on without them.
+                return
+            if kind == REP_INFO and option == OPT_GO:
+                self._info(payload)
+            elif kind == REP_META_CONTEXT and len(payload) >= 4:
+                (ctx_id,) = struct.unpack(">I", payload[:4])
+                if payload[4:] == extents.BASE_ALLOCATION.encode():
+                    self._base_allocation_id = ctx_id
+
+    def _info(self, payload):
+        (kind,) = struct.unpack(">H", payload[:2])
+        if kind == INFO_EXPORT and len(payload) >= 12:
+            self.size, flags = struct.unpack(">QH", payload[2:12])
+            self.read_only = bool(flags & FLAG_READ_ONLY)
+            self.can_flush = bool(flags & FLAG_SEND_FLUSH)
+            self.can_zero = bool(flags & FLAG_SEND_WRITE_ZEROES)
+            self._can_df = bool(flags & FLAG_SEND_DF)
+        elif kind == INFO_BLOCK_SIZE and len(payload) >= 14:
+            _, _, maximum = struct.unpack(">III", payload[2:14])
+            if maximum:
+                self.maximum_block_size = maximum
+
+    # Transmission.
+
+    def _request(self, cmd, flags, offset, length, more=False):
+        cookie = next(self._cookies)
+        self._sock.sendall(
+            REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length),
+            socket.MSG_MORE if more else 0)
+        return cookie
+
+    def _submit_read(self, offset, length):
+        flags = CMD_FLAG_DF if self._structured and self._can_df else 0
+        return self._request(CMD_READ, flags, offset, length), offset, length
+
+    def _read_header(self, cookie, offset, length):
+        """
+        Read the header of a read's reply, leaving its data in the socket.
+        Returns True if this is the reply's last chunk.
+        """
+        magic = self._recv_exact(4)
+        (value,) = struct.unpack(">I", magic)
+        if value == SIMPLE_REPLY_MAGIC:
+            err, got = struct.unpack(">IQ", self._recv_exact(12))
+            self._check_cookie(got, cookie, "read", offset, length)
+            if err:
+                self._raise("read", offset, length, err, "")
+            return True
+        if value != CHUNK_MAGIC:
+            raise self._protocol("read", offset, length,
+                                 f"bad reply magic {value:#x}")
+        flags, kind, got, size = struct.unpack(">HHQI", self._recv_exact(16))
+        self._check_cookie(got, cookie, "read", offset, length)
+        if kind & (1 << 15):
+            self._raise_chunk_error("read", offset, length, size)
+        if kind != CHUNK_OFFSET_DATA or size != length + 8:
+            raise self._protocol(
+                "read", offset, length,
+                f"unexpected chunk type {kind} length {size}")
+        (data_offset,) = struct.unpack(">Q", self._recv_exact(8))
+        if data_offset != offset:
+            raise self._protocol("read", offset, length,
+                                 f"data for offset {data_offset}")
+        return bool(flags & CHUNK_FLAG_DONE)
+
+    def _read_final(self, cookie, offset, length):
+        """Read the final, empty chunk of a read sent without DONE."""
+        magic, flags, kind, got, size = CHUNK.unpack(self._recv_exact(20))
+        if magic != CHUNK_MAGIC or got != cookie:
+            raise self._protocol("read", offset, length,
+                                 "reply out of order")
+        if kind & (1 << 15):
+            self._raise_chunk_error("read", offset, length, size)
+        if kind != CHUNK_NONE or not flags & CHUNK_FLAG_DONE or size:
+            raise self._protocol("read", offset, length,
+                                 f"unexpected chunk type {kind}")
+
+    def _send_write_request(self, offset, length, head):
+        cookie = next(self._cookies)
+        self._sock.sendall(
+            REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, length),
+            socket.MSG_MORE)
+        self._writes += 1
+        try:
+            if len(head):
+                self._sock.sendall(head, socket.MSG_MORE
+                                   if len(head) < length else 0)
+            self._splice_all(self._pipe[0], self._sock, length - len(head))
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _wait_writes(self, limit):
+        """Collect write replies until at most limit are outstanding."""
+        error = None
+        while self._writes > limit:
+            _, err, message = self._reply("write", 0, 0)
+            self._writes -= 1
+            if err and error is None:
+                error = (err, message)
+        if error is not None:
+            self._raise("write", 0, 0, *error)
+
+    def _command(self, cmd, flags, offset, length, op):
+        self._wait_writes(0)
+        cookie = self._request(cmd, flags, offset, length)
+        got, err, message = self._reply(op, offset, length)
+        self._check_cookie(got, cookie, op, offset, length)
+        if err:
+            self._raise(op, offset, length, err, message)
+
+    def _reply(self, op, offset, length):
+        """
+        Read the whole reply to a command without data: a simple reply,
+        or (servers send errors so once structured replies are on) one
+        final chunk. Returns (cookie, nbd error, message).
+        """
+        (magic,) = struct.unpack(">I", self._recv_exact(4))
+        if magic == SIMPLE_REPLY_MAGIC:
+            err, cookie = struct.unpack(">IQ", self._recv_exact(12))
+            return cookie, err, ""
+        if magic != CHUNK_MAGIC:
+            raise self._protocol(op, offset, length,
+                                 f"bad reply magic {magic:#x}")
+        flags, kind, cookie, size = struct.unpack(">HHQI",
+                                                  self._recv_exact(16))
+        if size > MAX_OPTION_REPLY or not flags & CHUNK_FLAG_DONE:
+            raise self._protocol(op, offset, length,
+                                 f"unexpected chunk type {kind}")
+        payload = self._recv_exact(size)
+        if kind & (1 << 15) and size >= 6:
+            err, msg_len = struct.unpack(">IH", payload[:6])
+            return cookie, err, payload[6:6 + msg_len].decode(
+                "utf-8", "replace")
+        if kind != CHUNK_NONE:
+            raise self._protocol(op, offset, length,
+                                 f"unexpected chunk type {kind}")
+        return cookie, 0, ""
+
+    def _block_status(self, offset, length):
+        """Return base:allocation entries [length, flags, ...]."""
+        self._wait_writes(0)
+        cookie = self._request(CMD_BLOCK_STATUS, 0, offset, length)
+        entries = None
+        try:
+            while True:
+                magic, flags, kind, got, size = CHUNK.unpack(
+                    self._recv_exact(20))
+                if magic != CHUNK_MAGIC or got != cookie:
+                    raise self._protocol("block_status", offset, length,
+                                         "bad reply")
+                if kind & (1 << 15):
+                    self._raise_chunk_error("block_status", offset, length,
+                                            size)
+                payload = self._recv_exact(size)
+                if kind == CHUNK_BLOCK_STATUS and size >= 4:
+                    (ctx_id,) = struct.unpack(">I", payload[:4])
+                    count = (size - 4) // 4
+                    values = struct.unpack(f">{count}I", payload[4:4 + count * 4])
+                    if ctx_id == self._base_allocation_id and entries is None:
+                        entries = list(values)
+                if flags & CHUNK_FLAG_DONE:
+                    break
+        except Error as e:
+            if e.errno == errno.EPROTO:
+                self.broken = True
+            raise
+        return entries or []
+
+    def _write_zeros(self, length, offset):
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, len(_ZEROS), self._max_request)
+            cookie = next(self._cookies)
+            self._sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE,
+                                            cookie, offset, n) + _ZEROS[:n])
+            self._writes += 1
+            self._wait_writes(MAX_WRITES_IN_FLIGHT)
+            offset += n
+        self._wait_writes(0)
+
+    # Errors.
+
+    def _check_cookie(self, got, cookie, op, offset, length):
+        if got != cookie:
+            raise self._protocol(op, offset, length,
+                                 f"reply for request {got}, expected {cookie}")
+
+    def _raise_chunk_error(self, op, offset, length, size):
+        if not 6 <= size <= MAX_OPTION_REPLY:
+            raise self._protocol(op, offset, length,
+                                 f"error chunk of {size} bytes")
+        payload = self._recv_exact(size)
+        err, msg_len = struct.unpack(">IH", payload[:6])
+        message = payload[6:6 + msg_len].decode("utf-8", "replace")
+        self._raise(op, offset, length, err, message)
+
+    def _raise(self, op, offset, length, err, message):
+        code = _NBD_ERRNO.get(err, err)
+        raise Error(op, offset, length, code,
+                    message or os.strerror(code))
+
+    def _protocol(self, op, offset, length, message):
+        self.broken = True
+        return Error(op, offset, length, errno.EPROTO,
+                     f"NBD protocol error: {message}")
+
+    # Sockets and the pipe.
+
+    def _recv_exact(self, n):
+        """
+        Return the next n bytes of the NBD socket. Reads as much as the
+        socket has (up to RECV_BUFFER), so a small read's reply comes in
+        one system call; payload bytes read this way are sent from here
+        by _splice_out.
+        """
+        while self._rend - self._rpos < n:
+            if self._rpos:
+                left = self._rend - self._rpos
+                self._rbuf[:left] = self._rbuf[self._rpos:self._rend]
+                self._rpos, self._rend = 0, left
+            got = self._sock.recv_into(self._rview[self._rend:])
+            if got == 0:
+                self.broken = True
+                raise Error("recv", 0, n, errno.ECONNRESET,
+                            "NBD server closed the connection")
+            self._rend += got
+        data = bytes(self._rview[self._rpos:self._rpos + n])
+        self._rpos += n
+        return data
+
+    def _pipe_capacity(self):
+        if self._pipe is None:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                self._pipe_size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ,
+                                              PIPE_SIZE)
+            except OSError:
+                self._pipe_size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            self._pipe = (r, w)
+        return self._pipe_size
+
+    def _splice_out(self, sock, length):
+        """Move length payload bytes from the NBD socket to sock."""
+        self._pipe_capacity()
+        r, w = self._pipe
+        src = self._sock.fileno()
+        left = length
+        buffered = min(self._rend - self._rpos, left)
+        if buffered:
+            sock.sendall(self._rview[self._rpos:self._rpos + buffered])
+            self._rpos += buffered
+            left -= buffered
+        while left:
+            n = os.splice(src, w, min(left, self._pipe_size))
+            if n == 0:
+                self.broken = True
+                raise Error("read", 0, length, errno.ECONNRESET,
+                            "NBD server closed the connection")
+            self._splice_all(r, sock, n)
+            left -= n
+
+    def _fill_pipe(self, sock, length):
+        """Splice length bytes from sock into the empty pipe; return count
+        (short at end of stream)."""
+        w = self._pipe[1]
+        got = 0
+        while got < length:
+            n = _splice(sock, w, length - got, select.POLLIN)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def _drain_pipe(self):
+        r = self._pipe[0]
+        os.set_blocking(r, False)
+        try:
+            while True:
+                try:
+                    if not os.read(r, PIPE_SIZE):
+                        break
+                except BlockingIOError:
+                    break
+        finally:
+            os.set_blocking(r, True)
+
+    def _splice_all(self, r, dst, length):
+        """Splice exactly length bytes from the pipe r to dst."""
+        while length:
+            length -= _splice(dst, r, length, select.POLLOUT)
+
+
+def _splice(sock, pipe_fd, length, event):
+    """
+    splice(2) between a socket object and a pipe fd, in the direction
+    event says (POLLIN: socket to pipe, POLLOUT: pipe to socket). The
+    client's socket may have a timeout (it is then non-blocking): wait for
+    it with poll, as socket methods do, and raise TimeoutError.
+    """
+    fd = sock.fileno()
+    while True:
+        try:
+            if event == select.POLLIN:
+                return os.splice(fd, pipe_fd, length)
+            return os.splice(pipe_fd, fd, length)
+        except BlockingIOError:
+            timeout = sock.gettimeout()
+            poller = select.poll()
+            poller.register(fd, event)
+            ms = None if timeout is None else int(timeout * 1000)
+            if not poller.poll(ms):
+                raise TimeoutError("timed out") from None

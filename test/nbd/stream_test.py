@@ -1,0 +1,369 @@
+import errno
+import os
+import socket
+import threading
+
+import pytest
+
+from ovirt_imageio.nbd import extents
+from ovirt_imageio.nbd import stream
+from ovirt_imageio.nbd import url
+
+K = 1024
+M = 1024**2
+
+COMMANDS = (
+    "write -P 0x55 0 64k",
+    "write -z 1M 64k",
+    "write -P 0xaa 2M 128k",
+)
+
+
+def address(server):
+    return url.Address(socket=server.socket)
+
+
+class Reader:
+    """The other end of a socketpair, read to the end in a thread."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            chunk = self.sock.recv(M)
+            if not chunk:
+                break
+            self.data.extend(chunk)
+
+    def join(self):
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        return bytes(self.data)
+
+
+class Writer:
+    """Send data into a socketpair end from a thread, then close it."""
+
+    def __init__(self, sock, data):
+        self.thread = threading.Thread(target=self._run, args=(sock, data))
+        self.thread.start()
+
+    def _run(self, sock, data):
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def join(self):
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def send_all(s, offset, length, **kw):
+    """Run s.send() into a socketpair; return the bytes received."""
+    ours, theirs = socket.socketpair()
+    reader = Reader(theirs)
+    try:
+        s.send(ours, offset, length, **kw)
+    finally:
+        ours.close()
+    data = reader.join()
+    theirs.close()
+    return data
+
+
+def file_bytes(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+@pytest.fixture(params=["raw", "qcow2"])
+def image(request, make_image):
+    fmt = request.param
+    return make_image(fmt=fmt, size=4 * M, commands=COMMANDS), fmt
+
+
+def test_handshake(qemu_nbd, image):
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt)
+    with_stream = stream.open(address(srv))
+    try:
+        assert with_stream.size == 4 * M
+        assert not with_stream.read_only
+        assert with_stream.can_zero
+        assert with_stream.can_flush
+        assert with_stream.has_base_allocation
+        assert with_stream.maximum_block_size == 32 * M
+    finally:
+        with_stream.close()
+
+
+def test_read_only_export(qemu_nbd, image):
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt, read_only=True)
+    s = stream.open(address(srv))
+    try:
+        assert s.read_only
+    finally:
+        s.close()
+
+
+def test_connect_refused(tmp_path):
+    missing = url.Address(socket=str(tmp_path / "missing.sock"))
+    with pytest.raises(stream.Error) as e:
+        stream.open(missing)
+    assert e.value.op == "connect"
+    assert e.value.errno == errno.ENOENT
+
+
+def test_unknown_export(qemu_nbd, image):
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt, read_only=True)
+    with pytest.raises(stream.Error) as e:
+        stream.open(url.Address(socket=srv.socket, export="no-such-export"))
+    assert e.value.op == "connect"
+    assert "no-such-export" in str(e.value)
+
+
+def test_send_whole_image(qemu_nbd, make_image):
+    data = os.urandom(3 * M + 4096)
+    path = make_image(size=8 * M)
+    with open(path, "r+b") as f:
+        f.seek(M)
+        f.write(data)
+    srv = qemu_nbd(path, read_only=True)
+    s = stream.open(address(srv))
+    begun = []
+    done = []
+    try:
+        got = send_all(s, 0, 8 * M, begin=lambda: begun.append(True),
+                       done=done.append)
+        assert not s.broken
+        # The connection is still usable.
+        assert send_all(s, M, 10) == data[:10]
+    finally:
+        s.close()
+    assert got == file_bytes(path, 0, 8 * M)
+    assert begun == [True]
+    # One piece per request.
+    assert done == [stream.MAX_REQUEST] * (8 * M // stream.MAX_REQUEST)
+
+
+def test_send_unaligned_ranges(qemu_nbd, make_image):
+    path = make_image(size=4 * M)
+    with open(path, "r+b") as f:
+        f.write(os.urandom(4 * M))
+    srv = qemu_nbd(path, read_only=True)
+    s = stream.open(address(srv))
+    try:
+        for offset, length in [(1, 1), (4095, 3), (M - 7, 2 * M + 11),
+                               (4 * M - 1, 1)]:
+            assert send_all(s, offset, length) == file_bytes(
+                path, offset, length)
+    finally:
+        s.close()
+
+
+def test_send_simple_replies(nbdkit):
+    # A server without structured replies: simple replies, no extents.
+    srv = nbdkit("pattern", "size=10M", options=["--no-sr"])
+    s = stream.open(srv.address)
+    try:
+        assert not s.has_base_allocation
+        got = send_all(s, 8, 16 * K)
+        assert s.extents("zero", 0, M) == [
+            extents.ZeroExtent(0, M, zero=False, hole=False)]
+    finally:
+        s.close()
+    # nbdkit's pattern: each 8 bytes hold their big-endian offset.
+    assert got[:8] == (8).to_bytes(8, "big")
+    assert got[-8:] == (16 * K).to_bytes(8, "big")
+
+
+def test_send_error_before_begin(nbdkit):
+    srv = nbdkit("memory", "size=4M", "error-pread=EIO",
+                 "error-pread-rate=100%", filters=["error"])
+    s = stream.open(srv.address)
+    begun = []
+    try:
+        with pytest.raises(stream.Error) as e:
+            send_all(s, 0, M, begin=lambda: begun.append(True))
+        assert e.value.op == "read"
+        assert e.value.errno == errno.EIO
+        assert begun == []
+    finally:
+        s.close()
+
+
+def test_send_past_end(qemu_nbd, image):
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt, read_only=True)
+    s = stream.open(address(srv))
+    try:
+        with pytest.raises(stream.Error) as e:
+            send_all(s, 4 * M - 10, 20)
+        assert e.value.errno == errno.EINVAL
+    finally:
+        s.close()
+
+
+def test_send_peer_gone(qemu_nbd, make_image):
+    path = make_image(size=32 * M)
+    srv = qemu_nbd(path, read_only=True)
+    s = stream.open(address(srv))
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    try:
+        with pytest.raises(OSError):
+            s.send(ours, 0, 32 * M)
+        # Payload was left in the NBD socket: the stream is done for.
+        assert s.broken
+    finally:
+        s.close()
+        ours.close()
+
+
+def test_send_timeout(qemu_nbd, make_image):
+    path = make_image(size=32 * M)
+    srv = qemu_nbd(path, read_only=True)
+    s = stream.open(address(srv))
+    ours, theirs = socket.socketpair()
+    # Nobody reads theirs: the send must give up after the timeout.
+    ours.settimeout(0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            s.send(ours, 0, 32 * M)
+        assert s.broken
+    finally:
+        s.close()
+        ours.close()
+        theirs.close()
+
+
+def test_receive(qemu_nbd, make_image, qemu_io):
+    path = make_image(fmt="qcow2", size=8 * M)
+    srv = qemu_nbd(path, fmt="qcow2")
+    data = os.urandom(3 * M + 100)
+    ours, theirs = socket.socketpair()
+    # 100 body bytes were buffered by the HTTP layer; the rest comes from
+    # the socket.
+    writer = Writer(theirs, data[100:])
+    s = stream.open(address(srv))
+    done = []
+    try:
+        s.receive(ours, M + 5, len(data), prefix=data[:100],
+                  done=done.append)
+        s.flush()
+        assert send_all(s, M + 5, len(data)) == data
+        assert not s.broken
+    finally:
+        s.close()
+        ours.close()
+    writer.join()
+    assert sum(done) == len(data)
+
+
+def test_receive_short_body(qemu_nbd, make_image):
+    path = make_image(size=8 * M)
+    srv = qemu_nbd(path)
+    pipe = stream.PIPE_SIZE
+    data = os.urandom(2 * pipe + 1000)
+    ours, theirs = socket.socketpair()
+    writer = Writer(theirs, data)
+    s = stream.open(address(srv))
+    try:
+        with pytest.raises(EOFError) as e:
+            s.receive(ours, 0, 4 * pipe, prefix=b"")
+        assert e.value.args == (len(data),)
+        # Every complete piece is written, the partial one is not, and
+        # the NBD connection is still usable.
+        assert not s.broken
+        s.flush()
+        assert send_all(s, 0, 3 * pipe) == data[:2 * pipe] + bytes(pipe)
+    finally:
+        s.close()
+        ours.close()
+    writer.join()
+
+
+def test_receive_write_error(nbdkit):
+    srv = nbdkit("memory", "size=4M", "error-pwrite=ENOSPC",
+                 "error-pwrite-rate=100%", filters=["error"])
+    data = os.urandom(M)
+    ours, theirs = socket.socketpair()
+    writer = Writer(theirs, data)
+    s = stream.open(srv.address)
+    try:
+        with pytest.raises(stream.Error) as e:
+            s.receive(ours, 0, len(data))
+        assert e.value.op == "write"
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        s.close()
+        ours.close()
+    writer.join()
+
+
+def test_zero_and_extents(qemu_nbd, make_image, qemu_img_map):
+    path = make_image(size=4 * M, commands=["write -P 0x55 0 4M"])
+    srv = qemu_nbd(path)
+    s = stream.open(address(srv))
+    try:
+        s.zero(M, M)
+        s.zero(64 * K, 3 * M, punch_hole=True)
+        s.flush()
+        found = s.extents("zero", 0, 4 * M)
+        assert send_all(s, M - 1, 2) == b"\x55\x00"
+    finally:
+        s.close()
+    expected = extents.merge([
+        extents.ZeroExtent(e["start"], e["length"], zero=e["zero"],
+                           hole=not e["data"])
+        for e in qemu_img_map(path, "raw")])
+    assert [(e.start, e.length, e.zero) for e in found] == [
+        (e.start, e.length, e.zero) for e in expected]
+    assert [(e.start, e.length, e.zero) for e in found][:2] == [
+        (0, M, False), (M, M, True)]
+
+
+def test_extents_clipped(qemu_nbd, image):
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt, read_only=True)
+    s = stream.open(address(srv))
+    try:
+        assert s.extents("zero", 64 * K - 10, 20) == [
+            extents.ZeroExtent(64 * K - 10, 10, zero=False, hole=False),
+            extents.ZeroExtent(64 * K, 10, zero=True, hole=True)]
+        assert s.extents("zero", 4 * M, 10) == []
+        with pytest.raises(ValueError):
+            s.extents("dirty")
+    finally:
+        s.close()
+
+
+def test_write_zeros_without_write_zeroes(nbdkit):
+    # nbdkit's nozero filter hides NBD_CMD_WRITE_ZEROES: zeros are sent.
+    srv = nbdkit("pattern", "size=4M", filters=["cow", "nozero"])
+    s = stream.open(srv.address)
+    try:
+        assert not s.can_zero
+        s.zero(2 * M + 3, 5)
+        assert send_all(s, 0, 2 * M + 16)[5:] == bytes(2 * M + 3) + (
+            (2 * M + 8).to_bytes(8, "big"))
+    finally:
+        s.close()
+
+
+def test_close_twice(qemu_nbd, image):
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt, read_only=True)
+    s = stream.open(address(srv))
+    s.close()
+    s.close()
