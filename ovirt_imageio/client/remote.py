@@ -567,6 +567,8 @@ class RemoteImage:
         return resp
 
     def _put(self, offset, length, flush, send_body, resend=True):
+        # What we write changes the image's extents.
+        self._extents.clear()
         path = self._path
         if self.can_flush:
             path += "?flush=y" if flush else "?flush=n"
@@ -593,6 +595,8 @@ class RemoteImage:
             length -= n
 
     def _patch(self, msg):
+        if msg.get("op") == "zero":
+            self._extents.clear()
         body = json.dumps(msg).encode("utf-8")
         headers = {"Content-Type": "application/json"}
 
