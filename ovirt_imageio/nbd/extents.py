@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import nbd
-
-BASE_ALLOCATION = nbd.CONTEXT_BASE_ALLOCATION
+# The NBD protocol's names and flags, spelled out rather than taken from
+# libnbd: the client library imports this module, and loading libnbd's
+# bindings for three constants cost every client command ~10 ms.
+BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 0x1
+STATE_ZERO = 0x2
 
 # qemu's contexts; libnbd has no constants for them.
 ALLOCATION_DEPTH = "qemu:allocation-depth"
@@ -127,13 +130,13 @@ def zero_extents(offset, base, depth=None):
     if depth is None:
         return [
             ZeroExtent(start, length,
-                       zero=bool(f[0] & nbd.STATE_ZERO),
-                       hole=bool(f[0] & nbd.STATE_HOLE))
+                       zero=bool(f[0] & STATE_ZERO),
+                       hole=bool(f[0] & STATE_HOLE))
             for start, length, f in split(offset, [base])
         ]
     return [
         ZeroExtent(start, length,
-                   zero=bool(f[0] & nbd.STATE_ZERO),
+                   zero=bool(f[0] & STATE_ZERO),
                    hole=f[1] == 0)
         for start, length, f in split(offset, [base, depth])
     ]
@@ -154,7 +157,7 @@ def dirty_extents(offset, bitmap, base=None):
     return [
         DirtyExtent(start, length,
                     dirty=bool(f[0] & STATE_DIRTY),
-                    zero=bool(f[1] & nbd.STATE_ZERO))
+                    zero=bool(f[1] & STATE_ZERO))
         for start, length, f in split(offset, [bitmap, base])
     ]
 

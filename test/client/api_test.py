@@ -675,7 +675,7 @@ def test_checksum_defaults():
 LAZY_MODULES = [
     "ovirt_imageio.checksum", "ovirt_imageio.nbd.client",
     "ovirt_imageio.nbd.qemu_nbd", "hashlib", "tarfile", "shutil",
-    "tempfile", "typing", "concurrent.futures", "ctypes"]
+    "tempfile", "typing", "concurrent.futures", "ctypes", "nbd"]
 
 
 def test_import_is_light():

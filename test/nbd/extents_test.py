@@ -206,3 +206,10 @@ def test_dirty_extent_to_dict_key_order():
     d = D(0, K, dirty=True, zero=False).to_dict()
     assert list(d.items()) == [
         ("start", 0), ("length", K), ("dirty", True), ("zero", False)]
+
+
+def test_protocol_constants_match_libnbd():
+    # Spelled out in extents.py so the client does not load libnbd.
+    assert extents.BASE_ALLOCATION == nbd.CONTEXT_BASE_ALLOCATION
+    assert extents.STATE_ZERO == nbd.STATE_ZERO
+    assert extents.STATE_HOLE == nbd.STATE_HOLE
