@@ -65,6 +65,14 @@ class Export:
         from ovirt_imageio.nbd import client as nbd_client
         return nbd_client.open(self.server.address, dirty=self._dirty)
 
+    def connect_stream(self):
+        """
+        A new NBD connection whose data is spliced to and from a socket
+        (nbd.stream.Stream); the caller closes it.
+        """
+        from ovirt_imageio.nbd import stream
+        return stream.open(self.server.address)
+
     def close(self):
         """Stop qemu-nbd and remove the temporary directory."""
         import shutil
@@ -102,14 +110,20 @@ class LazyExport:
 
     def connect(self):
         """Start qemu-nbd if not started yet; return a new connection."""
+        return self._started().connect()
+
+    def connect_stream(self):
+        """Start qemu-nbd if not started yet; return a new Stream."""
+        return self._started().connect_stream()
+
+    def _started(self):
         with self._lock:
             if self._closed:
                 raise ValueError(f"Export of {self.filename} is closed")
             if self._export is None:
                 self._export = open(self.filename, self.fmt,
                                     **self._options)
-            export = self._export
-        return export.connect()
+            return self._export
 
     def close(self):
         """Stop qemu-nbd if it was started. Safe to call more than once."""

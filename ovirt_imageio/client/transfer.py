@@ -224,9 +224,11 @@ def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
             progress.size = primary.size
 
         def open_worker(index):
-            if index == 0:
+            if index == 0 and not _splices(dst):
                 return _Worker(primary, dst, buffer_size, owned=())
-            src = export.connect()
+            src = _connect(export, dst)
+            if index == 0:
+                return _Worker(src, dst, buffer_size, owned=(src,))
             try:
                 other = dst.clone()
             except BaseException:
@@ -264,12 +266,12 @@ def download(src, export, *, dirty=False, zero=False,
     # opened export never starts its qemu-nbd (local.open_lazily()).
     primary = None
     if any(r.op != SKIP for r in requests):
-        primary = export.connect()
+        primary = _connect(export, src)
     try:
         def open_worker(index):
             if index == 0:
                 return _Worker(src, primary, buffer_size, owned=())
-            dst = export.connect()
+            dst = _connect(export, src)
             try:
                 other = src.clone()
             except BaseException:
@@ -286,6 +288,23 @@ def download(src, export, *, dirty=False, zero=False,
     finally:
         if primary is not None:
             primary.close()
+
+
+def _splices(remote):
+    """True if data moves between remote and the local qemu-nbd by
+    splice(2) (remote on the daemon's unix socket, no TLS)."""
+    return getattr(remote, "transport", None) == "unix"
+
+
+def _connect(export, remote):
+    """
+    A worker's connection to the local export: a Stream when its data is
+    spliced to and from remote's socket (RemoteImage.copy_to/copy_from),
+    else a libnbd client.
+    """
+    if _splices(remote) and hasattr(export, "connect_stream"):
+        return export.connect_stream()
+    return export.connect()
 
 
 def verify(local, remote, name):

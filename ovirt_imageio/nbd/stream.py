@@ -237,23 +237,25 @@ class Stream:
         """
         prefix = memoryview(prefix)
         pos, end = offset, offset + length
-        received = 0
         try:
             while pos < end:
                 n = min(end - pos, self._max_request, self._pipe_capacity())
                 head = prefix[:n]
                 prefix = prefix[len(head):]
-                got = len(head) + self._fill_pipe(sock, n - len(head))
-                if got < n:
+                got, eof = 0, False
+                if n > len(head):
+                    got, eof = self._fill_pipe(sock, n - len(head))
+                size = len(head) + got
+                if eof:
                     self._drain_pipe()
                     self._wait_writes(0)
-                    raise EOFError(received + got)
-                self._send_write_request(pos, n, head)
-                received += n
-                pos += n
+                    raise EOFError(pos - offset + size)
+                # size may be less than n: the pipe filled up first.
+                self._send_write_request(pos, size, head)
+                pos += size
                 self._wait_writes(MAX_WRITES_IN_FLIGHT)
                 if done is not None:
-                    done(n)
+                    done(size)
             self._wait_writes(0)
         except (Error, EOFError):
             raise
@@ -641,16 +643,33 @@ class Stream:
             left -= n
 
     def _fill_pipe(self, sock, length):
-        """Splice length bytes from sock into the empty pipe; return count
-        (short at end of stream)."""
+        """
+        Splice up to length bytes from sock into the empty pipe. Returns
+        (count, eof). Stops short when the pipe is full: a pipe holds a
+        number of pages, and a socket's data may come in pieces smaller
+        than a page, so its capacity in bytes is not known in advance.
+        """
         w = self._pipe[1]
-        got = 0
+        fd = sock.fileno()
+        # The first splice may wait (the pipe is empty, it cannot fill).
+        got = _splice(sock, w, length, select.POLLIN)
+        if got == 0:
+            return 0, True
         while got < length:
-            n = _splice(sock, w, length - got, select.POLLIN)
+            try:
+                n = os.splice(fd, w, length - got,
+                              flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if _ready(fd, select.POLLIN, 0):
+                    # Data is waiting, so the pipe is full.
+                    return got, False
+                if not _ready(fd, select.POLLIN, sock.gettimeout()):
+                    raise TimeoutError("timed out") from None
+                continue
             if n == 0:
-                break
+                return got, True
             got += n
-        return got
+        return got, False
 
     def _drain_pipe(self):
         r = self._pipe[0]
@@ -685,9 +704,13 @@ def _splice(sock, pipe_fd, length, event):
                 return os.splice(fd, pipe_fd, length)
             return os.splice(pipe_fd, fd, length)
         except BlockingIOError:
-            timeout = sock.gettimeout()
-            poller = select.poll()
-            poller.register(fd, event)
-            ms = None if timeout is None else int(timeout * 1000)
-            if not poller.poll(ms):
+            if not _ready(fd, event, sock.gettimeout()):
                 raise TimeoutError("timed out") from None
+
+
+def _ready(fd, event, timeout):
+    """Wait up to timeout seconds (None: forever) for event on fd."""
+    poller = select.poll()
+    poller.register(fd, event)
+    ms = None if timeout is None else int(timeout * 1000)
+    return bool(poller.poll(ms))
