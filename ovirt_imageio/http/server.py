@@ -413,6 +413,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.wfile.write(head + body)
         except OSError:
+            return
+        # The rest of what the client sent (a huge header, say) is unread;
+        # drop what arrives soon, as _linger does for bodies.
+        try:
+            self.connection.settimeout(LINGER_TIMEOUT)
+            left = LINGER_MAX
+            while left > 0:
+                data = self.rfile.read1(min(left, 65536))
+                if not data:
+                    break
+                left -= len(data)
+        except (OSError, ValueError):
             pass
 
     def log_message(self, format, *args):

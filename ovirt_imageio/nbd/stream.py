@@ -29,10 +29,11 @@ reply will follow this one. That keeps two reads in flight (the server
 reads the next piece while this one is spliced) without ever receiving
 replies out of order.
 
-Writes: a piece is spliced from the client into the pipe whole before its
+Writes: a piece is spliced from the client into the pipe before its
 NBD_CMD_WRITE header is sent, so a client that stops short never leaves a
-half-sent request: the NBD connection stays usable and every complete
-piece is written. Write replies carry no data, so writes are pipelined
+half-sent request: the NBD connection stays usable and every byte that
+arrived is written. A piece ends where the pipe is full: a pipe holds a
+number of pages, and small socket buffers take a page each. Write replies carry no data, so writes are pipelined
 and their replies collected as they come and at the end of the request.
 
 A Stream whose transfer was interrupted in the middle of a payload (the
@@ -233,7 +234,7 @@ class Stream:
         rest from sock. Returns once every write was acknowledged.
 
         If sock ends early, raises EOFError with the number of body bytes
-        received; every complete piece before it is written.
+        received, after writing all of them (as upstream does).
         """
         prefix = memoryview(prefix)
         pos, end = offset, offset + length
@@ -246,12 +247,13 @@ class Stream:
                 if n > len(head):
                     got, eof = self._fill_pipe(sock, n - len(head))
                 size = len(head) + got
+                # size may be less than n: the pipe filled up first, or
+                # the body ended. Every byte received is written.
+                if size:
+                    self._send_write_request(pos, size, head)
                 if eof:
-                    self._drain_pipe()
                     self._wait_writes(0)
                     raise EOFError(pos - offset + size)
-                # size may be less than n: the pipe filled up first.
-                self._send_write_request(pos, size, head)
                 pos += size
                 self._wait_writes(MAX_WRITES_IN_FLIGHT)
                 if done is not None:
@@ -670,19 +672,6 @@ class Stream:
                 return got, True
             got += n
         return got, False
-
-    def _drain_pipe(self):
-        r = self._pipe[0]
-        os.set_blocking(r, False)
-        try:
-            while True:
-                try:
-                    if not os.read(r, PIPE_SIZE):
-                        break
-                except BlockingIOError:
-                    break
-        finally:
-            os.set_blocking(r, True)
 
     def _splice_all(self, r, dst, length):
         """Splice exactly length bytes from the pipe r to dst."""

@@ -1,4 +1,5 @@
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -201,7 +202,9 @@ def test_timeout_kills_process(make_image, sock_dir, tmp_path, monkeypatch,
                                assert_nothing_left, processes_with):
     # A "qemu-nbd" that never serves.
     fake = tmp_path / "fake-qemu-nbd"
-    fake.write_text("#!/bin/sh\necho starting >&2\nexec sleep 60\n")
+    # A duration nothing else on the machine sleeps, to find it below.
+    marker = f"sleep 60.{os.getpid()}{secrets.randbelow(10**6)}"
+    fake.write_text(f"#!/bin/sh\necho starting >&2\nexec {marker}\n")
     fake.chmod(0o755)
     monkeypatch.setattr(qemu_nbd, "QEMU_NBD", str(fake))
     sock = os.path.join(sock_dir, "sock")
@@ -209,7 +212,7 @@ def test_timeout_kills_process(make_image, sock_dir, tmp_path, monkeypatch,
         qemu_nbd.start(make_image(size=M), sock, timeout=0.3)
     assert "did not serve within 0.3 seconds" in str(e.value)
     assert "starting" in str(e.value)
-    assert processes_with("sleep 60") == []
+    assert processes_with(marker) == []
     assert_nothing_left(sock)
 
 
