@@ -327,6 +327,12 @@ class Stream:
                     os.close(fd)
                 self._pipe = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     # Handshake.
 
     def _handshake(self, export):

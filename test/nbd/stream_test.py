@@ -93,26 +93,20 @@ def image(request, make_image):
 def test_handshake(qemu_nbd, image):
     path, fmt = image
     srv = qemu_nbd(path, fmt=fmt)
-    with_stream = stream.open(address(srv))
-    try:
+    with stream.open(address(srv)) as with_stream:
         assert with_stream.size == 4 * M
         assert not with_stream.read_only
         assert with_stream.can_zero
         assert with_stream.can_flush
         assert with_stream.has_base_allocation
         assert with_stream.maximum_block_size == 32 * M
-    finally:
-        with_stream.close()
 
 
 def test_read_only_export(qemu_nbd, image):
     path, fmt = image
     srv = qemu_nbd(path, fmt=fmt, read_only=True)
-    s = stream.open(address(srv))
-    try:
+    with stream.open(address(srv)) as s:
         assert s.read_only
-    finally:
-        s.close()
 
 
 def test_connect_refused(tmp_path):
@@ -161,27 +155,21 @@ def test_send_unaligned_ranges(qemu_nbd, make_image):
     with open(path, "r+b") as f:
         f.write(os.urandom(4 * M))
     srv = qemu_nbd(path, read_only=True)
-    s = stream.open(address(srv))
-    try:
+    with stream.open(address(srv)) as s:
         for offset, length in [(1, 1), (4095, 3), (M - 7, 2 * M + 11),
                                (4 * M - 1, 1)]:
             assert send_all(s, offset, length) == file_bytes(
                 path, offset, length)
-    finally:
-        s.close()
 
 
 def test_send_simple_replies(nbdkit):
     # A server without structured replies: simple replies, no extents.
     srv = nbdkit("pattern", "size=10M", options=["--no-sr"])
-    s = stream.open(srv.address)
-    try:
+    with stream.open(srv.address) as s:
         assert not s.has_base_allocation
         got = send_all(s, 8, 16 * K)
         assert s.extents("zero", 0, M) == [
             extents.ZeroExtent(0, M, zero=False, hole=False)]
-    finally:
-        s.close()
     # nbdkit's pattern: each 8 bytes hold their big-endian offset.
     assert got[:8] == (8).to_bytes(8, "big")
     assert got[-8:] == (16 * K).to_bytes(8, "big")
@@ -205,13 +193,10 @@ def test_send_error_before_begin(nbdkit):
 def test_send_past_end(qemu_nbd, image):
     path, fmt = image
     srv = qemu_nbd(path, fmt=fmt, read_only=True)
-    s = stream.open(address(srv))
-    try:
+    with stream.open(address(srv)) as s:
         with pytest.raises(stream.Error) as e:
             send_all(s, 4 * M - 10, 20)
         assert e.value.errno == errno.EINVAL
-    finally:
-        s.close()
 
 
 def test_send_peer_gone(qemu_nbd, make_image):
@@ -277,8 +262,7 @@ def test_receive_short_body(qemu_nbd, make_image):
     data = os.urandom(2 * pipe + 1000)
     ours, theirs = socket.socketpair()
     writer = Writer(theirs, data)
-    s = stream.open(address(srv))
-    try:
+    with stream.open(address(srv)) as s:
         with pytest.raises(EOFError) as e:
             s.receive(ours, 0, 4 * pipe, prefix=b"")
         assert e.value.args == (len(data),)
@@ -287,8 +271,6 @@ def test_receive_short_body(qemu_nbd, make_image):
         assert not s.broken
         s.flush()
         assert send_all(s, 0, 3 * pipe) == data + bytes(3 * pipe - len(data))
-    finally:
-        s.close()
         ours.close()
     writer.join()
 
@@ -299,14 +281,11 @@ def test_receive_write_error(nbdkit):
     data = os.urandom(M)
     ours, theirs = socket.socketpair()
     writer = Writer(theirs, data)
-    s = stream.open(srv.address)
-    try:
+    with stream.open(srv.address) as s:
         with pytest.raises(stream.Error) as e:
             s.receive(ours, 0, len(data))
         assert e.value.op == "write"
         assert e.value.errno == errno.ENOSPC
-    finally:
-        s.close()
         ours.close()
     writer.join()
 
@@ -314,15 +293,12 @@ def test_receive_write_error(nbdkit):
 def test_zero_and_extents(qemu_nbd, make_image, qemu_img_map):
     path = make_image(size=4 * M, commands=["write -P 0x55 0 4M"])
     srv = qemu_nbd(path)
-    s = stream.open(address(srv))
-    try:
+    with stream.open(address(srv)) as s:
         s.zero(M, M)
         s.zero(64 * K, 3 * M, punch_hole=True)
         s.flush()
         found = s.extents("zero", 0, 4 * M)
         assert send_all(s, M - 1, 2) == b"\x55\x00"
-    finally:
-        s.close()
     expected = extents.merge([
         extents.ZeroExtent(e["start"], e["length"], zero=e["zero"],
                            hole=not e["data"])
@@ -336,29 +312,23 @@ def test_zero_and_extents(qemu_nbd, make_image, qemu_img_map):
 def test_extents_clipped(qemu_nbd, image):
     path, fmt = image
     srv = qemu_nbd(path, fmt=fmt, read_only=True)
-    s = stream.open(address(srv))
-    try:
+    with stream.open(address(srv)) as s:
         assert s.extents("zero", 64 * K - 10, 20) == [
             extents.ZeroExtent(64 * K - 10, 10, zero=False, hole=False),
             extents.ZeroExtent(64 * K, 10, zero=True, hole=True)]
         assert s.extents("zero", 4 * M, 10) == []
         with pytest.raises(ValueError):
             s.extents("dirty")
-    finally:
-        s.close()
 
 
 def test_write_zeros_without_write_zeroes(nbdkit):
     # nbdkit's nozero filter hides NBD_CMD_WRITE_ZEROES: zeros are sent.
     srv = nbdkit("pattern", "size=4M", filters=["cow", "nozero"])
-    s = stream.open(srv.address)
-    try:
+    with stream.open(srv.address) as s:
         assert not s.can_zero
         s.zero(2 * M + 3, 5)
         assert send_all(s, 0, 2 * M + 16)[5:] == bytes(2 * M + 3) + (
             (2 * M + 8).to_bytes(8, "big"))
-    finally:
-        s.close()
 
 
 def test_close_twice(qemu_nbd, image):
