@@ -553,15 +553,8 @@ def receive(lk, image, req, offset, length, done):
             buf = buffers[i % 2][:n]
             got = read_full(req, buf)
             if got < n:
-                # Every byte received is written, as on the unix socket
-                # (and upstream), then the request fails.
-                if got:
-                    pending.append((lk.submit(image.write, buf[:got],
-                                              offset + received), got))
-                while pending:
-                    f, size = pending.popleft()
-                    f.result()
-                    done(size)
+                # The complete pieces are written (drained below), the
+                # incomplete one is not, as on the unix socket.
                 raise server.Error(
                     400, f"Requested {length} bytes, available "
                          f"{received + got} bytes")

@@ -29,11 +29,13 @@ reply will follow this one. That keeps two reads in flight (the server
 reads the next piece while this one is spliced) without ever receiving
 replies out of order.
 
-Writes: a piece is spliced from the client into the pipe before its
-NBD_CMD_WRITE header is sent, so a client that stops short never leaves a
-half-sent request: the NBD connection stays usable and every byte that
-arrived is written. A piece ends where the pipe is full: a pipe holds a
-number of pages, and small socket buffers take a page each. Write replies carry no data, so writes are pipelined
+Writes: a piece of up to MAX_WRITE bytes is one NBD_CMD_WRITE; its header
+goes out with the piece's first pipe-full, the rest follows through the
+pipe. A pipe holds a number of pages, not bytes, and small socket buffers
+take a page each, so each fill moves what fits. A client that stops short
+leaves its last piece incomplete: the server never executes it, the
+complete pieces before it are acknowledged, and the connection is given
+up. Write replies carry no data, so writes are pipelined
 and their replies collected as they come and at the end of the request.
 
 A Stream whose transfer was interrupted in the middle of a payload (the
@@ -127,6 +129,11 @@ MAX_REQUEST = 8 * 1024**2
 # Bytes read from the NBD socket at once for replies (see _recv_exact).
 RECV_BUFFER = 64 * 1024
 
+# Largest write request. Its bytes stream through the pipe. qemu-nbd
+# spends ~13% less CPU writing a qcow2 in 8 MiB requests than in 1 MiB
+# ones.
+MAX_WRITE = 8 * 1024**2
+
 # Write requests sent before waiting for a reply.
 MAX_WRITES_IN_FLIGHT = 16
 
@@ -180,6 +187,7 @@ class Stream:
         self._handshake(address.export)
         self.has_base_allocation = self._base_allocation_id is not None
         self._max_request = min(self.maximum_block_size, MAX_REQUEST)
+        self._max_write = min(self.maximum_block_size, MAX_WRITE)
 
     def __repr__(self):
         return f"<Stream address={self.address} size={self.size}>"
@@ -233,37 +241,63 @@ class Stream:
         bytes of prefix (body bytes the caller had buffered), then the
         rest from sock. Returns once every write was acknowledged.
 
-        If sock ends early, raises EOFError with the number of body bytes
-        received, after writing all of them (as upstream does).
+        The body goes in pieces of up to MAX_WRITE bytes. A piece's
+        NBD_CMD_WRITE header is sent with its first bytes, and the rest
+        streams through the pipe. If sock ends early, every complete piece
+        is written and acknowledged, the incomplete one is abandoned (the
+        server never executes a request it did not receive whole), the
+        Stream is broken, and EOFError is raised with the number of body
+        bytes received.
         """
         prefix = memoryview(prefix)
         pos, end = offset, offset + length
         try:
             while pos < end:
-                n = min(end - pos, self._max_request, self._pipe_capacity())
+                n = min(end - pos, self._max_write)
                 head = prefix[:n]
                 prefix = prefix[len(head):]
+                left = n - len(head)
                 got, eof = 0, False
-                if n > len(head):
-                    got, eof = self._fill_pipe(sock, n - len(head))
-                size = len(head) + got
-                # size may be less than n: the pipe filled up first, or
-                # the body ended. Every byte received is written.
-                if size:
-                    self._send_write_request(pos, size, head)
+                if left:
+                    got, eof = self._fill_pipe(
+                        sock, min(left, self._pipe_capacity()))
                 if eof:
+                    # Nothing of this piece was sent.
+                    self._drain_pipe()
                     self._wait_writes(0)
-                    raise EOFError(pos - offset + size)
-                pos += size
+                    raise EOFError(pos - offset + len(head) + got)
+                self._send_write_header(pos, n, head)
+                if got:
+                    self._splice_all(self._pipe[0], self._sock, got)
+                left -= got
+                while left:
+                    got, eof = self._fill_pipe(
+                        sock, min(left, self._pipe_capacity()))
+                    self._splice_all(self._pipe[0], self._sock, got)
+                    left -= got
+                    if eof:
+                        self._abandon_write()
+                        raise EOFError(pos - offset + n - left)
+                pos += n
                 self._wait_writes(MAX_WRITES_IN_FLIGHT)
                 if done is not None:
-                    done(size)
+                    done(n)
             self._wait_writes(0)
         except (Error, EOFError):
             raise
         except BaseException:
             self.broken = True
             raise
+
+    def _abandon_write(self):
+        """
+        The body ended inside a piece whose header was sent: collect the
+        replies to the complete pieces before it, then give up this
+        connection.
+        """
+        self.broken = True
+        self._writes -= 1
+        self._wait_writes(0)
 
     # Commands without data.
 
@@ -465,20 +499,13 @@ class Stream:
             raise self._protocol("read", offset, length,
                                  f"unexpected chunk type {kind}")
 
-    def _send_write_request(self, offset, length, head):
+    def _send_write_header(self, offset, length, head):
+        """Send a write's header and the first bytes of its payload."""
         cookie = next(self._cookies)
         self._sock.sendall(
-            REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, length),
-            socket.MSG_MORE)
+            REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, length)
+            + head, socket.MSG_MORE if len(head) < length else 0)
         self._writes += 1
-        try:
-            if len(head):
-                self._sock.sendall(head, socket.MSG_MORE
-                                   if len(head) < length else 0)
-            self._splice_all(self._pipe[0], self._sock, length - len(head))
-        except BaseException:
-            self.broken = True
-            raise
 
     def _wait_writes(self, limit):
         """Collect write replies until at most limit are outstanding."""
@@ -678,6 +705,20 @@ class Stream:
                 return got, True
             got += n
         return got, False
+
+    def _drain_pipe(self):
+        """Drop what is in the pipe (a body that ended early)."""
+        r = self._pipe[0]
+        os.set_blocking(r, False)
+        try:
+            while True:
+                try:
+                    if not os.read(r, PIPE_SIZE):
+                        break
+                except BlockingIOError:
+                    break
+        finally:
+            os.set_blocking(r, True)
 
     def _splice_all(self, r, dst, length):
         """Splice exactly length bytes from the pipe r to dst."""

@@ -448,12 +448,13 @@ def test_put_short_body(daemon, rw_export, image):
     assert reply.startswith(b"HTTP/1.1 400 ")
     assert reply.endswith(b"Requested 10 bytes, available 3 bytes\n")
     assert b"connection: close" in reply
-    # What arrived is written, as upstream does.
-    assert image_bytes(image, 0, 3) == b"abc"
+    # An incomplete piece is not written.
+    assert image_bytes(image, 0, 3) == b"AAA"
 
 
 def test_put_short_body_https(daemon, rw_export, image):
-    # The same through the copy loops (TLS).
+    # The same through the copy loops (TLS): the complete pieces (half the
+    # buffer size) are written, the incomplete one is not.
     add_ticket(daemon, url(rw_export), ops=["write"])
     ctx = ssl.create_default_context(cafile=daemon.cfg.tls.ca_file)
     port = daemon.remote.server.address()[1]
@@ -473,7 +474,11 @@ def test_put_short_body_https(daemon, rw_export, image):
     assert reply.startswith(b"HTTP/1.1 400 ")
     assert reply.endswith(
         b"Requested %d bytes, available %d bytes\n" % (2 * MiB, len(sent)))
-    assert image_bytes(image, 0, len(sent)) == sent
+    piece = BUFFER_SIZE // 2
+    complete = len(sent) // piece * piece
+    assert image_bytes(image, 0, complete) == sent[:complete]
+    assert image_bytes(image, complete, len(sent) - complete) != sent[
+        complete:]
 
 
 def test_put_pipelined(daemon, rw_export, image):
@@ -493,9 +498,11 @@ def test_put_pipelined(daemon, rw_export, image):
 
 
 def test_put_short_large_body(daemon, rw_export, image):
-    # A body that ends in the middle of a piece: every byte received is
-    # written (as upstream does), and the daemon keeps serving.
+    # A body that ends in the middle of its second piece (8 MiB pieces
+    # would be one; the image is 4 MiB, so the PUT is one piece): nothing
+    # of the incomplete piece is written, and the daemon keeps serving.
     add_ticket(daemon, url(rw_export), ops=["write"])
+    before = image_bytes(image)
     sent = os.urandom(MiB + MiB // 2)
     reply = testutil.raw_request(
         daemon.cfg.local.socket,
@@ -504,14 +511,30 @@ def test_put_short_large_body(daemon, rw_export, image):
     assert reply.startswith(b"HTTP/1.1 400 ")
     assert reply.endswith(
         b"Requested %d bytes, available %d bytes\n" % (3 * MiB, len(sent)))
-    assert image_bytes(image, 0, len(sent)) == sent
+    assert image_bytes(image) == before
     c = Client(daemon)
     resp, data = c.request("GET", "/images/tid-secret",
                            headers={"range": f"bytes=0-{2 * MiB - 1}"})
     c.close()
     assert resp.status == 206
-    assert data == image_bytes(image, 0, 2 * MiB)
-    assert data[:len(sent)] == sent
+    assert data == before[:2 * MiB]
+
+
+def test_put_short_body_after_complete_pieces(daemon, qemu_nbd, make_image):
+    # 8 MiB pieces: a 12 MiB PUT whose body stops at 10 MiB writes the
+    # first piece and not the second.
+    path = make_image(name="big", size=16 * MiB)
+    add_ticket(daemon, url(qemu_nbd(path)), ops=["write"], size=16 * MiB)
+    sent = os.urandom(10 * MiB)
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/tid-secret HTTP/1.1\r\ncontent-length: %d\r\n\r\n"
+        % (12 * MiB) + sent)
+    assert reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.endswith(
+        b"Requested %d bytes, available %d bytes\n" % (12 * MiB, len(sent)))
+    assert image_bytes(path, 0, 8 * MiB) == sent[:8 * MiB]
+    assert image_bytes(path, 8 * MiB, 2 * MiB) == bytes(2 * MiB)
 
 
 def test_put_expect_continue(daemon, rw_export, image):

@@ -256,22 +256,41 @@ def test_receive(qemu_nbd, make_image, qemu_io):
 
 
 def test_receive_short_body(qemu_nbd, make_image):
-    path = make_image(size=8 * M)
+    # The body ends inside the second piece: the first is written and
+    # acknowledged, the second is never executed, the stream is broken.
+    path = make_image(size=3 * stream.MAX_WRITE)
     srv = qemu_nbd(path)
-    pipe = stream.PIPE_SIZE
-    data = os.urandom(2 * pipe + 1000)
+    data = os.urandom(stream.MAX_WRITE + 3 * stream.PIPE_SIZE + 1000)
     ours, theirs = socket.socketpair()
     writer = Writer(theirs, data)
+    try:
+        with stream.open(address(srv)) as s:
+            with pytest.raises(EOFError) as e:
+                s.receive(ours, 0, 2 * stream.MAX_WRITE, prefix=b"")
+            assert e.value.args == (len(data),)
+            assert s.broken
+    finally:
+        ours.close()
+    writer.join()
+    with stream.open(address(srv)) as s:
+        got = send_all(s, 0, 2 * stream.MAX_WRITE)
+    assert got == data[:stream.MAX_WRITE] + bytes(stream.MAX_WRITE)
+
+
+def test_receive_short_first_piece(qemu_nbd, make_image):
+    # The body ends before the first pipe-full: no request was sent, the
+    # connection stays usable.
+    path = make_image(size=4 * M)
+    srv = qemu_nbd(path)
+    ours, theirs = socket.socketpair()
+    writer = Writer(theirs, b"x" * 1000)
     with stream.open(address(srv)) as s:
         with pytest.raises(EOFError) as e:
-            s.receive(ours, 0, 4 * pipe, prefix=b"")
-        assert e.value.args == (len(data),)
-        # Every byte received is written, and the NBD connection is still
-        # usable.
+            s.receive(ours, 0, M, prefix=b"abc")
+        assert e.value.args == (1003,)
         assert not s.broken
-        s.flush()
-        assert send_all(s, 0, 3 * pipe) == data + bytes(3 * pipe - len(data))
-        ours.close()
+        assert send_all(s, 0, 1003) == bytes(1003)
+    ours.close()
     writer.join()
 
 
