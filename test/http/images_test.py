@@ -12,6 +12,7 @@ import pytest
 
 import testutil
 from ovirt_imageio import tls
+from ovirt_imageio.nbd import stream as nbd_stream
 
 MiB = 1024**2
 
@@ -899,3 +900,38 @@ def test_unix_socket_abstract_reported(make_daemon, export):
     body = json.loads(data.split(b"\r\n\r\n", 1)[1])
     assert body["unix_socket"] == address
     assert address.startswith("\0")
+
+
+def test_plain_tcp_splices(make_daemon, qemu_nbd, make_image, monkeypatch):
+    # [tls] enable = false: the remote service is plain TCP, and data is
+    # spliced between the TCP socket and NBD as on the unix socket.
+    calls = []
+    for name in ("send", "receive"):
+        method = getattr(nbd_stream.Stream, name)
+
+        def counted(self, *a, _name=name, _method=method, **kw):
+            calls.append(_name)
+            return _method(self, *a, **kw)
+
+        monkeypatch.setattr(nbd_stream.Stream, name, counted)
+    daemon = make_daemon(tls={"enable": "false"},
+                         backend_nbd={"buffer_size": str(BUFFER_SIZE)})
+    path = make_image(name="tcp", size=8 * MiB)
+    add_ticket(daemon, url(qemu_nbd(path)), ops=["write"], size=8 * MiB)
+    host, port = daemon.remote.server.address()[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    data = os.urandom(6 * MiB)
+    conn.request("PUT", "/images/tid-secret", body=data,
+                 headers={"content-range": f"bytes {MiB}-{7 * MiB - 1}/*"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    resp.read()
+    conn.request("GET", "/images/tid-secret")
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.status == 200
+    assert body == bytes(MiB) + data + bytes(MiB)
+    assert image_bytes(path) == body
+    assert calls[0] == "receive"
+    assert set(calls[1:]) == {"send"}
