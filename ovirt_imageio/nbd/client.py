@@ -39,6 +39,7 @@ length and errno.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import threading
@@ -67,10 +68,15 @@ LIBNBD_MAX_REQUEST = 64 * 1024**2
 # 1 GiB bounds that at the cost of one round trip per GiB.
 MAX_ZERO = 1024**3
 
-# Largest NBD_CMD_BLOCK_STATUS request. The length field is 32 bits; 2 GiB
-# keeps it aligned. Servers may reply with less; the loop continues from
-# where the reply ended.
-MAX_BLOCK_STATUS = 2 * 1024**3
+# Largest NBD_CMD_BLOCK_STATUS request: the largest 1 MiB aligned length
+# that fits the 32-bit length field. Servers may reply with less; the loop
+# continues from where the reply ended. An empty 1 TiB qcow2 takes 256
+# requests: 36 ms one at a time in 2 GiB requests, 18 ms in these, less
+# with several in flight (extents()).
+MAX_BLOCK_STATUS = 4 * 1024**3 - 1024**2
+
+# Block status requests kept in flight by extents().
+BLOCK_STATUS_IN_FLIGHT = 8
 
 # Requests kept in flight by one call. qemu-nbd serves up to 16 requests
 # per client at once (MAX_NBD_REQUESTS); more would only queue in the
@@ -339,23 +345,87 @@ class Client:
             return [extents.ZeroExtent(offset, end - offset, zero=False,
                                        hole=False)]
 
-        result = []
         with self._lock:
-            h = self._handle()
-            while offset < end:
-                length = min(end - offset, MAX_BLOCK_STATUS)
-                replies = self._block_status(h, length, offset)
+            return self._extents(self._handle(), context, offset, end)
+
+    def _extents(self, h, context, offset, end):
+        """
+        Block status for [offset, end) in windows of MAX_BLOCK_STATUS,
+        BLOCK_STATUS_IN_FLIGHT of them in flight: a huge sparse image
+        costs a few round trips, not one per window. Replies are used in
+        order; a reply that covers only part of its window is followed by
+        a request for the rest of that window, used next.
+        """
+        result = []
+        pending = collections.deque()
+        next_offset = offset
+
+        def submit(start, length, front=False):
+            replies = {}
+            wrong_offsets = []
+
+            def collect(name, reply_offset, entries, error):
+                # Only collect; never raise inside a libnbd callback.
+                if reply_offset != start:
+                    wrong_offsets.append(reply_offset)
+                elif name not in replies:
+                    replies[name] = entries
+                return 0
+
+            try:
+                cookie = h.aio_block_status(length, start, collect)
+            except nbd.Error as e:
+                raise _error("block_status", start, length, e) from None
+            item = (start, length, cookie, replies, wrong_offsets)
+            if front:
+                pending.appendleft(item)
+            else:
+                pending.append(item)
+
+        try:
+            while pending or next_offset < end:
+                while (next_offset < end
+                       and len(pending) < BLOCK_STATUS_IN_FLIGHT):
+                    length = min(end - next_offset, MAX_BLOCK_STATUS)
+                    submit(next_offset, length)
+                    next_offset += length
+                # Retired by _wait, even when it raises the command's error.
+                start, length, cookie, replies, wrong_offsets = (
+                    pending.popleft())
+                self._wait(h, cookie, "block_status", start, length)
+                if wrong_offsets:
+                    raise Error("block_status", start, length, errno.EPROTO,
+                                f"reply for offset {wrong_offsets[0]}")
+                window_end = start + length
                 found = extents.clip(
-                    self._combine(context, offset, replies), end)
+                    self._combine(context, start, replies), window_end)
                 if not found:
                     raise Error(
-                        "block_status", offset, length, errno.EPROTO,
+                        "block_status", start, length, errno.EPROTO,
                         f"server replied without extents for some of "
                         f"{sorted(self._contexts(context))}")
                 # Merge as we go so a huge image's list stays small.
                 result[-1:] = extents.merge(result[-1:] + found)
-                offset = found[-1].start + found[-1].length
+                reached = found[-1].start + found[-1].length
+                if reached < window_end:
+                    submit(reached, window_end - reached, front=True)
+        finally:
+            # Callbacks of commands still in flight write to their own
+            # lists only; retire them so none is left on the handle.
+            for item in pending:
+                try:
+                    self._wait(h, item[2], "block_status", item[0], item[1])
+                except Error:
+                    pass
         return result
+
+    def _wait(self, h, cookie, op, offset, length):
+        """Wait until the command cookie completes; raise its error."""
+        try:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+        except nbd.Error as e:
+            raise _error(op, offset, length, e) from None
 
     def _contexts(self, context):
         if context == "zero":
@@ -381,28 +451,6 @@ class Client:
         if self.has_base_allocation:
             base = replies.get(extents.BASE_ALLOCATION, [])
         return extents.dirty_extents(offset, bitmap, base)
-
-    def _block_status(self, h, length, offset):
-        """Return {context: [length, flags, ...]} for a block status call."""
-        replies = {}
-        wrong_offsets = []
-
-        def collect(context, reply_offset, entries, error):
-            # Only collect; never raise inside a libnbd callback.
-            if reply_offset != offset:
-                wrong_offsets.append(reply_offset)
-            elif context not in replies:
-                replies[context] = entries
-            return 0
-
-        try:
-            h.block_status(length, offset, collect)
-        except nbd.Error as e:
-            raise _error("block_status", offset, length, e) from None
-        if wrong_offsets:
-            raise Error("block_status", offset, length, errno.EPROTO,
-                        f"reply for offset {wrong_offsets[0]}")
-        return replies
 
     # Closing
 

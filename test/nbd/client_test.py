@@ -685,3 +685,23 @@ def can_connect(address):
     except client.Error:
         return False
     return True
+
+
+def test_zero_extents_short_replies(nbdkit, monkeypatch):
+    # nbdkit's blocksize filter answers block status for at most maxlen
+    # bytes: every window's reply is short, and the rest of the window is
+    # asked again before the next window is used.
+    monkeypatch.setattr(client, "MAX_BLOCK_STATUS", 256 * K)
+    srv = nbdkit("memory", "size=1M", "maxlen=64K", filters=["blocksize"])
+    with client.open(srv.address) as c:
+        # The memory plugin allocates in 32 KiB pages.
+        c.write(b"x" * 4096, 320 * K)
+        c.write(b"y" * 4096, 704 * K)
+        found = c.extents()
+    assert [(e.start, e.length, e.zero) for e in found] == [
+        (0, 320 * K, True),
+        (320 * K, 32 * K, False),
+        (352 * K, 352 * K, True),
+        (704 * K, 32 * K, False),
+        (736 * K, 288 * K, True),
+    ]
