@@ -6,33 +6,30 @@ export on first use (a Link, kept in the connection's Context) and keeps it
 while the connection lives; the ticket counts it in `connections`. A
 request authorizes, takes the link, runs one ticket operation, responds.
 
-Theory of operation, the copy loops. A transfer larger than one buffer is
-cut into pieces of half the configured buffer size. NBD I/O for piece N+1
-runs on the link's I/O thread while the handler thread moves piece N over
-the socket; both wait with the GIL released (libnbd poll, socket send and
-recv). Two half buffers per connection are allocated once and reused, so
-a connection costs what upstream's single buffer costs. A GET asks block
-status for its range first and never reads zero extents: their bytes come
-from one shared zero buffer. Small requests (one piece) run inline on the
-handler thread, so 4 KiB random reads pay no thread hand-off.
+Theory of operation: data moves through the link's Stream (nbd/stream.py),
+the daemon's own NBD client, in the handler's thread.
 
-On a plain connection (the local unix socket, or the remote service
-without TLS) nothing is copied through the daemon: the link's Stream
-(nbd/stream.py) splices GET data from the NBD socket to the client's
-socket and PUT bodies the other way, and serves PATCH zero and flush; the
-copy loops serve TLS connections, whose bytes must be encrypted here.
+- On a plain connection (the local unix socket, or the remote service
+  without TLS) nothing is copied through the daemon: GET data is spliced
+  from the NBD socket to the client's socket, PUT bodies the other way.
+- On a TLS connection the bytes must be encrypted or decrypted here: each
+  piece (half the configured buffer size) is received into a reused
+  buffer. The Stream keeps one read ahead, and writes are pipelined, so
+  qemu-nbd works on the next piece while this one crosses TLS.
+- A GET asks block status for its range first and never reads zero
+  extents: their bytes come from one shared zero buffer.
+- /extents and /checksum use a libnbd client (allocation depth, dirty
+  bitmaps); a link holds one of the two at a time.
 
 An image may move a whole range itself: the proxy's relay (relay.py) has
 send() and receive(), streaming each client request as one request to the
-daemon; the copy loops are then not used.
+daemon.
 
 Cancellation: every piece reports progress to the ticket operation, which
 raises once the ticket is canceled, so a transfer stops within one piece.
 A canceled ticket closes the NBD connection of links that are idle.
 """
 
-import collections
-import concurrent.futures
 import contextlib
 import json
 import logging
@@ -77,13 +74,13 @@ class Link:
     """
     One HTTP connection's NBD connection to one ticket's export.
 
-    On a plain (non-TLS) connection to an NBD export, the link's
-    connection is a Stream (nbd/stream.py) that splices data between the
-    NBD socket and the client's socket; requests it does not serve
-    (/extents, /checksum) use a libnbd client. A link holds one of the two
-    at a time, switching when a request needs the other, so an HTTP
-    connection never costs more than one NBD connection (vdsm's qemu-nbd
-    allows 8).
+    To an NBD export, data requests (GET, PUT, PATCH) use a Stream
+    (nbd/stream.py), which on a plain (non-TLS) connection splices data
+    between the NBD socket and the client's socket; /extents and /checksum
+    use a libnbd client. A link holds one of the two at a time, switching
+    when a request needs the other, so an HTTP connection never costs more
+    than one NBD connection (vdsm's qemu-nbd allows 8). A proxy ticket's
+    link holds the relay's image.
 
     The handler thread holds the lock while it uses the connection;
     cancel() from another thread closes it only if the link is idle, so an
@@ -94,19 +91,20 @@ class Link:
         self.ticket = ticket
         self.resource = resource
         self.buffer_size = buffer_size
+        # The export can be reached with a Stream (not a proxy's relay).
+        self.streams = hasattr(resource, "open_stream")
         # The client's socket, if data may be spliced to and from it.
-        self.sock = sock if hasattr(resource, "open_stream") else None
+        self.sock = sock if self.streams else None
         self.image = None
         self.stream = None
         self.size = None
         self._lock = threading.Lock()
-        self._buffers = None
-        self._executor = None
+        self._buffer = None
         self.closed = False
 
     def open(self):
         """Connect now, so a missing export fails the first request."""
-        if self.sock is not None:
+        if self.streams:
             self.stream = self.resource.open_stream()
             self.size = self.stream.size
         else:
@@ -118,22 +116,15 @@ class Link:
         Hold the link for a data request (GET, PUT, PATCH): a context
         manager giving the Stream if the link splices, else the image.
         """
-        return self.streaming() if self.sock is not None else self
+        return self.streaming() if self.streams else self
 
-    def buffers(self):
-        """Two reused buffers of half the buffer size each."""
-        if self._buffers is None:
-            half = max(self.buffer_size // 2, 4096)
-            self._buffers = (memoryview(bytearray(half)),
-                             memoryview(bytearray(half)))
-        return self._buffers
-
-    def submit(self, fn, *args):
-        """Run fn on this link's I/O thread."""
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="nbd-io")
-        return self._executor.submit(fn, *args)
+    def buffer(self):
+        """The reused buffer for data crossing TLS: half the configured
+        buffer size, the piece size."""
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(
+                max(self.buffer_size // 2, 4096)))
+        return self._buffer
 
     def __enter__(self):
         """Hold the link; return its libnbd image (or relay)."""
@@ -198,8 +189,6 @@ class Link:
         with self._lock:
             self._close()
         self.ticket.remove_context(self)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
 
     def _close(self):
         if not self.closed:
@@ -344,19 +333,16 @@ class Handler:
             with ticket.operation(offset) as op, lk.streaming() as stream:
                 splice_out(stream, lk.sock, offset, length, write, op.done)
             return
+        if lk.streams:
+            with ticket.operation(offset) as op, lk.streaming() as stream:
+                copy_out(stream, lk.buffer(), offset, length, write,
+                         op.done)
+            return
 
+        # The proxy's relay streams the range itself: one request to the
+        # daemon per client request (relay.py).
         with ticket.operation(offset) as op, lk as image:
-            if hasattr(image, "send"):
-                # The proxy's relay streams the range itself: one request
-                # to the daemon per client request (relay.py).
-                image.send(write, offset, length, op.done, lk.buffers()[0])
-            elif length <= len(lk.buffers()[0]):
-                buf = lk.buffers()[0][:length]
-                image.read_into(buf, offset)
-                write(buf)
-                op.done(length)
-            else:
-                send(lk, image, offset, length, write, op.done)
+            image.send(write, offset, length, op.done, lk.buffer())
 
     head = get
 
@@ -390,15 +376,17 @@ class Handler:
                 if flush:
                     stream.flush()
             return
-        with ticket.operation(offset) as op, lk as image:
-            if hasattr(image, "receive"):
-                # The proxy's relay streams the body itself (relay.py).
-                image.receive(body_reader(req, length), offset, length,
-                              op.done, lk.buffers()[0], flush=flush)
-            else:
-                receive(lk, image, req, offset, length, op.done)
+        if lk.streams:
+            with ticket.operation(offset) as op, lk.streaming() as stream:
+                stream.write_from(body_reader(req, length), lk.buffer(),
+                                  offset, length, op.done)
                 if flush:
-                    image.flush()
+                    stream.flush()
+            return
+        # The proxy's relay streams the body itself (relay.py).
+        with ticket.operation(offset) as op, lk as image:
+            image.receive(body_reader(req, length), offset, length,
+                          op.done, lk.buffer(), flush=flush)
 
     # PATCH
 
@@ -507,72 +495,27 @@ def splice_out(stream, sock, offset, length, write, done):
     begin()
 
 
-def send(lk, image, offset, length, write, done):
-    """Read the range from NBD and write it out, overlapping the two."""
-    buffers = lk.buffers()
-    piece = len(buffers[0])
-    pending = collections.deque()
-    try:
-        pieces = plan(image, offset, length, piece)
-        for i, (start, n, zero) in enumerate(pieces):
-            if zero:
-                future = None
-                data = zeros(piece)[:n]
-            else:
-                data = buffers[i % 2][:n]
-                future = lk.submit(image.read_into, data, start)
-            pending.append((future, data, n))
-            # Keep one read ahead: send the older piece while this one is
-            # read. A buffer is reused only after its piece was sent.
-            if len(pending) == 2:
-                _send_piece(pending.popleft(), write, done)
-        while pending:
-            _send_piece(pending.popleft(), write, done)
-    finally:
-        _drain(pending)
+def copy_out(stream, buf, offset, length, write, done):
+    """
+    Send the range through buf (TLS connections): data read by the Stream
+    in the handler's thread, zero extents from the shared zero buffer.
+    """
+    def begin():
+        write(b"")
 
-
-def _send_piece(item, write, done):
-    future, data, n = item
-    if future is not None:
-        future.result()
-    write(data)
-    done(n)
-
-
-def receive(lk, image, req, offset, length, done):
-    """Read the body from the socket and write it to NBD, overlapping."""
-    buffers = lk.buffers()
-    piece = len(buffers[0])
-    pending = collections.deque()
-    received = 0
-    i = 0
-    try:
-        while received < length:
-            n = min(length - received, piece)
-            buf = buffers[i % 2][:n]
-            got = read_full(req, buf)
-            if got < n:
-                # The complete pieces are written (drained below), the
-                # incomplete one is not, as on the unix socket.
-                raise server.Error(
-                    400, f"Requested {length} bytes, available "
-                         f"{received + got} bytes")
-            future = lk.submit(image.write, buf, offset + received)
-            pending.append((future, n))
-            received += n
-            i += 1
-            # Before reusing a buffer, its write must be done.
-            if len(pending) == 2:
-                f, size = pending.popleft()
-                f.result()
-                done(size)
-        while pending:
-            f, size = pending.popleft()
-            f.result()
-            done(size)
-    finally:
-        _drain(pending)
+    for start, n, zero in plan(stream, offset, length, length):
+        if zero:
+            begin()
+            zbuf = zeros(ZERO_CHUNK)
+            end = start + n
+            while start < end:
+                k = min(end - start, len(zbuf))
+                write(zbuf[:k])
+                done(k)
+                start += k
+        else:
+            stream.send_to(write, buf, start, n, begin, done)
+    begin()
 
 
 def body_reader(req, length):
@@ -602,17 +545,6 @@ def read_full(req, buf):
             break
         pos += n
     return pos
-
-
-def _drain(pending):
-    # Never leave NBD I/O running on a buffer we are about to reuse.
-    for item in pending:
-        future = item[0]
-        if future is not None:
-            try:
-                future.result()
-            except Exception:
-                pass
 
 
 # Validation helpers, with upstream's messages.
@@ -664,4 +596,3 @@ def boolean(msg, name, default):
     if not isinstance(value, bool):
         raise server.Error(400, f"Boolean required {value!r}")
     return value
-

@@ -205,13 +205,33 @@ class Stream:
         its first byte moves, so a failed read can still be answered with
         an error response; done(bytes) is called after each piece.
         """
+        self._read_pieces(offset, length, self._max_request,
+                          lambda n: self._splice_out(sock, n), begin, done)
+
+    def send_to(self, write, buf, offset, length, begin=None, done=None):
+        """
+        Like send(), for a connection whose bytes must pass through user
+        space (TLS): each piece is received into buf, reused, and given to
+        write(). No thread: while write() encrypts and sends a piece, the
+        server is already sending the next one (one read ahead).
+        """
+        view = memoryview(buf).cast("B")
+
+        def move(n):
+            piece = view[:n]
+            self._recv_payload(piece)
+            write(piece)
+
+        self._read_pieces(offset, length, min(self._max_request, len(view)),
+                          move, begin, done)
+
+    def _read_pieces(self, offset, length, step, move, begin, done):
         end = offset + length
         pos = offset
         pending = None
         try:
             if pos < end:
-                pending = self._submit_read(pos, min(end - pos,
-                                                     self._max_request))
+                pending = self._submit_read(pos, min(end - pos, step))
             while pending is not None:
                 cookie, start, n = pending
                 pending = None
@@ -220,17 +240,16 @@ class Stream:
                 if done_flag and pos < end:
                     # This reply is being sent whole; the next one will
                     # come after it.
-                    pending = self._submit_read(
-                        pos, min(end - pos, self._max_request))
+                    pending = self._submit_read(pos, min(end - pos, step))
                 if begin is not None:
                     begin()
                     begin = None
-                self._splice_out(sock, n)
+                move(n)
                 if not done_flag:
                     self._read_final(cookie, start, n)
                     if pos < end:
                         pending = self._submit_read(
-                            pos, min(end - pos, self._max_request))
+                            pos, min(end - pos, step))
                 if done is not None:
                     done(n)
         except BaseException:
@@ -291,6 +310,37 @@ class Stream:
         except BaseException:
             self.broken = True
             raise
+
+    def write_from(self, read_into, buf, offset, length, done=None):
+        """
+        Write length bytes at offset, read with read_into(view) into buf,
+        reused (TLS connections, whose bytes pass through user space).
+        read_into fills the whole view or raises. Writes are pipelined:
+        the server writes one piece while the next is received. Returns
+        once every write was acknowledged; if read_into raises, the
+        complete pieces are acknowledged first.
+        """
+        view = memoryview(buf).cast("B")
+        step = min(self._max_write, len(view))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(end - pos, step)
+            piece = view[:n]
+            try:
+                read_into(piece)
+            except BaseException:
+                self._wait_writes(0)
+                raise
+            try:
+                self._send_write_header(pos, n, piece)
+            except BaseException:
+                self.broken = True
+                raise
+            pos += n
+            self._wait_writes(MAX_WRITES_IN_FLIGHT)
+            if done is not None:
+                done(n)
+        self._wait_writes(0)
 
     def _abandon_write(self):
         """
@@ -576,7 +626,8 @@ class Stream:
                 if kind == CHUNK_BLOCK_STATUS and size >= 4:
                     (ctx_id,) = struct.unpack(">I", payload[:4])
                     count = (size - 4) // 4
-                    values = struct.unpack(f">{count}I", payload[4:4 + count * 4])
+                    values = struct.unpack(f">{count}I",
+                                           payload[4:4 + count * 4])
                     if ctx_id == self._base_allocation_id and entries is None:
                         entries = list(values)
                 if flags & CHUNK_FLAG_DONE:
@@ -659,6 +710,20 @@ class Stream:
                 self._pipe_size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
             self._pipe = (r, w)
         return self._pipe_size
+
+    def _recv_payload(self, view):
+        """Fill view with payload bytes: buffered ones first."""
+        pos = min(self._rend - self._rpos, len(view))
+        if pos:
+            view[:pos] = self._rview[self._rpos:self._rpos + pos]
+            self._rpos += pos
+        while pos < len(view):
+            got = self._sock.recv_into(view[pos:])
+            if got == 0:
+                self.broken = True
+                raise Error("read", 0, len(view), errno.ECONNRESET,
+                            "NBD server closed the connection")
+            pos += got
 
     def _splice_out(self, sock, length):
         """Move length payload bytes from the NBD socket to sock."""
