@@ -99,9 +99,11 @@ DEFAULTS = {
         "buffer_size": 8 * MiB,
     },
     "backend_nbd": {
-        # Bytes per NBD request, and per connection in memory. Copied from
-        # backend_file; must not exceed the NBD server's maximum request
-        # size (32 MiB for qemu-nbd).
+        # Memory per TLS connection: half of it is the piece moved at a
+        # time (one NBD read or write request) and the granularity of
+        # "transferred" progress. Plain connections (the unix socket) splice
+        # data and use no buffer. Must not exceed twice the NBD server's
+        # maximum request size (32 MiB for qemu-nbd).
         "buffer_size": 8 * MiB,
     },
     "remote": {

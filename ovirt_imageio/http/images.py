@@ -443,7 +443,7 @@ class ExtentsHandler:
         resp.send_json([e.to_dict() for e in found])
 
 
-# The copy loops.
+# Planning and body reading.
 
 def plan(image, offset, length, piece):
     """

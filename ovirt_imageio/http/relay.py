@@ -1,8 +1,8 @@
 """
 The proxy's backend: tickets whose URL is a daemon's /images URL (http or
 https), on the engine host. The proxy is just another backend: the /images
-handlers, their copy loops and the checksum run unchanged over an Image
-that speaks the daemon's HTTP API (ovirt_imageio.client.remote).
+handlers and the checksum run unchanged over an Image that speaks the
+daemon's HTTP API (ovirt_imageio.client.remote).
 
 State: a Relay lives as long as its proxy ticket and holds only what is
 needed to reach the daemon (URL, CA, timeout); it owns no connection. Each
@@ -21,11 +21,10 @@ piece. A PUT is one PUT to the daemon (Content-Range bytes a-b/*, flush as
 the client asked) whose body is read from the client into the same buffer
 piece by piece and sent on. Both flows stay busy because the kernel's
 socket buffers on both sides absorb one side while the proxy serves the
-other; no thread hand-off is needed, and a connection costs the half
-buffer of the Link ([backend_http] buffer_size / 2). Measured on loopback
-(bench/proxy.py), this and the per-piece copy loops of images.py with their
-I/O thread are within the noise of each other; both are bound by TLS and
-TCP in the kernel, not by Python. PATCH zero and flush are one PATCH each;
+other; no thread hand-off is needed, and a connection costs the buffer of
+the Link ([backend_http] buffer_size / 2). Both are bound by TLS and TCP
+in the kernel, not by Python (bench/proxy.py). PATCH zero and flush are one
+PATCH each;
 /checksum reads through read_into (ranged GETs) and skips zero extents.
 
 Theory of operation, errors. Two kinds, kept apart:
