@@ -102,8 +102,8 @@ DEFAULTS = {
         # Memory per TLS connection: half of it is the piece moved at a
         # time (one NBD read or write request) and the granularity of
         # "transferred" progress. Plain connections (the unix socket) splice
-        # data and use no buffer. Must not exceed twice the NBD server's
-        # maximum request size (32 MiB for qemu-nbd).
+        # data and use no buffer. A piece is at most 8 MiB (one NBD
+        # request), so more than 16 MiB buys nothing.
         "buffer_size": 8 * MiB,
     },
     "remote": {
