@@ -329,14 +329,14 @@ class Handler:
                 resp.start(length)
             resp.write(data)
 
-        if lk.sock is not None:
-            with ticket.operation(offset) as op, lk.streaming() as stream:
-                splice_out(stream, lk.sock, offset, length, write, op.done)
-            return
         if lk.streams:
             with ticket.operation(offset) as op, lk.streaming() as stream:
-                copy_out(stream, lk.buffer(), offset, length, write,
-                         op.done)
+                if lk.sock is not None:
+                    send_range(stream, offset, length, write, op.done,
+                               sock=lk.sock)
+                else:
+                    send_range(stream, offset, length, write, op.done,
+                               buf=lk.buffer())
             return
 
         # The proxy's relay streams the range itself: one request to the
@@ -470,11 +470,11 @@ def plan(image, offset, length, piece):
         covered += n
 
 
-def splice_out(stream, sock, offset, length, write, done):
+def send_range(stream, offset, length, write, done, sock=None, buf=None):
     """
-    Send the range from the Stream to the client's socket: data by
-    splice(2), zero extents from the shared zero buffer. write(b"")
-    starts the response.
+    Send the range from the Stream: data spliced to sock on a plain
+    connection, else received into buf and given to write() (TLS); zero
+    extents from the shared zero buffer. write(b"") starts the response.
     """
     def begin():
         write(b"")
@@ -482,40 +482,23 @@ def splice_out(stream, sock, offset, length, write, done):
     for start, n, zero in plan(stream, offset, length, length):
         if zero:
             begin()
-            buf = zeros(ZERO_CHUNK)
-            end = start + n
-            while start < end:
-                k = min(end - start, len(buf))
-                sock.sendall(buf[:k])
-                done(k)
-                start += k
-        else:
+            send_zeros(sock.sendall if sock is not None else write, n, done)
+        elif sock is not None:
             stream.send(sock, start, n, begin, done)
+        else:
+            stream.send_to(write, buf, start, n, begin, done)
     # An empty range: just the head.
     begin()
 
 
-def copy_out(stream, buf, offset, length, write, done):
-    """
-    Send the range through buf (TLS connections): data read by the Stream
-    in the handler's thread, zero extents from the shared zero buffer.
-    """
-    def begin():
-        write(b"")
-
-    for start, n, zero in plan(stream, offset, length, length):
-        if zero:
-            begin()
-            zbuf = zeros(ZERO_CHUNK)
-            end = start + n
-            while start < end:
-                k = min(end - start, len(zbuf))
-                write(zbuf[:k])
-                done(k)
-                start += k
-        else:
-            stream.send_to(write, buf, start, n, begin, done)
-    begin()
+def send_zeros(write, length, done):
+    """write(data) length zero bytes from the shared zero buffer."""
+    buf = zeros(ZERO_CHUNK)
+    while length:
+        n = min(length, len(buf))
+        write(buf[:n])
+        done(n)
+        length -= n
 
 
 def body_reader(req, length):

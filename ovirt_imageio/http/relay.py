@@ -211,13 +211,7 @@ class Image:
         sink = _Sink(write)
         for start, n, zero in runs(found, offset, length):
             if zero:
-                zeros = images.zeros(len(buf))
-                end = start + n
-                while start < end:
-                    step = min(end - start, len(zeros))
-                    write(zeros[:step])
-                    done(step)
-                    start += step
+                images.send_zeros(write, n, done)
                 continue
             with self._daemon_errors():
                 self._remote.copy_to(sink, start, n, buf, progress=done)
