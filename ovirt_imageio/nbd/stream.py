@@ -205,6 +205,7 @@ class Stream:
         its first byte moves, so a failed read can still be answered with
         an error response; done(bytes) is called after each piece.
         """
+        self._check_open()
         self._read_pieces(offset, length, self._max_request,
                           lambda n: self._splice_out(sock, n), begin, done)
 
@@ -215,6 +216,7 @@ class Stream:
         write(). No thread: while write() encrypts and sends a piece, the
         server is already sending the next one (one read ahead).
         """
+        self._check_open()
         view = memoryview(buf).cast("B")
 
         def move(n):
@@ -271,6 +273,7 @@ class Stream:
         Stream is broken, and EOFError is raised with the number of body
         bytes received.
         """
+        self._check_open()
         prefix = memoryview(prefix)
         pos, end = offset, offset + length
         try:
@@ -320,6 +323,7 @@ class Stream:
         once every write was acknowledged; if read_into raises, the
         complete pieces are acknowledged first.
         """
+        self._check_open()
         view = memoryview(buf).cast("B")
         step = min(self._max_write, len(view))
         pos, end = offset, offset + length
@@ -342,6 +346,10 @@ class Stream:
                 done(n)
         self._wait_writes(0)
 
+    def _check_open(self):
+        if self._sock is None:
+            raise ValueError("I/O on closed NBD stream")
+
     def _abandon_write(self):
         """
         The body ended inside a piece whose header was sent: collect the
@@ -355,6 +363,7 @@ class Stream:
     # Commands without data.
 
     def zero(self, length, offset, punch_hole=False):
+        self._check_open()
         if not self.can_zero:
             self._write_zeros(length, offset)
             return
@@ -366,6 +375,7 @@ class Stream:
             offset += n
 
     def flush(self):
+        self._check_open()
         if self.can_flush:
             self._command(CMD_FLUSH, 0, 0, 0, "flush")
 
@@ -375,6 +385,7 @@ class Stream:
         GET); the /extents API uses nbd.client, which merges allocation
         depth and dirty bitmaps.
         """
+        self._check_open()
         if context != "zero":
             raise ValueError(f"Unsupported extents context {context!r}")
         end = self.size if length is None else min(offset + length,
