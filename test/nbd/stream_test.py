@@ -362,3 +362,36 @@ def test_close_twice(qemu_nbd, image):
             s.send(ours, 0, 10)
     with pytest.raises(ValueError, match="closed"):
         s.flush()
+
+
+class TrickleWriter(Writer):
+    """Send data in small pieces: each becomes its own socket buffer."""
+
+    def _run(self, sock, data):
+        try:
+            for i in range(0, len(data), 100):
+                sock.sendall(data[i:i + 100])
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def test_receive_small_pieces(qemu_nbd, make_image):
+    # A pipe holds pages, not bytes: 100 byte pieces fill its slots long
+    # before its byte capacity, and receive() must not wait for more.
+    path = make_image(size=8 * M)
+    srv = qemu_nbd(path)
+    data = os.urandom(2 * stream.PIPE_SIZE + 12345)
+    ours, theirs = socket.socketpair()
+    writer = TrickleWriter(theirs, data)
+    s = stream.open(address(srv))
+    done = []
+    try:
+        s.receive(ours, 7, len(data), done=done.append)
+        assert send_all(s, 7, len(data)) == data
+    finally:
+        s.close()
+        ours.close()
+    writer.join()
+    assert sum(done) == len(data)
