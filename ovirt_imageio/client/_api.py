@@ -4,8 +4,9 @@ ovirt-imageio 2.5.1's ovirt_imageio.client, so scripts written for it
 (the oVirt SDK examples, backup tools) work unchanged.
 
 Upload and download open the local image with a private qemu-nbd (see
-local.py), the server with RemoteImage (remote.py), and copy between them
-with transfer.py. Nothing they start outlives the call: qemu-nbd, worker
+local.py), or directly if it is a raw file (rawfile.py), the server with
+RemoteImage (remote.py), and copy between them with transfer.py.
+Nothing they start outlives the call: qemu-nbd, worker
 threads and connections are closed on success, error and
 KeyboardInterrupt alike.
 
@@ -24,6 +25,7 @@ import os
 from . import local
 from . import progress as _progress
 from . import qemu_img
+from . import rawfile
 from . import remote
 from . import transfer
 
@@ -163,12 +165,19 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
 
         if backing_file is not None and backing_format is None:
             backing_format = _probe_backing_format(filename, backing_file)
-        qemu_img.create(filename, fmt, size=size, backing_file=backing_file,
-                        backing_format=backing_format)
-        try:
+        if backing_file is None and rawfile.usable(filename, fmt):
+            # Written directly, without a qemu-nbd (rawfile.py).
+            rawfile.create(filename, size)
+            dst = rawfile.Export(filename, size, read_only=False)
+        else:
+            qemu_img.create(filename, fmt, size=size,
+                            backing_file=backing_file,
+                            backing_format=backing_format)
             # qemu-nbd starts only if something is written or verified.
-            with local.open_lazily(filename, fmt, read_only=False,
-                                   shared=workers + 1) as dst:
+            dst = local.open_lazily(filename, fmt, read_only=False,
+                                    shared=workers + 1)
+        try:
+            with dst:
                 transfer.download(
                     src, dst,
                     dirty=incremental,
@@ -476,6 +485,11 @@ def _open_remote(url, cafile, secure, proxy_url):
 
 def _open_local(filename, image_info, *, read_only, shared,
                 backing_chain=True, bitmap=None):
+    if (bitmap is None and "member-offset" not in image_info
+            and rawfile.usable(filename, image_info["format"])):
+        # Read directly, without a qemu-nbd (rawfile.py).
+        return rawfile.Export(filename, image_info["virtual-size"],
+                              read_only=read_only)
     return local.open(
         filename, image_info["format"],
         read_only=read_only,

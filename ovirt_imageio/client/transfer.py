@@ -20,8 +20,9 @@ Theory of operation.
 - Requests are split (COPY at most MAX_COPY, ZERO at most MAX_ZERO) to
   spread the work and report progress often.
 - run() starts up to max_workers threads. Each worker has its own HTTP
-  connection (RemoteImage.clone()) and its own NBD connection to the
-  local qemu-nbd, and one buffer, reused for every piece. Worker 0 reuses
+  connection (RemoteImage.clone()) and its own connection to the local
+  image (NBD to the local qemu-nbd, or a raw file's own descriptor), and
+  one buffer, reused for every piece. Worker 0 reuses
   the connections the caller already opened. A COPY is one HTTP request
   streaming the range in buffer-sized pieces. At the end every worker
   that wrote flushes its own connection.

@@ -4,6 +4,7 @@ of every format, downloads, incremental backup, verification, sparse
 images, failures and cleanup.
 """
 
+import filecmp
 import io
 import json
 import os
@@ -460,11 +461,18 @@ def test_download_empty_starts_no_qemu_nbd(daemon, pki, qemu_nbd,
     assert (info["format"], info["virtual-size"]) == (fmt, TiB)
     assert os.stat(out).st_blocks * 512 <= MiB
     assert progress.size == progress.done == TiB
-    # A download with something to write does need it.
-    with pytest.raises(errors.ExportError):
+    if fmt == "raw":
+        # A raw image is written directly (rawfile.py), never through a
+        # qemu-nbd.
         client.download(https_url(daemon, "data"), out, pki["ca_file"],
                         fmt=fmt)
-    assert not os.path.exists(out)
+        assert filecmp.cmp(out, data, shallow=False)
+    else:
+        # A download with something to write does need it.
+        with pytest.raises(errors.ExportError):
+            client.download(https_url(daemon, "data"), out, pki["ca_file"],
+                            fmt=fmt)
+        assert not os.path.exists(out)
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
@@ -540,6 +548,45 @@ def test_https_without_unix_socket(make_daemon, pki, qemu_nbd, make_image,
     out = str(tmp_path / "out.raw")
     client.download(https_url(daemon), out, pki["ca_file"], fmt="raw")
     compare(qcow2_source, out, "qcow2", "raw")
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+def test_raw_files_without_qemu_nbd(make_daemon, client_daemon, pki,
+                                    qemu_nbd, make_image, raw_source,
+                                    tmp_path, monkeypatch, transport):
+    # Raw files are read and written directly (rawfile.py), spliced on
+    # the unix socket and through buffers over HTTPS. The source's last
+    # 300 bytes are missing: qemu reads the image as SIZE bytes, the tail
+    # as zeros, and so must we.
+    if transport == "unix":
+        daemon = client_daemon
+    else:
+        daemon = make_daemon(local={"enable": "false"})
+    src = raw_source
+    data = data_length(src)
+    os.truncate(src, SIZE - 300)
+    with open(src, "r+b") as f:
+        f.seek(SIZE - 400)
+        f.write(b"t" * 100)
+    dst, srv = new_disk(make_image, qemu_nbd)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read", "write"])
+    # The daemon's export runs already; a local one could not start.
+    monkeypatch.setattr(qemu_nbd_module, "QEMU_NBD", "/nonexistent/qemu-nbd")
+    progress = Progress()
+    client.upload(src, https_url(daemon), pki["ca_file"],
+                  buffer_size=BUFFER_SIZE, progress=progress, verify=True)
+    assert progress.done == SIZE
+    out = str(tmp_path / "out.raw")
+    progress = Progress()
+    client.download(https_url(daemon), out, pki["ca_file"], fmt="raw",
+                    buffer_size=BUFFER_SIZE, progress=progress, verify=True)
+    assert progress.done == SIZE
+    with open(src, "rb") as f:
+        expected = f.read() + bytes(300)
+    with open(out, "rb") as f:
+        assert f.read() == expected
+    # Holes stay holes: only the source's data was written.
+    assert os.stat(out).st_blocks * 512 <= data + MiB
 
 
 # Failures and cleanup

@@ -1,0 +1,386 @@
+"""
+A local raw file, read and written directly: no qemu-nbd in between.
+
+Why: a raw image's guest data are its bytes, so a private qemu-nbd adds
+nothing but a process that copies every byte twice (socket to its buffer,
+buffer to the file, or back). On this 2-core machine that process used as
+much CPU as the daemon's own qemu-nbd, and both compete with the client
+and the daemon. nbdcopy, the benchmark's baseline, writes files directly
+in the same way.
+
+On the daemon's unix socket the bytes still never pass through Python:
+
+- download: socket -> pipe -> file with splice(2), the file written at an
+  offset (offset_dst), so workers share nothing;
+- upload: file -> socket with sendfile(2), which hands the page cache's
+  pages to the socket.
+
+Over TLS they go through the worker's buffer: pread / pwrite.
+
+What qemu would show, and so what a qemu-nbd export of the file would
+serve, is kept exactly:
+
+- the size is the image's virtual size, which qemu rounds up to 512
+  bytes; bytes past the end of the file read as zeros;
+- zero extents are the file's holes (SEEK_HOLE / SEEK_DATA), as qemu's
+  file driver finds them, plus the tail past the end of the file; like
+  qemu with allocation depth, none is a hole in the sense of the API
+  ("unallocated": reads from a backing chain), as a raw image has none;
+- a new image is created as qemu-img create would: a sparse file whose
+  size is rounded up to 512 bytes.
+
+Used for raw images in regular files only; anything else (qcow2, a tar
+member, a block device) goes through qemu-nbd (local.py). Each connect()
+opens the file again, so every worker has its own descriptor, as it
+would have its own NBD connection.
+"""
+
+import errno
+import os
+import select
+import stat
+
+from ovirt_imageio.nbd import extents as nbd_extents
+
+# Most bytes moved by one sendfile or splice call, and so between two
+# progress reports and two checks for a stopped transfer.
+STEP = 8 * 1024**2
+
+# Pipe capacity for splicing a socket into the file; what one splice
+# moves at most.
+PIPE_SIZE = 1024**2
+
+SECTOR = 512
+
+
+def usable(filename, fmt):
+    """
+    True if an image of format fmt at filename can be used directly: a
+    raw image in a regular file (or, for a new image, a path that does
+    not exist yet).
+    """
+    if fmt != "raw":
+        return False
+    try:
+        st = os.stat(filename)
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(st.st_mode)
+
+
+def create(filename, size):
+    """
+    Create (or replace) filename as an empty sparse raw image of size
+    bytes, rounded up to 512 as qemu-img create does.
+    """
+    fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                 | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, _round_up(size))
+    finally:
+        os.close(fd)
+
+
+class Export:
+    """
+    A raw file, offered as local.Export offers a qemu-nbd export: every
+    connect() gives a File with its own descriptor. Nothing to start, so
+    it serves as local.LazyExport too.
+    """
+
+    def __init__(self, filename, size, read_only=True):
+        self.filename = filename
+        self.fmt = "raw"
+        self.size = size
+        self.read_only = read_only
+        self.started = False
+
+    def connect(self):
+        self.started = True
+        return File(self.filename, self.size, read_only=self.read_only)
+
+    # Transfers ask for a stream when the remote side splices; a File
+    # splices too.
+    connect_stream = connect
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class File:
+    """
+    One open descriptor of a raw image of size bytes. The methods are the
+    ones transfers and verification use of an NBD connection (size,
+    extents, read_into, write, zero, flush, close) and of a Stream (send,
+    receive).
+    """
+
+    def __init__(self, filename, size, read_only=True):
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        self._fd = os.open(filename, flags | os.O_CLOEXEC)
+        self.filename = filename
+        self.size = size
+        self.read_only = read_only
+        self._pipe = None
+
+    def __repr__(self):
+        return f"<rawfile.File {self.filename!r} size={self.size}>"
+
+    # What the file holds: its length, which may be less than size.
+
+    def _file_size(self):
+        return os.fstat(self._fd).st_size
+
+    # Extents.
+
+    def extents(self, context="zero", offset=0, length=None):
+        """
+        Zero extents from offset, covering length bytes (the rest of the
+        image if None): the file's holes read as zeros, and so does the
+        part of the image past the end of the file. None is a hole: a
+        raw image has no backing chain to show through.
+        """
+        self._check_open()
+        if context != "zero":
+            raise ValueError(
+                f"A raw file has no {context!r} extents")
+        end = self.size if length is None else min(offset + length,
+                                                   self.size)
+        data_end = min(self._file_size(), end)
+        result = []
+        pos = offset
+        while pos < data_end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = data_end             # No data after pos.
+            data = min(data, data_end)
+            if data > pos:
+                result.append(nbd_extents.ZeroExtent(
+                    pos, data - pos, zero=True, hole=False))
+                pos = data
+            if pos == data_end:
+                break
+            hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), data_end)
+            result.append(nbd_extents.ZeroExtent(
+                pos, hole - pos, zero=False, hole=False))
+            pos = hole
+        if pos < end:
+            result.append(nbd_extents.ZeroExtent(
+                pos, end - pos, zero=True, hole=False))
+        return nbd_extents.merge(result)
+
+    # Data through a buffer (TLS connections, verification).
+
+    def read_into(self, buf, offset):
+        """Fill buf with the image's bytes at offset."""
+        self._check_open()
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        pos = 0
+        while pos < len(view):
+            n = os.preadv(self._fd, [view[pos:]], offset + pos)
+            if n == 0:
+                # Past the end of the file: zeros, as qemu reads them.
+                view[pos:] = bytes(len(view) - pos)
+                break
+            pos += n
+
+    def write(self, buf, offset):
+        """Write all of buf at offset."""
+        self._check_open()
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        pos = 0
+        while pos < len(view):
+            pos += os.pwrite(self._fd, view[pos:], offset + pos)
+
+    def zero(self, length, offset, punch_hole=False):
+        """
+        Make length bytes at offset read as zeros: punch a hole (the file
+        keeps its size), or, where the file system cannot, write zeros.
+        punch_hole is accepted for NBD compatibility: a raw file's zeros
+        are always best kept as holes.
+        """
+        self._check_open()
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        try:
+            _punch_hole(self._fd, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset, length):
+        zeros = memoryview(bytes(min(length, STEP)))
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, len(zeros))
+            self.write(zeros[:n], offset)
+            offset += n
+
+    def flush(self):
+        self._check_open()
+        os.fsync(self._fd)
+
+    # Data between the file and a socket, not through this process.
+
+    def send(self, sock, offset, length, begin=None, done=None):
+        """
+        Send length bytes of the image at offset to the socket sock with
+        sendfile(2). done(n) is called after each step; begin() before
+        the first byte moves (there is nothing to fail before it).
+        """
+        self._check_open()
+        self._check_range(offset, length)
+        if begin is not None:
+            begin()
+        out = sock.fileno()
+        timeout = sock.gettimeout()
+        pos, end = offset, offset + length
+        file_end = self._file_size()
+        while pos < end:
+            start = pos
+            step_end = min(end, pos + STEP)
+            stop = min(step_end, max(file_end, pos))
+            while pos < stop:
+                try:
+                    n = os.sendfile(out, self._fd, pos, stop - pos)
+                except BlockingIOError:
+                    _wait(out, select.POLLOUT, timeout)
+                    continue
+                if n == 0:
+                    raise OSError(
+                        errno.EIO,
+                        f"{self.filename} ended at {pos} while sending "
+                        f"{length} bytes at {offset}")
+                pos += n
+            if pos < step_end:
+                # Past the end of the file: the zeros qemu would read
+                # (the tail of a size that is not a multiple of 512).
+                sock.sendall(bytes(step_end - pos))
+                pos = step_end
+            if done is not None:
+                done(pos - start)
+
+    def receive(self, sock, offset, length, prefix=b"", done=None):
+        """
+        Write length bytes at offset: first the bytes of prefix (body
+        bytes the caller had buffered), then the rest spliced from the
+        socket sock. If sock ends early, what arrived is written and
+        EOFError is raised with the number of bytes received.
+        done(n) is called after each step.
+        """
+        self._check_open()
+        self._check_range(offset, length)
+        prefix = memoryview(prefix)[:length]
+        if prefix:
+            self.write(prefix, offset)
+        pos, end = offset + len(prefix), offset + length
+        reported = offset
+        r, w = self._pipe_fds()
+        src = sock.fileno()
+        timeout = sock.gettimeout()
+        while pos < end:
+            try:
+                n = os.splice(src, w, min(end - pos, self._pipe_size))
+            except BlockingIOError:
+                _wait(src, select.POLLIN, timeout)
+                continue
+            if n == 0:
+                if done is not None and pos > reported:
+                    done(pos - reported)
+                raise EOFError(pos - offset)
+            while n:
+                moved = os.splice(r, self._fd, n, offset_dst=pos)
+                pos += moved
+                n -= moved
+            if done is not None and (pos - reported >= STEP or pos == end):
+                done(pos - reported)
+                reported = pos
+        if done is not None and pos > reported:
+            done(pos - reported)
+
+    def _pipe_fds(self):
+        if self._pipe is None:
+            import fcntl
+
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                self._pipe_size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ,
+                                              PIPE_SIZE)
+            except OSError:
+                self._pipe_size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            self._pipe = (r, w)
+        return self._pipe
+
+    # Housekeeping.
+
+    def _check_open(self):
+        if self._fd is None:
+            raise ValueError(f"I/O on closed file {self.filename}")
+
+    def _check_range(self, offset, length):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(
+                f"Range {offset}+{length} is outside the image "
+                f"({self.size} bytes)")
+
+    def close(self):
+        """Close the descriptors; safe to call more than once."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        if self._pipe is not None:
+            for p in self._pipe:
+                os.close(p)
+            self._pipe = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _round_up(n):
+    return (n + SECTOR - 1) // SECTOR * SECTOR
+
+
+def _wait(fd, event, timeout):
+    """Wait up to timeout seconds (None: forever) for event on fd."""
+    poller = select.poll()
+    poller.register(fd, event)
+    ms = None if timeout is None else int(timeout * 1000)
+    if not poller.poll(ms):
+        raise TimeoutError("timed out")
+
+
+_libc = None
+
+
+def _punch_hole(fd, offset, length):
+    """fallocate(PUNCH_HOLE | KEEP_SIZE); Python has no fallocate."""
+    global _libc
+    import ctypes
+
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int64, ctypes.c_int64]
+    FALLOC_FL_KEEP_SIZE = 0x01
+    FALLOC_FL_PUNCH_HOLE = 0x02
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                       offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
