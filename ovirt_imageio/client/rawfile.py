@@ -259,6 +259,11 @@ class File:
                 except BlockingIOError:
                     _wait(out, select.POLLOUT, timeout)
                     continue
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                        raise
+                    # A file system without sendfile support.
+                    n = self._send_copy(sock, pos, stop - pos)
                 if n == 0:
                     raise OSError(
                         errno.EIO,
@@ -302,7 +307,13 @@ class File:
                     done(pos - reported)
                 raise EOFError(pos - offset)
             while n:
-                moved = os.splice(r, self._fd, n, offset_dst=pos)
+                try:
+                    moved = os.splice(r, self._fd, n, offset_dst=pos)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    # A file system without splice support.
+                    moved = self._write_from_pipe(r, n, pos)
                 pos += moved
                 n -= moved
             if done is not None and (pos - reported >= STEP or pos == end):
@@ -310,6 +321,19 @@ class File:
                 reported = pos
         if done is not None and pos > reported:
             done(pos - reported)
+
+    def _send_copy(self, sock, offset, length):
+        """Send up to STEP bytes at offset through a buffer."""
+        buf = bytearray(min(length, STEP))
+        n = os.preadv(self._fd, [buf], offset)
+        sock.sendall(memoryview(buf)[:n])
+        return n
+
+    def _write_from_pipe(self, r, length, offset):
+        """Write length bytes waiting in the pipe r at offset."""
+        data = os.read(r, length)
+        self.write(data, offset)
+        return len(data)
 
     def _pipe_fds(self):
         if self._pipe is None:

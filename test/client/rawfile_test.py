@@ -4,6 +4,7 @@ the same size, extents and bytes a qemu-nbd export of the file serves,
 and data moved to and from real sockets.
 """
 
+import errno
 import os
 import socket
 import subprocess
@@ -322,3 +323,47 @@ def test_qemu_img_agrees(tmp_path):
     ref = make_file(tmp_path / "ref.raw", 2 * MiB, [(MiB, b"x" * MiB)])
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw",
                     path, ref], check=True)
+
+
+# File systems without sendfile or splice support (some FUSE file
+# systems): the same bytes through a buffer.
+
+def test_send_without_sendfile(tmp_path, sockets, monkeypatch):
+    def no_sendfile(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    data = os.urandom(3 * MiB)
+    path = str(tmp_path / "img.raw")
+    with open(path, "wb") as f:
+        f.write(data)
+    a, b = sockets
+    reader = Reader(b)
+    reader.start()
+    with rawfile.File(path, len(data)) as f:
+        f.send(a, 0, len(data))
+    a.shutdown(socket.SHUT_WR)
+    reader.join(10)
+    assert reader.data == data
+
+
+def test_receive_without_file_splice(tmp_path, sockets, monkeypatch):
+    real_splice = os.splice
+
+    def socket_splice_only(src, dst, count, offset_src=None,
+                           offset_dst=None, flags=0):
+        if offset_dst is not None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_splice(src, dst, count, offset_src, offset_dst, flags)
+
+    monkeypatch.setattr(os, "splice", socket_splice_only)
+    path = make_file(tmp_path / "img.raw", 4 * MiB)
+    data = os.urandom(3 * MiB)
+    a, b = sockets
+    writer = threading.Thread(target=a.sendall, args=(data,), daemon=True)
+    writer.start()
+    with rawfile.File(path, 4 * MiB, read_only=False) as f:
+        f.receive(b, MiB, len(data))
+    writer.join(10)
+    with open(path, "rb") as f:
+        assert f.read() == bytes(MiB) + data
