@@ -566,9 +566,11 @@ class Stream:
     def _send_write_header(self, offset, length, head):
         """Send a write's header and the first bytes of its payload."""
         cookie = next(self._cookies)
-        self._sock.sendall(
-            REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, length)
-            + head, socket.MSG_MORE if len(head) < length else 0)
+        _send_all(
+            self._sock,
+            [REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset,
+                          length), head],
+            socket.MSG_MORE if len(head) < length else 0)
         self._writes += 1
 
     def _wait_writes(self, limit):
@@ -654,8 +656,9 @@ class Stream:
         while offset < end:
             n = min(end - offset, len(_ZEROS), self._max_request)
             cookie = next(self._cookies)
-            self._sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE,
-                                            cookie, offset, n) + _ZEROS[:n])
+            _send_all(self._sock, [REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE,
+                                                cookie, offset, n),
+                                   _ZEROS[:n]])
             self._writes += 1
             self._wait_writes(MAX_WRITES_IN_FLIGHT)
             offset += n
@@ -803,6 +806,21 @@ class Stream:
         """Splice exactly length bytes from the pipe r to dst."""
         while length:
             length -= _splice(dst, r, length, select.POLLOUT)
+
+
+def _send_all(sock, buffers, flags=0):
+    """
+    Send every byte of buffers (a request header and its payload) with
+    sendmsg: joining them would copy the payload, up to MAX_WRITE bytes,
+    into a new object first.
+    """
+    buffers = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while buffers:
+        sent = sock.sendmsg(buffers, (), flags)
+        while buffers and sent >= len(buffers[0]):
+            sent -= len(buffers.pop(0))
+        if sent:
+            buffers[0] = buffers[0][sent:]
 
 
 def _splice(sock, pipe_fd, length, event):
