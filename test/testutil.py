@@ -107,6 +107,21 @@ def wait_for(predicate, timeout=10, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+def wait_for_ticket(api, ticket_id, **expected):
+    """
+    Poll the ticket's status until its fields have the expected values;
+    return the status. A GET's last bytes reach the client a moment
+    before the daemon counts them and ends the operation.
+    """
+    def settled():
+        info = api.get(ticket_id)
+        if all(info[k] == v for k, v in expected.items()):
+            return info
+        return None
+
+    return wait_for(settled, message=f"ticket status {expected}")
+
+
 def raw_request(address, data, family=socket.AF_UNIX, timeout=10):
     """Send raw bytes, return everything the server sends until it closes
     or goes quiet (for checking exact framing)."""

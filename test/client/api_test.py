@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+import testutil
+
 from ovirt_imageio import client
 from ovirt_imageio import errors
 from ovirt_imageio.nbd import qemu_nbd as qemu_nbd_module
@@ -273,8 +275,8 @@ def test_download(daemon, pki, qemu_nbd, qcow2_source, tmp_path, fmt):
     assert progress.size == SIZE
     assert progress.done == SIZE
     # Only data went over the wire.
-    ticket = daemon.api.get("api-secret")
-    assert ticket["transferred"] == data_length(qcow2_source)
+    testutil.wait_for_ticket(
+        daemon.api, "api-secret", transferred=data_length(qcow2_source))
     if fmt == "qcow2":
         allocated = [e for e in json.loads(qemu_img(
             "map", "--output=json", out)) if e["data"]]
@@ -336,7 +338,7 @@ def test_incremental(daemon, pki, qemu_nbd, make_image, tmp_path):
     assert {(e["start"], e["length"], e["zero"]) for e in top} == {
         (MiB, 64 * 1024, False), (5 * MiB, MiB, True)}
     # Only the dirty data went over the wire.
-    assert daemon.api.get("api-secret")["transferred"] == 64 * 1024
+    testutil.wait_for_ticket(daemon.api, "api-secret", transferred=64 * 1024)
     # And the chain equals the source, checksums agree.
     client.download(https_url(daemon), incr, pki["ca_file"],
                     incremental=True, backing_file=full, verify=True)
@@ -512,7 +514,7 @@ def test_sparse_1tib(daemon, pki, make_image, qemu_nbd, tmp_path):
     start = time.monotonic()
     client.download(https_url(daemon, "down"), out, pki["ca_file"])
     download_time = time.monotonic() - start
-    assert daemon.api.get("down")["transferred"] == 4 * MiB
+    testutil.wait_for_ticket(daemon.api, "down", transferred=4 * MiB)
     compare(src, out, "qcow2", "qcow2")
     allocated = [e for e in json.loads(qemu_img(
         "map", "--output=json", out)) if e["data"]]

@@ -327,9 +327,8 @@ def test_transferred_and_active(daemon, client, export):
                    headers={"range": "bytes=0-1048575"})
     client.request("GET", "/images/tid-secret",
                    headers={"range": "bytes=524288-1572863"})
-    info = daemon.api.get("tid-secret")
-    assert info["transferred"] == 1572864
-    assert info["active"] is False
+    info = testutil.wait_for_ticket(daemon.api, "tid-secret",
+                                    transferred=1572864, active=False)
     assert info["connections"] == 1
 
 

@@ -202,9 +202,8 @@ def test_download_full(daemon, proxy, pair, image):
     # Over TLS: the daemon has no local socket to switch to.
     assert link_transports(proxy) == ["https"]
     # Accounting on the proxy ticket, as on the daemon.
-    info = proxy.api.get(TICKET_ID)
-    assert info["transferred"] == SIZE
-    assert info["active"] is False
+    info = testutil.wait_for_ticket(proxy.api, TICKET_ID, transferred=SIZE,
+                                    active=False)
     assert info["connections"] == 1
 
 
@@ -241,8 +240,8 @@ def test_download_skips_zero_extents(daemon, proxy, pair, image):
     assert 0 < data < SIZE
     resp, body = via_proxy.request("GET")
     assert body == file_bytes(image)
-    assert daemon.api.get(TICKET_ID)["transferred"] == data
-    assert proxy.api.get(TICKET_ID)["transferred"] == SIZE
+    testutil.wait_for_ticket(daemon.api, TICKET_ID, transferred=data)
+    testutil.wait_for_ticket(proxy.api, TICKET_ID, transferred=SIZE)
 
 
 def test_download_client_disconnects(daemon, proxy, clients, proxy_pki,
@@ -323,7 +322,7 @@ def test_download_many_connections(daemon, proxy, clients, proxy_pki,
     # One daemon connection per client connection.
     assert proxy.api.get(TICKET_ID)["connections"] == 4
     assert daemon.api.get(TICKET_ID)["connections"] == 4
-    assert proxy.api.get(TICKET_ID)["transferred"] == SIZE
+    testutil.wait_for_ticket(proxy.api, TICKET_ID, transferred=SIZE)
 
 
 # Upload, zero, flush
