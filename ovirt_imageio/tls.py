@@ -38,6 +38,10 @@ class Connection:
             self._in, self._out, server_side=server_hostname is None,
             server_hostname=server_hostname)
         self._eof = False
+        # Ciphertext is received here, reused: a new 256 KiB bytes object
+        # per recv() is past malloc's trim threshold, so every one was
+        # mapped and zeroed by the kernel again (page faults).
+        self._rbuf = None
 
     def handshake(self):
         while True:
@@ -84,12 +88,14 @@ class Connection:
         """Read ciphertext from the socket; False at end of stream."""
         if self._eof:
             return False
-        data = self.sock.recv(BATCH)
-        if not data:
+        if self._rbuf is None:
+            self._rbuf = memoryview(bytearray(BATCH))
+        n = self.sock.recv_into(self._rbuf)
+        if n == 0:
             self._eof = True
             self._in.write_eof()
             return False
-        self._in.write(data)
+        self._in.write(self._rbuf[:n])
         return True
 
 
