@@ -669,6 +669,35 @@ def test_keyboard_interrupt(daemon, pki, nbdkit, make_image, tmp_path):
     assert not worker_threads()
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_keyboard_interrupt_download(daemon, pki, nbdkit, tmp_path, fmt):
+    # A slow source: every read takes 500 ms. Interrupted in the middle,
+    # the download stops its workers and removes the partial image, raw
+    # (written directly) or qcow2 (through a local qemu-nbd).
+    srv = nbdkit("memory", f"size={SIZE}", "rdelay=500ms",
+                 filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read", "write"])
+    with client.ImageioClient(https_url(daemon), pki["ca_file"]) as c:
+        c.write(0, b"x" * SIZE)
+    out = str(tmp_path / f"out.{fmt}")
+    running = len(qemu_nbd_running())
+    main = threading.get_ident()
+    timer = threading.Timer(
+        0.5, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.download(https_url(daemon), out, pki["ca_file"],
+                            fmt=fmt, buffer_size=BUFFER_SIZE)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 5
+    assert not os.path.exists(out)
+    assert len(qemu_nbd_running()) == running
+    assert not worker_threads()
+
+
 def qemu_nbd_running():
     return qemu_nbd_module.running()
 
