@@ -96,7 +96,8 @@ def validate(info):
 
 def checked(key, value, kind):
     # bool is an int in Python; a JSON true is not a size.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if (not isinstance(value, kind)
+            or (kind is int and isinstance(value, bool))):
         raise _invalid(key, value, f"expecting a {kind} value")
     return value
 
@@ -118,7 +119,8 @@ def _checked_url(url):
 
 
 def _invalid(key, value, reason):
-    return errors.InvalidTicket(f"Invalid value for {key!r}: {value!r}: {reason}")
+    return errors.InvalidTicket(
+        f"Invalid value for {key!r}: {value!r}: {reason}")
 
 
 def default_transfer_id(ticket_id):

@@ -39,7 +39,8 @@ def test_lifecycle(daemon, tmp_path):
 
     r = ctl(daemon, "mod-ticket", "t1", "--timeout", "3000")
     assert r.returncode == 0, r.stderr
-    assert json.loads(ctl(daemon, "show-ticket", "t1").stdout)["expires"] > expires
+    assert json.loads(
+        ctl(daemon, "show-ticket", "t1").stdout)["expires"] > expires
 
     r = ctl(daemon, "del-ticket", "t1")
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,8 @@ import testutil
 
 
 def test_demo(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(testutil.ROOT, "dev", "demo"),
+    r = subprocess.run([sys.executable,
+                        os.path.join(testutil.ROOT, "dev", "demo"),
                         str(tmp_path)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -11,7 +11,8 @@ PACKAGE = pathlib.Path(__file__).parent.parent / "ovirt_imageio"
 def imported(path):
     """The ovirt_imageio modules a file imports, as dotted names."""
     tree = ast.parse(path.read_text())
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    package = ".".join(
+        path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -20,7 +21,8 @@ def imported(path):
             if node.level:
                 base = package.split(".")
                 base = base[:len(base) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
+                module = ".".join(
+                    base + ([node.module] if node.module else []))
             else:
                 module = node.module
             names.add(module)

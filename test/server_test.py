@@ -81,7 +81,8 @@ def test_ticket_option(tmp_path, pki):
               "url": "nbd:unix:/nowhere.sock", "transfer_id": "x"}
     path = tmp_path / "ticket.json"
     path.write_text(json.dumps(ticket))
-    d = testutil.DaemonProcess(tmp_path / "d", pki, args=["--ticket", str(path)])
+    d = testutil.DaemonProcess(tmp_path / "d", pki,
+                               args=["--ticket", str(path)])
     try:
         d.wait_ready()
         assert d.api.get("t1")["transfer_id"] == "x"

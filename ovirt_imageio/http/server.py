@@ -111,7 +111,8 @@ class Request:
         path, _, query = handler.path.partition("?")
         self.path = urllib.parse.unquote(path)
         # Last occurrence wins, blank values kept (upstream).
-        self.query = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+        self.query = dict(
+            urllib.parse.parse_qsl(query, keep_blank_values=True))
         self.headers = handler.headers
         self.framing_error = None
         self._length = None
@@ -189,7 +190,8 @@ class Request:
     def read_message(self, limit=MAX_MESSAGE):
         """Read a whole small body (a JSON message), refusing huge ones."""
         if self.remaining > limit:
-            raise Error(413, f"Message too large: {self.remaining} > {limit} bytes")
+            raise Error(413, f"Message too large: {self.remaining} > "
+                             f"{limit} bytes")
         data = self.read()
         if len(data) < (self._length or 0):
             raise Error(400, f"Requested {self._length} bytes, available "
@@ -289,7 +291,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._start = time.monotonic()
         self._requests = 0
         log.info("OPEN connection=%s client=%s service=%s",
-                  self.context.id, self.context.client, self.server.name)
+                 self.context.id, self.context.client, self.server.name)
 
     def _setup_tls(self):
         """
@@ -329,8 +331,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
         self.context.close()
         log.info("CLOSE connection=%s requests=%s seconds=%.3f",
-                  self.context.id, self._requests,
-                  time.monotonic() - self._start)
+                 self.context.id, self._requests,
+                 time.monotonic() - self._start)
 
     def address_string(self):
         if self.server.address_family == socket.AF_UNIX:
@@ -518,7 +520,8 @@ class UnixServer(_Server, socketserver.UnixStreamServer):
             # Bind under a temporary name, set its mode, then rename: the
             # socket never exists at its path with looser permissions.
             directory = os.path.dirname(os.path.abspath(path))
-            tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
+            tmp = os.path.join(
+                directory, f".{os.path.basename(path)}.{os.getpid()}")
             if os.path.exists(tmp):
                 os.unlink(tmp)
             self.socket.bind(tmp)

@@ -61,7 +61,8 @@ class Handler:
         if ticket is None:
             raise server.Error(404, f"No such ticket: {ticket_id}")
         req.transfer_id = ticket.transfer_id
-        log.info("Extending transfer=%s timeout=%s", ticket.transfer_id, timeout)
+        log.info("Extending transfer=%s timeout=%s",
+                 ticket.transfer_id, timeout)
         ticket.extend(timeout)
 
     def delete(self, req, resp, ticket_id):

@@ -337,7 +337,7 @@ class Client:
                 f"NBD export '{self.export_name}' does not support dirty "
                 f"extents")
         end = self.size if length is None else min(offset + length,
-                                                       self.size)
+                                                   self.size)
         if context == "zero" and not self.has_base_allocation:
             # Nothing known: all data.
             if offset >= end:

@@ -406,7 +406,8 @@ def test_put_at_end_empty(daemon, client, rw_export):
      400, "Invalid Content-Range 'bytes */4'"),
     ("/images/tid-secret", {"content-range": "bytes 9-1/*"},
      400, "Invalid Content-Range 'bytes 9-1/*', first > last"),
-    ("/images/tid-secret", {"content-range": f"bytes {4 * MiB - 1}-{4 * MiB}/*"},
+    ("/images/tid-secret",
+     {"content-range": f"bytes {4 * MiB - 1}-{4 * MiB}/*"},
      416, "Requested range out of allowed range"),
 ], ids=["flush", "syntax", "first-last", "out-of-range"])
 def test_put_errors_close(daemon, rw_export, path, headers, status, message):
@@ -708,7 +709,8 @@ def test_extents_dirty(daemon, client, qemu_nbd, make_image):
         "write -P 0x55 1M 64k"])
     srv = qemu_nbd(path, fmt="qcow2", read_only=True, bitmap="b1")
     add_ticket(daemon, url(srv), dirty=True)
-    resp, data = client.request("GET", "/images/tid-secret/extents?context=dirty")
+    resp, data = client.request("GET",
+                                "/images/tid-secret/extents?context=dirty")
     assert resp.status == 200
     extents = json.loads(data)
     assert extents == [
@@ -808,8 +810,8 @@ def test_delete_cancels_get(daemon, nbdkit):
 
 
 def test_nbd_error(daemon, client, nbdkit, export):
-    srv = nbdkit("memory", "size=4M", "error-pread=EIO", "error-pread-rate=100%",
-                 filters=["error"])
+    srv = nbdkit("memory", "size=4M", "error-pread=EIO",
+                 "error-pread-rate=100%", filters=["error"])
     add_ticket(daemon, f"nbd:unix:{srv.socket}", size=4 * MiB)
     resp, data = client.request("GET", "/images/tid-secret",
                                 headers={"range": "bytes=0-4095"})
