@@ -40,6 +40,7 @@ import os
 import select
 import stat
 
+from ovirt_imageio import pipes
 from ovirt_imageio.nbd import extents as nbd_extents
 
 # Most bytes moved by one sendfile or splice call, and so between two
@@ -257,7 +258,7 @@ class File:
                 try:
                     n = os.sendfile(out, self._fd, pos, stop - pos)
                 except BlockingIOError:
-                    _wait(out, select.POLLOUT, timeout)
+                    pipes.wait(out, select.POLLOUT, timeout)
                     continue
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.ENOSYS):
@@ -300,7 +301,7 @@ class File:
             try:
                 n = os.splice(src, w, min(end - pos, self._pipe_size))
             except BlockingIOError:
-                _wait(src, select.POLLIN, timeout)
+                pipes.wait(src, select.POLLIN, timeout)
                 continue
             if n == 0:
                 if done is not None and pos > reported:
@@ -337,14 +338,7 @@ class File:
 
     def _pipe_fds(self):
         if self._pipe is None:
-            import fcntl
-
-            r, w = os.pipe2(os.O_CLOEXEC)
-            try:
-                self._pipe_size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ,
-                                              PIPE_SIZE)
-            except OSError:
-                self._pipe_size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            r, w, self._pipe_size = pipes.open_pipe(PIPE_SIZE)
             self._pipe = (r, w)
         return self._pipe
 
@@ -379,15 +373,6 @@ class File:
 
 def _round_up(n):
     return (n + SECTOR - 1) // SECTOR * SECTOR
-
-
-def _wait(fd, event, timeout):
-    """Wait up to timeout seconds (None: forever) for event on fd."""
-    poller = select.poll()
-    poller.register(fd, event)
-    ms = None if timeout is None else int(timeout * 1000)
-    if not poller.poll(ms):
-        raise TimeoutError("timed out")
 
 
 _libc = None

@@ -46,7 +46,6 @@ owner closes it.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import logging
 import os
@@ -54,6 +53,7 @@ import select
 import socket
 import struct
 
+from ovirt_imageio import pipes
 from ovirt_imageio.nbd import client as nbd_client
 from ovirt_imageio.nbd import extents
 
@@ -716,12 +716,7 @@ class Stream:
 
     def _pipe_capacity(self):
         if self._pipe is None:
-            r, w = os.pipe2(os.O_CLOEXEC)
-            try:
-                self._pipe_size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ,
-                                              PIPE_SIZE)
-            except OSError:
-                self._pipe_size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            r, w, self._pipe_size = pipes.open_pipe(PIPE_SIZE)
             self._pipe = (r, w)
         return self._pipe_size
 
@@ -777,10 +772,10 @@ class Stream:
                 n = os.splice(fd, w, length - got,
                               flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                if _ready(fd, select.POLLIN, 0):
+                if pipes.ready(fd, select.POLLIN, 0):
                     # Data is waiting, so the pipe is full.
                     return got, False
-                if not _ready(fd, select.POLLIN, sock.gettimeout()):
+                if not pipes.ready(fd, select.POLLIN, sock.gettimeout()):
                     raise TimeoutError("timed out") from None
                 continue
             if n == 0:
@@ -837,13 +832,5 @@ def _splice(sock, pipe_fd, length, event):
                 return os.splice(fd, pipe_fd, length)
             return os.splice(pipe_fd, fd, length)
         except BlockingIOError:
-            if not _ready(fd, event, sock.gettimeout()):
+            if not pipes.ready(fd, event, sock.gettimeout()):
                 raise TimeoutError("timed out") from None
-
-
-def _ready(fd, event, timeout):
-    """Wait up to timeout seconds (None: forever) for event on fd."""
-    poller = select.poll()
-    poller.register(fd, event)
-    ms = None if timeout is None else int(timeout * 1000)
-    return bool(poller.poll(ms))

@@ -4,6 +4,7 @@ of every format, downloads, incremental backup, verification, sparse
 images, failures and cleanup.
 """
 
+import contextlib
 import filecmp
 import io
 import json
@@ -653,17 +654,10 @@ def test_keyboard_interrupt(daemon, pki, nbdkit, make_image, tmp_path):
     add_ticket(daemon, f"nbd:unix:{srv.socket}")
     src = make_image(name="src", size=SIZE, commands=["write -P 1 0 8M"])
     running = len(qemu_nbd_running())
-    main = threading.get_ident()
-    timer = threading.Timer(
-        0.5, lambda: signal.pthread_kill(main, signal.SIGINT))
-    timer.start()
     start = time.monotonic()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            client.upload(src, https_url(daemon), pki["ca_file"],
-                          buffer_size=BUFFER_SIZE)
-    finally:
-        timer.cancel()
+    with sigint_after(0.5), pytest.raises(KeyboardInterrupt):
+        client.upload(src, https_url(daemon), pki["ca_file"],
+                      buffer_size=BUFFER_SIZE)
     assert time.monotonic() - start < 5
     assert len(qemu_nbd_running()) == running
     assert not worker_threads()
@@ -681,21 +675,27 @@ def test_keyboard_interrupt_download(daemon, pki, nbdkit, tmp_path, fmt):
         c.write(0, b"x" * SIZE)
     out = str(tmp_path / f"out.{fmt}")
     running = len(qemu_nbd_running())
-    main = threading.get_ident()
-    timer = threading.Timer(
-        0.5, lambda: signal.pthread_kill(main, signal.SIGINT))
-    timer.start()
     start = time.monotonic()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            client.download(https_url(daemon), out, pki["ca_file"],
-                            fmt=fmt, buffer_size=BUFFER_SIZE)
-    finally:
-        timer.cancel()
+    with sigint_after(0.5), pytest.raises(KeyboardInterrupt):
+        client.download(https_url(daemon), out, pki["ca_file"], fmt=fmt,
+                        buffer_size=BUFFER_SIZE)
     assert time.monotonic() - start < 5
     assert not os.path.exists(out)
     assert len(qemu_nbd_running()) == running
     assert not worker_threads()
+
+
+@contextlib.contextmanager
+def sigint_after(seconds):
+    """Send SIGINT to this thread after seconds, as Ctrl-C would."""
+    main = threading.get_ident()
+    timer = threading.Timer(
+        seconds, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def qemu_nbd_running():
