@@ -392,7 +392,13 @@ def test_upload_verify_detects_corruption(daemon, pki, make_image, qemu_nbd,
 
 
 class _Corrupt:
-    """A progress object that corrupts the target when done."""
+    """
+    A progress object that corrupts the target when done: in a hole of
+    the source (3M-4M), which the upload never writes (the new disk reads
+    zeros there already). Progress counts bytes sent, and the daemon may
+    still be writing the last piece, so corrupting data the upload writes
+    could be overwritten by it.
+    """
 
     def __init__(self, path):
         self.path = path
@@ -403,7 +409,7 @@ class _Corrupt:
         self.done += n
         if self.done == self.size:
             subprocess.run(["qemu-io", "-f", "raw", "-c",
-                            "write -P 0x66 4M 4k", self.path], check=True,
+                            "write -P 0x66 3M 4k", self.path], check=True,
                            capture_output=True)
 
 
