@@ -104,3 +104,142 @@ def test_systemd_notify(tmp_path, pki):
             assert d.api.request("GET", "/tickets/x")[0].status == 404
         finally:
             assert d.stop() == 0
+
+
+# A daemon stopped or killed in the middle of a transfer (SIGTERM: it
+# stops cleanly; SIGKILL: it cannot clean up): the client gets an error,
+# never a success; what was flushed before is on disk; no qemu-nbd of the
+# daemon outlives it.
+
+MiB = 1024**2
+
+
+def _file_ticket(path, ops):
+    return {"uuid": "sig-ticket", "size": 32 * MiB, "ops": ops,
+            "timeout": 300, "url": f"file://{path}", "transfer_id": "sig"}
+
+
+def _unix_connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(path)
+    return s
+
+
+def _read_reply(s):
+    """Everything the daemon sends until it closes (or resets)."""
+    chunks = []
+    try:
+        while True:
+            chunk = s.recv(1024**2)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def _put(s, offset, body, flush):
+    head = (f"PUT /images/sig-ticket?flush={'y' if flush else 'n'} "
+            f"HTTP/1.1\r\ncontent-length: {len(body)}\r\n"
+            f"content-range: bytes {offset}-{offset + len(body) - 1}/*\r\n"
+            f"\r\n").encode()
+    s.sendall(head + body)
+
+
+def _owned_qemu_nbd(d):
+    pids = testutil.children(d.proc.pid)
+    return [p for p in pids if p in testutil.qemu_nbd_pids()]
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGKILL"])
+def test_signal_mid_upload(tmp_path, pki, signo):
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    d = testutil.DaemonProcess(tmp_path / "d", pki).wait_ready()
+    try:
+        resp, data = d.api.put(_file_ticket(image, ["write"]))
+        assert resp.status == 200, data
+        local = d.conf["local"]["socket"]
+        flushed = b"\x5a" * (4 * MiB)
+        s = _unix_connect(local)
+        _put(s, 0, flushed, flush=True)
+        reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply
+        owned = _owned_qemu_nbd(d)
+        assert owned, "the file ticket's qemu-nbd runs"
+
+        # Half of a 16 MiB body, then the signal.
+        head = (b"PUT /images/sig-ticket?flush=n HTTP/1.1\r\n"
+                b"content-length: %d\r\n"
+                b"content-range: bytes %d-%d/*\r\n\r\n"
+                % (16 * MiB, 8 * MiB, 24 * MiB - 1))
+        s.sendall(head + b"\xa5" * (8 * MiB))
+        testutil.wait_for(
+            lambda: d.api.get("sig-ticket")["active"], message="PUT active")
+        d.proc.send_signal(signo)
+        try:
+            s.sendall(b"\xa5" * (8 * MiB))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = _read_reply(s)
+        s.close()
+        # An error or a cut connection; never a success.
+        assert not reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert b"Traceback" not in reply
+        d.proc.wait(30)
+        testutil.wait_for(
+            lambda: not set(owned) & set(testutil.qemu_nbd_pids()),
+            timeout=20, message="qemu-nbd gone with the daemon")
+    finally:
+        code = d.stop()
+    if signo == signal.SIGTERM:
+        assert code == 0
+        assert "Traceback" not in d.stderr
+        with open(d.log) as f:
+            assert "Stopped" in f.read()
+    else:
+        assert code == -signal.SIGKILL
+    with open(image, "rb") as f:
+        assert f.read(4 * MiB) == flushed
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGKILL"])
+def test_signal_mid_download(tmp_path, pki, signo):
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.write(os.urandom(32 * MiB))
+    d = testutil.DaemonProcess(tmp_path / "d", pki).wait_ready()
+    try:
+        resp, data = d.api.put(_file_ticket(image, ["read"]))
+        assert resp.status == 200, data
+        s = _unix_connect(d.conf["local"]["socket"])
+        # A small receive buffer keeps the daemon from sending it all
+        # before the signal arrives.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(b"GET /images/sig-ticket HTTP/1.1\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 "), first[:200]
+        owned = _owned_qemu_nbd(d)
+        d.proc.send_signal(signo)
+        reply = first + _read_reply(s)
+        s.close()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        # Cut short: the client can tell the body is incomplete.
+        assert b"content-length: %d" % (32 * MiB) in head
+        assert len(body) < 32 * MiB
+        d.proc.wait(30)
+        testutil.wait_for(
+            lambda: not set(owned) & set(testutil.qemu_nbd_pids()),
+            timeout=20, message="qemu-nbd gone with the daemon")
+    finally:
+        code = d.stop()
+    if signo == signal.SIGTERM:
+        assert code == 0
+        assert "Traceback" not in d.stderr
+    else:
+        assert code == -signal.SIGKILL

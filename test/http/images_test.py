@@ -936,3 +936,48 @@ def test_plain_tcp_splices(make_daemon, qemu_nbd, make_image, monkeypatch):
     assert image_bytes(path) == body
     assert calls[0] == "receive"
     assert set(calls[1:]) == {"send"}
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_client_vanishes_mid_put(daemon, qemu_nbd, make_image, transport,
+                                 how):
+    # A client that goes away in the middle of a body: the daemon lets go
+    # of the connection, the ticket is idle and removable at once, no
+    # thread or fd is left behind, and what was flushed before is intact.
+    path = make_image(size=32 * MiB)
+    srv = qemu_nbd(path, fmt="raw", shared=8)
+    add_ticket(daemon, url(srv), size=32 * MiB, ops=["write"])
+    threads = threading.active_count()
+    fds = _open_fds()
+
+    c = Client(daemon, transport)
+    resp, _ = c.request("PUT", "/images/tid-secret", body=b"\x11" * MiB,
+                        headers={"content-range": f"bytes 0-{MiB - 1}/*"})
+    assert resp.status == 200
+    sock = c.conn.sock
+    sock.sendall(
+        b"PUT /images/tid-secret?flush=n HTTP/1.1\r\n"
+        b"content-length: %d\r\ncontent-range: bytes %d-%d/*\r\n\r\n"
+        % (16 * MiB, MiB, 17 * MiB - 1))
+    sock.sendall(b"\x22" * (5 * MiB))
+    testutil.wait_for(lambda: daemon.api.get("tid-secret")["active"],
+                      message="PUT in progress")
+    if how == "reset":
+        # RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                       b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.close()
+
+    testutil.wait_for_ticket(daemon.api, "tid-secret", active=False,
+                             connections=0)
+    resp, _ = daemon.api.delete("tid-secret")
+    assert resp.status == 204
+    testutil.wait_for(lambda: threading.active_count() <= threads,
+                      message="connection thread gone")
+    testutil.wait_for(lambda: _open_fds() <= fds, message="fds released")
+    assert image_bytes(path, 0, MiB) == b"\x11" * MiB
