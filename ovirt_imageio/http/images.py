@@ -36,6 +36,7 @@ import logging
 import threading
 
 from .. import errors
+from .. import tickets
 from ..nbd import client as nbd_client
 from . import cors
 from . import ranges
@@ -571,6 +572,10 @@ def integer(msg, name, default=None):
         raise server.Error(400, f"Integer required {value!r}")
     if value < 0:
         raise server.Error(400, f"Invalid value {value} < 0")
+    if value > tickets.MAX_SIZE:
+        # Larger than any NBD export.
+        raise server.Error(
+            400, f"Invalid value {value} > {tickets.MAX_SIZE}")
     return value
 
 

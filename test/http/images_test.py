@@ -610,6 +610,18 @@ def test_parallel_writers_and_readers(daemon, rw_export, image):
     (b'{"op": "zero", "size": -1}', "Invalid value -1 < 0"),
     (b'{"op": "zero", "size": 1, "offset": -1}', "Invalid value -1 < 0"),
     (b'{"op": "zero", "size": 1, "flush": "y"}', "Boolean required 'y'"),
+    # NBD sizes and offsets are below 2**63.
+    (b'{"op": "zero", "size": 9223372036854775808}',
+     "Invalid value 9223372036854775808 > 9223372036854775807"),
+    (b'{"op": "zero", "size": 1, "offset": 9223372036854775808}',
+     "Invalid value 9223372036854775808 > 9223372036854775807"),
+    (b'{"op": "zero", "size": 1' + b"0" * 400 + b'}',
+     "Invalid value 1" + "0" * 400 + " > 9223372036854775807"),
+    # Python's int() refuses more than 4300 digits (a ValueError).
+    (b'{"op": "zero", "size": ' + b"9" * 5000 + b'}',
+     "Invalid JSON message Exceeds the limit (4300 digits) for integer "
+     "string conversion: value has 5000 digits; use "
+     "sys.set_int_max_str_digits() to increase the limit"),
 ], ids=lambda v: v[:24].decode(errors="replace") if isinstance(v, bytes)
     else None)
 def test_patch_invalid(daemon, client, rw_export, body, message):
