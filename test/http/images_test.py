@@ -12,6 +12,7 @@ import pytest
 
 import testutil
 from ovirt_imageio import tls
+from ovirt_imageio.http import images
 from ovirt_imageio.nbd import stream as nbd_stream
 
 MiB = 1024**2
@@ -220,8 +221,53 @@ def test_get_full(daemon, client, export, image):
     assert resp.getheader("content-range") is None
     assert resp.getheader("content-type") == "application/octet-stream"
     assert resp.getheader("content-disposition") == (
-        "attachment; filename=disk.raw")
+        "attachment; filename=\"disk.raw\"; filename*=UTF-8''disk.raw")
     assert data == image_bytes(image)
+
+
+# RFC 6266: a quoted ASCII fallback and the UTF-8 name. A name outside
+# Latin-1 made every GET close without a response.
+@pytest.mark.parametrize("filename,header", [
+    ("disk.raw", "attachment; filename=\"disk.raw\"; "
+                 "filename*=UTF-8''disk.raw"),
+    ("my disk (1).qcow2", "attachment; filename=\"my disk (1).qcow2\"; "
+                          "filename*=UTF-8''my%20disk%20%281%29.qcow2"),
+    ('a"b\\c%d;e.raw', "attachment; filename=\"a_b_c_d;e.raw\"; "
+                       "filename*=UTF-8''a%22b%5Cc%25d%3Be.raw"),
+    ("d\u00efsk.raw", "attachment; filename=\"d_sk.raw\"; "
+                  "filename*=UTF-8''d%C3%AFsk.raw"),
+    ("\u05d3\u05d9\u05e1\u05e7.img", "attachment; filename=\"____.img\"; "
+     "filename*=UTF-8''%D7%93%D7%99%D7%A1%D7%A7.img"),
+    ("\U0001f4be", "attachment; filename=\"_\"; "
+               "filename*=UTF-8''%F0%9F%92%BE"),
+], ids=["ascii", "space", "specials", "latin-1", "hebrew", "emoji"])
+def test_content_disposition(filename, header):
+    assert images.content_disposition(filename) == header
+
+
+def test_get_filename_not_latin1(daemon, client, export, image):
+    name = "\u05d3\u05d9\u05e1\u05e7.img"
+    add_ticket(daemon, url(export), filename=name)
+    for method in ("GET", "HEAD"):
+        resp, data = client.request(method, "/images/tid-secret",
+                                    headers={"range": "bytes=0-99"})
+        assert resp.status == 206
+        assert resp.getheader("content-disposition") == (
+            images.content_disposition(name))
+    assert data == b""
+    resp, data = client.request("GET", "/images/tid-secret")
+    assert resp.status == 200
+    assert data == image_bytes(image)
+
+
+def test_filename_crlf_refused(daemon, export):
+    resp, data = daemon.api.put(
+        {"uuid": "tid-secret", "size": 4 * MiB, "ops": ["read"],
+         "timeout": 300, "url": url(export),
+         "filename": "x\r\nSet-Cookie: a=b"})
+    assert resp.status == 400
+    assert b"without control characters" in data
+    assert len(daemon.store) == 0
 
 
 def test_get_ticket_larger_than_image(daemon, client, export, image):
