@@ -253,6 +253,8 @@ class Handler:
         ticket = self.store.authorize(ticket_id, op)
         # For the request's log line: the transfer id, never the ticket id.
         req.transfer_id = ticket.transfer_id
+        # For the router: a failure once the ticket is canceled is a 403.
+        req.ticket = ticket
         return ticket
 
     def _authorize_write(self, req, ticket_id, offset, length):
