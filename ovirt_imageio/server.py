@@ -70,7 +70,7 @@ def main(argv=None):
                  signo[0] if signo else 0)
     except (errors.Error, OSError) as e:
         log.error("Cannot start: %s", e)
-        sys.exit(f"ovirt-imageio: {e}")
+        sys.exit(f"ovirt-imageio: Cannot start: {e}")
     finally:
         daemon.stop()
     log.info("Stopped")
@@ -130,8 +130,11 @@ class Daemon:
         return service
 
     def add_ticket_file(self, path):
-        with open(path, "rb") as f:
-            info = json.load(f)
+        try:
+            with open(path, "rb") as f:
+                info = json.load(f)
+        except (OSError, ValueError, RecursionError) as e:
+            raise errors.Error(f"Cannot read ticket {path!r}: {e}")
         ticket = self.store.create(info)
         ticket.resource = services.exporter(self.cfg)(ticket)
         self.store.add(ticket)

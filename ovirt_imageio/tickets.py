@@ -40,6 +40,7 @@ import bisect
 import hashlib
 import logging
 import threading
+import unicodedata
 import urllib.parse
 
 from . import clock as _clock
@@ -49,6 +50,13 @@ log = logging.getLogger("tickets")
 
 OPS = ("read", "write")
 SCHEMES = ("file", "nbd", "nbd+unix", "http", "https")
+
+# Upper bounds of numbers in a ticket. The engine sends Java ints, and
+# 2**31-1 seconds is 68 years: a larger timeout is a mistake, and a huge
+# one broke expiry (float overflow) or every connection (a socket timeout
+# past 2**63 ns). NBD sizes are below 2**63.
+MAX_TIMEOUT = 2**31 - 1
+MAX_SIZE = 2**63 - 1
 
 
 def validate(info):
@@ -74,21 +82,28 @@ def validate(info):
         return checked(key, info[key], kind)
 
     t = {}
-    t["uuid"] = required("uuid", str)
+    t["uuid"] = _text("uuid", required("uuid", str))
     if not t["uuid"]:
         raise _invalid("uuid", t["uuid"], "expecting a non-empty string")
-    t["size"] = _non_negative("size", required("size", int))
+    t["size"] = _bounded("size", required("size", int), MAX_SIZE)
     t["ops"] = required("ops", list)
     for op in t["ops"]:
         if op not in OPS:
             raise _invalid("ops", t["ops"], f"expecting items in {list(OPS)}")
-    t["timeout"] = _non_negative("timeout", required("timeout", int))
-    t["url"] = _checked_url(required("url", str))
+    t["timeout"] = _bounded("timeout", required("timeout", int),
+                            MAX_TIMEOUT)
+    t["url"] = _checked_url(_text("url", required("url", str)))
     t["inactivity_timeout"] = optional("inactivity_timeout", int, None)
     if t["inactivity_timeout"] is not None:
-        _non_negative("inactivity_timeout", t["inactivity_timeout"])
+        _bounded("inactivity_timeout", t["inactivity_timeout"], MAX_TIMEOUT)
+    # The filename goes to a header (Content-Disposition), the transfer id
+    # to messages and log lines.
     t["transfer_id"] = optional("transfer_id", str, None)
+    if t["transfer_id"] is not None:
+        _text("transfer_id", t["transfer_id"])
     t["filename"] = optional("filename", str, None)
+    if t["filename"] is not None:
+        _text("filename", t["filename"])
     t["sparse"] = optional("sparse", bool, False)
     t["dirty"] = optional("dirty", bool, False)
     return t
@@ -102,9 +117,26 @@ def checked(key, value, kind):
     return value
 
 
-def _non_negative(key, value):
+def _bounded(key, value, limit):
     if value < 0:
         raise _invalid(key, value, "expecting a value >= 0")
+    if value > limit:
+        raise _invalid(key, value, f"expecting a value <= {limit}")
+    return value
+
+
+def _text(key, value):
+    """
+    Refuse control characters (C0, DEL, C1: CR/LF would inject headers
+    and log lines) and lone surrogates (JSON allows "\\ud800"; they cannot
+    be encoded to UTF-8 for a header, a message or a log).
+    """
+    for c in value:
+        if unicodedata.category(c) in ("Cc", "Cs"):
+            raise _invalid(
+                key, value,
+                "expecting a string without control characters or "
+                "surrogates")
     return value
 
 

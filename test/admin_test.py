@@ -76,3 +76,38 @@ def test_no_daemon(tmp_path, pki):
          "show-ticket", "x"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "Cannot reach the control service" in r.stderr
+
+
+def run_ctl(*args):
+    return subprocess.run(
+        [testutil.bin_path("ovirt-imageioctl"), *args],
+        capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_conf_dir_before_or_after_command(daemon, where):
+    # Upstream's syntax: `show-ticket -c DIR ID`; ours also took it first.
+    daemon.api.put(TICKET)
+    if where == "before":
+        r = run_ctl("-c", daemon.tmp, "show-ticket", "t1")
+    else:
+        r = run_ctl("show-ticket", "-c", daemon.tmp, "t1")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["transfer_id"] == "tr-1"
+
+
+def test_conf_dir_after_command_wins(daemon, tmp_path):
+    # The sub-command's -c is the one given last.
+    r = run_ctl("-c", str(tmp_path / "nowhere"), "show-ticket",
+                "--conf-dir", daemon.tmp, "nope")
+    assert r.returncode == 1
+    assert "404" in r.stderr and "No such ticket" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["start-profile", "stop-profile"])
+def test_profile_not_supported(daemon, command):
+    r = run_ctl(command, "-c", daemon.tmp)
+    assert r.returncode == 1
+    assert r.stderr == (
+        "ovirt-imageioctl: Profiling is not supported by the daemon: "
+        "yappi is not installed\n")

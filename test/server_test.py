@@ -54,6 +54,37 @@ def test_tls_without_cert(tmp_path, pki):
     assert "Traceback" not in d.stderr
 
 
+@pytest.mark.parametrize("key", ["cert_file", "key_file", "ca_file"])
+def test_tls_file_missing(tmp_path, pki, key):
+    missing = str(tmp_path / f"missing-{key}.pem")
+    d = testutil.DaemonProcess(tmp_path, pki, tls={key: missing})
+    assert d.wait_exit() != 0
+    assert d.stderr == (
+        f"ovirt-imageio: Cannot start: [tls] {key} {missing!r}: "
+        f"[Errno 2] No such file or directory\n")
+
+
+def test_tls_file_invalid(tmp_path, pki):
+    # The key file holds a certificate: OpenSSL cannot say which file.
+    d = testutil.DaemonProcess(tmp_path, pki,
+                               tls={"key_file": pki["cert_file"]})
+    assert d.wait_exit() != 0
+    assert d.stderr.startswith(
+        f"ovirt-imageio: Cannot start: [tls] cert_file "
+        f"{pki['cert_file']!r}, key_file {pki['cert_file']!r}: ")
+    assert "Traceback" not in d.stderr
+
+
+def test_tls_ca_file_invalid(tmp_path, pki):
+    d = testutil.DaemonProcess(tmp_path, pki,
+                               tls={"ca_file": pki["key_file"]})
+    assert d.wait_exit() != 0
+    assert d.stderr.startswith(
+        f"ovirt-imageio: Cannot start: [tls] ca_file "
+        f"{pki['key_file']!r}: ")
+    assert "Traceback" not in d.stderr
+
+
 def test_port_in_use(tmp_path, pki):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,7 +92,57 @@ def test_port_in_use(tmp_path, pki):
         port = s.getsockname()[1]
         d = testutil.DaemonProcess(tmp_path, pki, remote={"port": str(port)})
         assert d.wait_exit() != 0
-        assert "Address already in use" in d.stderr
+        assert d.stderr == (
+            f"ovirt-imageio: Cannot start: remote service on "
+            f"127.0.0.1:{port}: [Errno 98] Address already in use\n")
+    with open(d.log) as f:
+        assert (f"Cannot start: remote service on 127.0.0.1:{port}: "
+                f"[Errno 98] Address already in use") in f.read()
+
+
+def test_control_port_in_use(tmp_path, pki):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        d = testutil.DaemonProcess(
+            tmp_path, pki, control={"transport": "tcp", "port": str(port)})
+        assert d.wait_exit() != 0
+        assert d.stderr == (
+            f"ovirt-imageio: Cannot start: control service on "
+            f"localhost:{port}: [Errno 98] Address already in use\n")
+
+
+def test_bad_host(tmp_path, pki):
+    d = testutil.DaemonProcess(tmp_path, pki,
+                               remote={"host": "no-such-host.invalid"})
+    assert d.wait_exit() != 0
+    assert d.stderr.startswith(
+        "ovirt-imageio: Cannot start: remote service on "
+        "no-such-host.invalid:0: ")
+    assert "Traceback" not in d.stderr
+
+
+@pytest.mark.parametrize("service", ["local", "control"])
+def test_socket_directory_missing(tmp_path, pki, service):
+    path = str(tmp_path / "missing" / f"{service}.sock")
+    d = testutil.DaemonProcess(tmp_path, pki, **{service: {"socket": path}})
+    assert d.wait_exit() != 0
+    assert d.stderr.startswith(
+        f"ovirt-imageio: Cannot start: {service} service on {path!r}: "
+        f"[Errno 2] No such file or directory")
+    assert "Traceback" not in d.stderr
+
+
+def test_ticket_file_invalid(tmp_path, pki):
+    path = tmp_path / "ticket.json"
+    path.write_text('{"uuid": "t", "size": ' + "9" * 5000 + "}")
+    d = testutil.DaemonProcess(tmp_path / "d", pki,
+                               args=["--ticket", str(path)])
+    assert d.wait_exit() != 0
+    assert d.stderr.startswith(
+        f"ovirt-imageio: Cannot start: Cannot read ticket {str(path)!r}: "
+        f"Exceeds the limit (4300 digits)")
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT],

@@ -70,6 +70,60 @@ def test_negative(key):
     assert "expecting a value >= 0" in str(e.value)
 
 
+# The engine sends Java ints; more than 2**31-1 seconds is nonsense, and
+# a huge value broke every connection (socket timeouts overflow) or the
+# expiry arithmetic (float overflow). NBD sizes are below 2**63.
+@pytest.mark.parametrize("key,value,limit", [
+    ("timeout", 2**31, 2**31 - 1),
+    ("timeout", 10**400, 2**31 - 1),
+    ("inactivity_timeout", 10**10, 2**31 - 1),
+    ("size", 2**63, 2**63 - 1),
+    ("size", 10**4000, 2**63 - 1),
+], ids=["timeout-2**31", "timeout-400-digits", "inactivity-10**10",
+        "size-2**63", "size-4000-digits"])
+def test_too_large(key, value, limit):
+    with pytest.raises(errors.InvalidTicket) as e:
+        tickets.validate(info(**{key: value}))
+    assert str(e.value).startswith(f"Invalid ticket: Invalid value for "
+                                   f"{key!r}: ")
+    assert str(e.value).endswith(f"expecting a value <= {limit}")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("timeout", 2**31 - 1),
+    ("inactivity_timeout", 2**31 - 1),
+    ("size", 2**63 - 1),
+], ids=["timeout", "inactivity_timeout", "size"])
+def test_largest(fake_clock, key, value):
+    assert tickets.validate(info(**{key: value}))[key] == value
+    t = ticket(fake_clock, **{key: value})
+    assert t.info()[key] == value
+
+
+# Strings from a ticket reach headers (filename), messages and logs
+# (transfer_id, url, uuid): CR/LF injected headers, a lone surrogate
+# cannot be encoded at all.
+@pytest.mark.parametrize("key", ["uuid", "url", "transfer_id", "filename"])
+@pytest.mark.parametrize("bad", [
+    "\r\nSet-Cookie: a=b", "\n", "\x00", "\t", "\x7f", "\x85", "\ud800",
+], ids=["crlf", "lf", "nul", "tab", "del", "c1", "surrogate"])
+def test_control_characters(key, bad):
+    value = "file:///x" + bad if key == "url" else "name" + bad
+    with pytest.raises(errors.InvalidTicket) as e:
+        tickets.validate(info(**{key: value}))
+    assert str(e.value) == (
+        f"Invalid ticket: Invalid value for {key!r}: {value!r}: "
+        f"expecting a string without control characters or surrogates")
+
+
+@pytest.mark.parametrize("filename", [
+    "disk.raw", "d\u00efsk \"1\".qcow2", "\u05d3\u05d9\u05e1\u05e7.img",
+    "\U0001f4be.raw",
+], ids=["ascii", "latin-1", "hebrew", "emoji"])
+def test_filename_unicode(filename):
+    assert tickets.validate(info(filename=filename))["filename"] == filename
+
+
 def test_unknown_op():
     with pytest.raises(errors.InvalidTicket) as e:
         tickets.validate(info(ops=["read", "delete"]))

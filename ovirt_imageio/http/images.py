@@ -34,8 +34,10 @@ import contextlib
 import json
 import logging
 import threading
+import urllib.parse
 
 from .. import errors
+from .. import tickets
 from ..nbd import client as nbd_client
 from . import cors
 from . import ranges
@@ -251,6 +253,8 @@ class Handler:
         ticket = self.store.authorize(ticket_id, op)
         # For the request's log line: the transfer id, never the ticket id.
         req.transfer_id = ticket.transfer_id
+        # For the router: a failure once the ticket is canceled is a 403.
+        req.ticket = ticket
         return ticket
 
     def _authorize_write(self, req, ticket_id, offset, length):
@@ -312,11 +316,8 @@ class Handler:
         resp.headers["accept-ranges"] = "bytes"
         if content_range:
             resp.headers["content-range"] = content_range
-        if ticket.filename:
-            resp.headers["content-disposition"] = (
-                f"attachment; filename={ticket.filename}")
-        else:
-            resp.headers["content-disposition"] = "attachment"
+        resp.headers["content-disposition"] = content_disposition(
+            ticket.filename)
 
         if req.method == "HEAD":
             resp.start(length)
@@ -441,6 +442,30 @@ class ExtentsHandler:
         with lk as image:
             found = image.extents(context)
         resp.send_json([e.to_dict() for e in found])
+
+
+# RFC 8187 attr-char besides letters and digits: what filename* keeps
+# unencoded.
+_ATTR_CHARS = "!#$&+-.^_`|~"
+
+
+def content_disposition(filename):
+    """
+    The Content-Disposition of a download (RFC 6266): a quoted ASCII
+    fallback for old user agents, and the name itself as UTF-8. Headers go
+    out as Latin-1, so a name outside it cannot be sent raw (upstream
+    does, as UTF-8). Tickets refuse control characters in names.
+    """
+    if not filename:
+        return "attachment"
+    # Quotes and backslashes have unreliable escapes in user agents, and
+    # some percent-decode the plain parameter; replace them too.
+    fallback = "".join(
+        c if " " <= c <= "~" and c not in '"\\%' else "_"
+        for c in filename)
+    encoded = urllib.parse.quote(filename, safe=_ATTR_CHARS)
+    return (f"attachment; filename=\"{fallback}\"; "
+            f"filename*=UTF-8''{encoded}")
 
 
 # Planning and body reading.
@@ -571,6 +596,10 @@ def integer(msg, name, default=None):
         raise server.Error(400, f"Integer required {value!r}")
     if value < 0:
         raise server.Error(400, f"Invalid value {value} < 0")
+    if value > tickets.MAX_SIZE:
+        # Larger than any NBD export.
+        raise server.Error(
+            400, f"Invalid value {value} > {tickets.MAX_SIZE}")
     return value
 
 

@@ -10,6 +10,12 @@ is wrong we differ:
   answers 416 "suffix-byte-range-spec not supported yet".
 - `bytes=a-` with a past the end is 416; upstream answers 400 with stray
   headers.
+- `bytes=a-b` with b past the end is served up to the end (RFC 9110
+  section 14.1.2: a last position past the end means the end); upstream
+  answers 416, and nbdkit's curl plugin, which asks for one byte past
+  the end, fails. The end is the smaller of the ticket's and the image's
+  size; Content-Range gives it as the total. Only a first byte past the
+  end is 416.
 
 Numbers are hostile input: a header may carry thousands of digits, and
 int() refuses more than 4300 digits (and is quadratic below that). A
@@ -89,7 +95,8 @@ def resolve(rng, ticket_size, image_size):
     None when there was no Range (the caller answers 200, else 206).
 
     What can be read is avail = min(ticket_size, image_size); the total in
-    Content-Range is always the ticket's size, as upstream. Raises
+    Content-Range is the ticket's size, as upstream, except for a range
+    cut at the end, where it is avail (the end). Raises
     server.Error(416) with a `content-range: bytes */N` header when the
     range cannot be satisfied.
     """
@@ -111,20 +118,28 @@ def resolve(rng, ticket_size, image_size):
         offset = avail - length
         return offset, length, f"bytes {offset}-{avail - 1}/{ticket_size}"
 
-    # Past the ticket, else past the image: the same checks for `a-b` and
-    # `a-` (which asks for a at least).
-    last = rng.first if rng.last is None else rng.last
-    if last >= ticket_size:
+    # Only the first byte must be there: past the ticket, else past the
+    # image, is 416.
+    if rng.first >= ticket_size:
         raise _unsatisfiable("Requested range out of allowed range",
                              ticket_size)
-    if last >= avail:
+    if rng.first >= avail:
         raise _unsatisfiable(
-            f"Requested more bytes than available: {last + 1} > {avail}",
-            avail)
+            f"Requested more bytes than available: {rng.first + 1} > "
+            f"{avail}", avail)
     if rng.last is None:
         last = avail - 1
+        total = ticket_size
+    elif rng.last >= avail:
+        # A last byte past the end means the end (RFC 9110 section
+        # 14.1.2); the total says where the end is.
+        last = avail - 1
+        total = avail
+    else:
+        last = rng.last
+        total = ticket_size
     return (rng.first, last - rng.first + 1,
-            f"bytes {rng.first}-{last}/{ticket_size}")
+            f"bytes {rng.first}-{last}/{total}")
 
 
 def parse_content_range(header):

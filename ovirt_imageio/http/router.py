@@ -64,6 +64,7 @@ class Router:
         method(req, resp, *match.groups())
 
     def _fail(self, req, resp, e):
+        e = canceled_cause(req, e)
         status, message, headers, close = classify(e)
         if resp.started:
             # Part of the body is out; the client can only see a short one.
@@ -86,6 +87,27 @@ class Router:
         if close or req.remaining or req.framing_error:
             resp.close_connection = True
         resp.send_text(message, status)
+
+
+def canceled_cause(req, e):
+    """
+    A request whose ticket was replaced or removed while it ran fails in
+    many ways: its export's qemu-nbd stopped (NBD errors, ExportError on
+    connect), its NBD connection closed. The cause is the cancel: answer
+    the ticket's 403, not a 500 with a traceback. Handlers set req.ticket
+    when they authorize; a replaced or removed ticket is always canceled
+    before what serves it is closed.
+    """
+    if isinstance(e, (server.Error, errors.Error)) and not isinstance(
+            e, errors.ExportError):
+        return e
+    ticket = getattr(req, "ticket", None)
+    if ticket is None or not ticket.canceled:
+        return e
+    log.debug("Request failed on a canceled ticket connection=%s "
+              "transfer=%s error=%s: %s", req.context.id, ticket.transfer_id,
+              type(e).__name__, e)
+    return errors.TicketCanceled(ticket.transfer_id)
 
 
 def classify(e):

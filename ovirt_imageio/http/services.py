@@ -8,9 +8,14 @@ The daemon's three services, built from the configuration:
 
 Tickets are shared by all services: the control service adds them, the
 others serve them.
+
+Start-up errors name what failed: the service and its address, the TLS
+file (errors.Error; the daemon prints "Cannot start: ..." and exits).
 """
 
+import contextlib
 import logging
+import ssl
 import urllib.parse
 
 from .. import errors
@@ -31,20 +36,79 @@ def remote(cfg, store, unix_socket=None):
         (r"/info/", info.Handler())]
     tls = None
     if cfg.tls.enable:
-        if not cfg.tls.cert_file or not cfg.tls.key_file:
-            raise errors.Error(
-                "[tls] cert_file and key_file are required when [tls] "
-                "enable = true")
-        tls = server.tls_context(cfg.tls.cert_file, cfg.tls.key_file,
-                                 cfg.tls.ca_file, cfg.tls.enable_tls1_1)
-    return server.Service(server.TCPServer(
-        "remote", cfg.remote.host, cfg.remote.port, router.Router(routes),
-        tls_context=tls))
+        tls = tls_context(cfg.tls)
+    with starting("remote", tcp_address(cfg.remote.host, cfg.remote.port)):
+        srv = server.TCPServer(
+            "remote", cfg.remote.host, cfg.remote.port,
+            router.Router(routes), tls_context=tls)
+    return server.Service(srv)
+
+
+def tls_context(tls):
+    """The remote service's TLS context from [tls]; errors name the file."""
+    if not tls.cert_file or not tls.key_file:
+        raise errors.Error(
+            "[tls] cert_file and key_file are required when [tls] "
+            "enable = true")
+    # OpenSSL's errors name no file ("[Errno 2] No such file or
+    # directory"): check each can be read first.
+    for key in ("cert_file", "key_file", "ca_file"):
+        path = getattr(tls, key)
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise errors.Error(f"[tls] {key} {path!r}: [Errno {e.errno}] "
+                               f"{e.strerror}")
+    try:
+        return server.tls_context(tls.cert_file, tls.key_file, tls.ca_file,
+                                  tls.enable_tls1_1)
+    except (OSError, ssl.SSLError) as e:
+        # OpenSSL does not say which file is wrong either ("PEM lib").
+        if tls.ca_file and not _loads_ca(tls.ca_file):
+            raise errors.Error(f"[tls] ca_file {tls.ca_file!r}: {e}")
+        raise errors.Error(f"[tls] cert_file {tls.cert_file!r}, key_file "
+                           f"{tls.key_file!r}: {e}")
+
+
+def _loads_ca(path):
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(path)
+        return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+@contextlib.contextmanager
+def starting(name, address):
+    """Name the service and its address in an error binding it."""
+    try:
+        yield
+    except OSError as e:
+        raise errors.Error(f"{name} service on {address}: {e}") from e
+
+
+def tcp_address(host, port):
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host or '*'}:{port}"
+
+
+def unix_address(path):
+    if not path:
+        return "an abstract socket"
+    if path.startswith("\0"):
+        # As ss(8) shows abstract names.
+        return repr("@" + path[1:])
+    return repr(path)
 
 
 def local(cfg, store):
     """The local service; its routes are set once its address is known."""
-    srv = server.UnixServer("local", cfg.local.socket, None)
+    with starting("local", unix_address(cfg.local.socket)):
+        srv = server.UnixServer("local", cfg.local.socket, None)
     srv.router = router.Router(data_routes(cfg, store, srv.address()))
     return server.Service(srv)
 
@@ -59,12 +123,16 @@ def control(cfg, store):
         if cfg.control.port == -1:
             raise errors.Error(
                 "[control] port is required when [control] transport = tcp")
-        srv = server.TCPServer(
-            "control", "localhost", cfg.control.port, r,
-            prefer_ipv4=cfg.control.prefer_ipv4)
+        with starting("control", tcp_address("localhost",
+                                             cfg.control.port)):
+            srv = server.TCPServer(
+                "control", "localhost", cfg.control.port, r,
+                prefer_ipv4=cfg.control.prefer_ipv4)
     else:
         # vdsm and the engine only: owner and group (mode 0660).
-        srv = server.UnixServer("control", cfg.control.socket, r, mode=0o660)
+        with starting("control", unix_address(cfg.control.socket)):
+            srv = server.UnixServer("control", cfg.control.socket, r,
+                                    mode=0o660)
     return server.Service(srv)
 
 

@@ -8,6 +8,7 @@ Each call is one small JSON message. Messages and statuses are upstream's
 import json
 import logging
 
+from .. import tickets
 from . import server
 
 log = logging.getLogger("tickets")
@@ -57,6 +58,9 @@ class Handler:
             raise server.Error(400, f"Integer required {timeout!r}")
         if timeout < 0:
             raise server.Error(400, f"Invalid value {timeout} < 0")
+        if timeout > tickets.MAX_TIMEOUT:
+            raise server.Error(
+                400, f"Invalid value {timeout} > {tickets.MAX_TIMEOUT}")
         ticket = self.store.lookup(ticket_id)
         if ticket is None:
             raise server.Error(404, f"No such ticket: {ticket_id}")

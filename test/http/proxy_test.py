@@ -216,8 +216,9 @@ def test_download_full(daemon, proxy, pair, image):
     "bytes=4000000-",
     "bytes=4194303-4194303",
     "bytes=-100",
+    "bytes=4000000-4194304",
 ], ids=["first-block", "unaligned", "one-mib", "many-pieces", "zero-range",
-        "open-ended", "last-byte", "suffix"])
+        "open-ended", "last-byte", "suffix", "past-end"])
 def test_download_range(daemon, proxy, pair, image, header):
     add_tickets(daemon, proxy, f"file://{image}")
     via_proxy, direct = pair
@@ -271,7 +272,7 @@ def test_download_client_disconnects(daemon, proxy, clients, proxy_pki,
 
 
 @pytest.mark.parametrize("header", [
-    "bytes=10-5", "bytes=0-4194304", "bytes=0-1,5-6", "bytes=-0"])
+    "bytes=10-5", "bytes=4194304-4194304", "bytes=0-1,5-6", "bytes=-0"])
 def test_download_range_errors(daemon, proxy, pair, image, header):
     add_tickets(daemon, proxy, f"file://{image}")
     via_proxy, direct = pair
@@ -292,8 +293,14 @@ def test_download_ticket_larger_than_image(daemon, proxy, pair, image):
     resp, data = via_proxy.request("GET")
     assert resp.status == 200
     assert data == file_bytes(image)
+    # A range past the end is served up to the end.
     resp, data = via_proxy.request(
         "GET", headers={"Range": f"bytes=0-{SIZE}"})
+    assert resp.status == 206
+    assert resp.getheader("content-range") == f"bytes 0-{SIZE - 1}/{SIZE}"
+    assert data == file_bytes(image)
+    resp, data = via_proxy.request(
+        "GET", headers={"Range": f"bytes={SIZE}-{SIZE}"})
     assert resp.status == 416
     assert data == (f"Requested more bytes than available: {SIZE + 1} > "
                     f"{SIZE}\n").encode()

@@ -99,8 +99,29 @@ def test_put_replaces(daemon):
      "Invalid IPv6 URL"),
     (json.dumps(ticket(url="nbd:unix:")).encode(),
      "Invalid ticket: Invalid value for 'url': 'nbd:unix:': "),
+    (json.dumps(ticket(timeout=10**400)).encode(),
+     "Invalid ticket: Invalid value for 'timeout': 1000"),
+    (json.dumps(ticket(inactivity_timeout=10**10)).encode(),
+     "Invalid ticket: Invalid value for 'inactivity_timeout': 10000000000: "
+     "expecting a value <= 2147483647"),
+    (json.dumps(ticket(size=2**63)).encode(),
+     "Invalid ticket: Invalid value for 'size': 9223372036854775808: "
+     "expecting a value <= 9223372036854775807"),
+    # Python's int() refuses more than 4300 digits (a ValueError).
+    (json.dumps(ticket(size=0)).replace('"size": 0', '"size": ' + "9" * 5000)
+     .encode(),
+     "Ticket is not in a json format: Exceeds the limit (4300 digits)"),
+    (json.dumps(ticket(filename="a\r\nSet-Cookie: x=y")).encode(),
+     "Invalid ticket: Invalid value for 'filename': "
+     "'a\\r\\nSet-Cookie: x=y': expecting a string without control "
+     "characters"),
+    (json.dumps(ticket(transfer_id="t\n1")).encode(),
+     "Invalid ticket: Invalid value for 'transfer_id': 't\\n1': "
+     "expecting a string without control characters"),
 ], ids=["truncated", "empty", "not-utf8", "list", "deep", "missing",
-        "type", "scheme", "ipv6", "bad-nbd-url"])
+        "type", "scheme", "ipv6", "bad-nbd-url", "huge-timeout",
+        "huge-inactivity-timeout", "huge-size", "5000-digits",
+        "filename-crlf", "transfer-id-lf"])
 def test_put_invalid(daemon, body, message):
     resp, data = daemon.api.request("PUT", "/tickets/x", body)
     assert resp.status == 400
@@ -174,7 +195,13 @@ def test_patch_extend(daemon):
     (b'{"timeout": true}', 400, "Integer required True"),
     (b'{"timeout": 1.5}', 400, "Integer required 1.5"),
     (b'{"timeout": -1}', 400, "Invalid value -1 < 0"),
-], ids=["json", "list", "missing", "str", "bool", "float", "negative"])
+    (b'{"timeout": 2147483648}', 400,
+     "Invalid value 2147483648 > 2147483647"),
+    (b'{"timeout": 1' + b"0" * 400 + b'}', 400, "Invalid value 1000"),
+    (b'{"timeout": ' + b"9" * 5000 + b'}', 400,
+     "Invalid patch: Exceeds the limit (4300 digits)"),
+], ids=["json", "list", "missing", "str", "bool", "float", "negative",
+        "2**31", "400-digits", "5000-digits"])
 def test_patch_invalid(daemon, body, status, message):
     t = ticket()
     daemon.api.put(t)
