@@ -318,6 +318,58 @@ def test_download_with_backing_file(daemon, pki, qemu_nbd, make_image,
     compare(expected, out, "qcow2", "qcow2")
 
 
+def test_download_on_backing_file_without_allocation_depth(
+        daemon, pki, qemu_nbd, make_image, tmp_path):
+    # A raw volume exported as vdsm does (no qemu:allocation-depth),
+    # downloaded on top of a previous backup holding other data: its
+    # sparse ranges read as zeros, so they must hide the backing file.
+    # They were reported as holes and skipped, and the backing file's
+    # data showed through.
+    disk = make_image(name="disk", size=SIZE, commands=[
+        "write -P 0x41 0 1M", "write -z 2M 1M", "write -P 0x43 4M 1M"])
+    srv = qemu_nbd(disk, fmt="raw", read_only=True, shared=8,
+                   allocation_depth=False)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    make_image(name="base", fmt="qcow2", size=SIZE, commands=[
+        "write -P 9 0 8M"])
+    out = str(tmp_path / "out.qcow2")
+    client.download(https_url(daemon), out, pki["ca_file"],
+                    backing_file="base.qcow2", backing_format="qcow2")
+    compare(disk, out, "raw", "qcow2")
+    # The zeros are zero clusters, not data.
+    top = [e for e in json.loads(qemu_img("map", "--output=json", out))
+           if e["depth"] == 0]
+    assert sum(e["length"] for e in top if e["data"]) == 2 * MiB
+
+
+def test_incremental_without_allocation_depth(daemon, pki, qemu_nbd,
+                                              make_image, tmp_path):
+    # As backup_vm.py does: a full backup, then an incremental one on
+    # top of it, from an export without allocation depth.
+    disk = make_image(name="disk", fmt="qcow2", size=SIZE, commands=[
+        "write -P 0x01 0 8M"])
+    qemu_img("bitmap", "--add", disk, "b1")
+    srv = qemu_nbd(disk, fmt="qcow2", read_only=True, shared=8,
+                   allocation_depth=False)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    full = str(tmp_path / "full.qcow2")
+    client.download(https_url(daemon), full, pki["ca_file"])
+    srv.stop()
+    compare(disk, full, "qcow2", "qcow2")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x02 1M 64k",
+                    "-c", "write -z 5M 1M", "-c", "discard 6M 1M", disk],
+                   check=True, capture_output=True)
+    srv = qemu_nbd(disk, fmt="qcow2", read_only=True, bitmap="b1",
+                   shared=8, allocation_depth=False)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"], dirty=True,
+               uuid="incr")
+    incr = str(tmp_path / "incr.qcow2")
+    client.download(https_url(daemon, "incr"), incr, pki["ca_file"],
+                    incremental=True, backing_file=full,
+                    backing_format="qcow2")
+    compare(disk, incr, "qcow2", "qcow2")
+
+
 def test_incremental(daemon, pki, qemu_nbd, make_image, tmp_path):
     path = make_image(fmt="qcow2", size=SIZE, commands=[
         "write -P 0x01 0 8M"])
