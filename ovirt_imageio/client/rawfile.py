@@ -8,14 +8,13 @@ much CPU as the daemon's own qemu-nbd, and both compete with the client
 and the daemon. nbdcopy, the benchmark's baseline, writes files directly
 in the same way.
 
-On the daemon's unix socket the bytes still never pass through Python:
-
-- download: socket -> pipe -> file with splice(2), the file written at an
-  offset (offset_dst), so workers share nothing;
-- upload: file -> socket with sendfile(2), which hands the page cache's
-  pages to the socket.
-
-Over TLS they go through the worker's buffer: pread / pwrite.
+On the daemon's unix socket an upload's bytes never pass through Python:
+file -> socket with sendfile(2), which hands the page cache's pages to
+the socket. A download's could (receive(): socket -> pipe -> file with
+splice(2), the file written at an offset, so workers share nothing), but
+downloads go through the worker's buffer on every transport, where
+transfer.py finds the blocks of zeros and does not write them (see
+transfer.SPLICE_DOWNLOADS). Through a buffer: pread / pwrite.
 
 What qemu would show, and so what a qemu-nbd export of the file would
 serve, is kept exactly:

@@ -15,11 +15,15 @@ with a new request from there.
 
 Contexts:
 
-- base:allocation: NBD_STATE_ZERO => zero, NBD_STATE_HOLE => hole (used for
-  hole only when allocation depth is not available).
+- base:allocation: NBD_STATE_ZERO => zero. Its NBD_STATE_HOLE is never
+  a hole: it means "reads as zeros, may take no space" (a sparse range
+  of a raw file, a zero cluster), not "unallocated in this layer".
 - qemu:allocation-depth: depth 0 => hole (unallocated in this image and
   its backing chain); a raw file or an allocated cluster is not a hole,
-  even where it reads as zeros.
+  even where it reads as zeros. Without this context nothing is a hole,
+  as upstream reports: a client downloading on top of a backing file
+  skips holes, and a range called a hole wrongly would show the backing
+  file's data instead of the export's zeros.
 - qemu:dirty-bitmap:NAME: bit 0 => dirty.
 """
 
@@ -124,14 +128,14 @@ def zero_extents(offset, base, depth=None):
     Combine base:allocation and, when available, qemu:allocation-depth
     replies starting at offset into a list of ZeroExtent (not merged).
 
-    depth=None means the export has no allocation depth: holes come from
-    base:allocation's NBD_STATE_HOLE.
+    depth=None means the export has no allocation depth: then nothing is
+    known to be unallocated, and no extent is a hole (base:allocation's
+    NBD_STATE_HOLE does not mean that; see the module's docstring).
     """
     if depth is None:
         return [
             ZeroExtent(start, length,
-                       zero=bool(f[0] & STATE_ZERO),
-                       hole=bool(f[0] & STATE_HOLE))
+                       zero=bool(f[0] & STATE_ZERO), hole=False)
             for start, length, f in split(offset, [base])
         ]
     return [

@@ -318,6 +318,58 @@ def test_download_with_backing_file(daemon, pki, qemu_nbd, make_image,
     compare(expected, out, "qcow2", "qcow2")
 
 
+def test_download_on_backing_file_without_allocation_depth(
+        daemon, pki, qemu_nbd, make_image, tmp_path):
+    # A raw volume exported as vdsm does (no qemu:allocation-depth),
+    # downloaded on top of a previous backup holding other data: its
+    # sparse ranges read as zeros, so they must hide the backing file.
+    # They were reported as holes and skipped, and the backing file's
+    # data showed through.
+    disk = make_image(name="disk", size=SIZE, commands=[
+        "write -P 0x41 0 1M", "write -z 2M 1M", "write -P 0x43 4M 1M"])
+    srv = qemu_nbd(disk, fmt="raw", read_only=True, shared=8,
+                   allocation_depth=False)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    make_image(name="base", fmt="qcow2", size=SIZE, commands=[
+        "write -P 9 0 8M"])
+    out = str(tmp_path / "out.qcow2")
+    client.download(https_url(daemon), out, pki["ca_file"],
+                    backing_file="base.qcow2", backing_format="qcow2")
+    compare(disk, out, "raw", "qcow2")
+    # The zeros are zero clusters, not data.
+    top = [e for e in json.loads(qemu_img("map", "--output=json", out))
+           if e["depth"] == 0]
+    assert sum(e["length"] for e in top if e["data"]) == 2 * MiB
+
+
+def test_incremental_without_allocation_depth(daemon, pki, qemu_nbd,
+                                              make_image, tmp_path):
+    # As backup_vm.py does: a full backup, then an incremental one on
+    # top of it, from an export without allocation depth.
+    disk = make_image(name="disk", fmt="qcow2", size=SIZE, commands=[
+        "write -P 0x01 0 8M"])
+    qemu_img("bitmap", "--add", disk, "b1")
+    srv = qemu_nbd(disk, fmt="qcow2", read_only=True, shared=8,
+                   allocation_depth=False)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    full = str(tmp_path / "full.qcow2")
+    client.download(https_url(daemon), full, pki["ca_file"])
+    srv.stop()
+    compare(disk, full, "qcow2", "qcow2")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x02 1M 64k",
+                    "-c", "write -z 5M 1M", "-c", "discard 6M 1M", disk],
+                   check=True, capture_output=True)
+    srv = qemu_nbd(disk, fmt="qcow2", read_only=True, bitmap="b1",
+                   shared=8, allocation_depth=False)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"], dirty=True,
+               uuid="incr")
+    incr = str(tmp_path / "incr.qcow2")
+    client.download(https_url(daemon, "incr"), incr, pki["ca_file"],
+                    incremental=True, backing_file=full,
+                    backing_format="qcow2")
+    compare(disk, incr, "qcow2", "qcow2")
+
+
 def test_incremental(daemon, pki, qemu_nbd, make_image, tmp_path):
     path = make_image(fmt="qcow2", size=SIZE, commands=[
         "write -P 0x01 0 8M"])
@@ -528,6 +580,110 @@ def test_sparse_1tib(daemon, pki, make_image, qemu_nbd, tmp_path):
     assert sum(e["length"] for e in allocated) == 4 * MiB
     assert upload_time < 10, upload_time
     assert download_time < 10, download_time
+
+
+# Preallocated images: data extents that are mostly zeros.
+
+PREALLOCATED_SIZE = 128 * MiB
+
+# 57 MiB of data, as in the issue's 1 GiB disk: 56 MiB in 1 MiB pieces
+# every 2 MiB, and 16 pieces of 64 KiB not aligned to 64 KiB (68k written,
+# then its first 4k zeroed). The rest are written zeros, reported as data
+# (preallocation=full).
+PREALLOCATED_DATA = 57 * MiB
+PREALLOCATED_COMMANDS = (
+    [f"write -P {0x10 + i} {i * 2}M 1M" for i in range(56)]
+    + [f"write -P 0x77 {112 + j}M 68k" for j in range(16)]
+    + [f"write -z {112 + j}M 4k" for j in range(16)])
+
+
+def run_qemu_io(path, fmt, *commands):
+    cmd = ["qemu-io", "-f", fmt]
+    for c in commands:
+        cmd += ["-c", c]
+    out = subprocess.run(cmd + [path], check=True, capture_output=True,
+                         text=True).stdout
+    assert "failed" not in out, out
+
+
+@pytest.fixture(scope="module")
+def preallocated(tmp_path_factory):
+    """A preallocated (full) raw disk holding 57 MiB of data."""
+    path = str(tmp_path_factory.mktemp("preallocated") / "disk.raw")
+    qemu_img("create", "-f", "raw", "-o", "preallocation=full", path,
+             str(PREALLOCATED_SIZE))
+    run_qemu_io(path, "raw", *PREALLOCATED_COMMANDS)
+    return path
+
+
+def allocated_bytes(path):
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_download_preallocated(make_daemon, client_daemon, pki, qemu_nbd,
+                               preallocated, tmp_path, fmt, transport):
+    # Every byte is in a data extent, so every byte is sent; the blocks of
+    # zeros received must take no space in the download.
+    if transport == "unix":
+        daemon = client_daemon
+    else:
+        daemon = make_daemon(local={"enable": "false"})
+    srv = qemu_nbd(preallocated, fmt="raw", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"],
+               size=PREALLOCATED_SIZE)
+    assert allocated_bytes(preallocated) >= PREALLOCATED_SIZE
+    out = str(tmp_path / f"out.{fmt}")
+    client.download(https_url(daemon), out, pki["ca_file"], fmt=fmt)
+    # Nearly all of it went over the wire.
+    testutil.wait_for_ticket(daemon.api, "api-secret",
+                             transferred=data_length(preallocated))
+    compare(preallocated, out, "raw", fmt)
+    # 64 KiB granularity: each unaligned 64 KiB piece takes two blocks.
+    assert allocated_bytes(out) <= PREALLOCATED_DATA + 2 * MiB
+
+
+@pytest.mark.parametrize("incremental", [False, True],
+                         ids=["full", "incremental"])
+@pytest.mark.parametrize("transport", ["unix", "https"])
+def test_download_preallocated_on_backing_file(
+        make_daemon, client_daemon, pki, qemu_nbd, preallocated, tmp_path,
+        transport, incremental):
+    # With a backing file (and for an incremental backup, which
+    # backup_vm.py may rebase on the previous one later), the zeros
+    # received must be zero clusters: no space, and they hide the backing
+    # file's data. Unallocated clusters would show it.
+    if transport == "unix":
+        daemon = client_daemon
+    else:
+        daemon = make_daemon(local={"enable": "false"})
+    # The same guest data in a qcow2 whose zeros are written clusters;
+    # for the incremental backup, all dirty.
+    disk = str(tmp_path / "disk.qcow2")
+    qemu_img("create", "-f", "qcow2", disk, str(PREALLOCATED_SIZE))
+    if incremental:
+        qemu_img("bitmap", "--add", disk, "b1")
+    qemu_img("convert", "-n", "-S", "0", "-f", "raw", "-O", "qcow2",
+             preallocated, disk)
+    srv = qemu_nbd(disk, fmt="qcow2", read_only=True, shared=8,
+                   bitmap="b1" if incremental else None)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"],
+               size=PREALLOCATED_SIZE, dirty=incremental)
+    base = str(tmp_path / "base.qcow2")
+    qemu_img("create", "-f", "qcow2", base, str(PREALLOCATED_SIZE))
+    # Data where the disk has zeros.
+    run_qemu_io(base, "qcow2", "write -P 9 1M 1M", "write -P 9 51M 1M",
+                "write -P 9 127M 1M")
+    out = str(tmp_path / "out.qcow2")
+    client.download(https_url(daemon), out, pki["ca_file"],
+                    incremental=incremental, backing_file=base,
+                    backing_format="qcow2")
+    compare(preallocated, out, "raw", "qcow2")
+    top = json.loads(qemu_img("map", "--output=json", out))
+    data = sum(e["length"] for e in top if e["data"] and e["depth"] == 0)
+    assert data <= PREALLOCATED_DATA + 2 * MiB
+    assert allocated_bytes(out) <= PREALLOCATED_DATA + 4 * MiB
 
 
 # Transports and fallback

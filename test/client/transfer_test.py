@@ -88,6 +88,51 @@ def test_split_defaults():
     assert len(requests) == 3 + 1024
 
 
+# Zeros in received data
+
+K64 = 64 * 1024
+
+
+@pytest.mark.parametrize("data,offset,block,expected", [
+    (bytes(10), 0, 4, [(0, 10, True)]),
+    (b"x" * 10, 0, 4, [(0, 10, False)]),
+    # Blocks are aligned in the image, not in the buffer.
+    (bytes(6) + b"x" + bytes(5), 3, 4,
+     [(3, 5, True), (8, 4, False), (12, 3, True)]),
+    (b"\0\0\0x" + bytes(8), 0, 4, [(0, 4, False), (4, 8, True)]),
+    # One non-zero byte makes its block data, at either end; runs of
+    # blocks alike are merged.
+    (bytes(4) + b"\1" + bytes(6) + b"\1", 0, 4,
+     [(0, 4, True), (4, 8, False)]),
+    (b"", 0, 4, []),
+    # The default block: 64 KiB.
+    (bytes(K64) + b"x" + bytes(2 * K64 - 1), 0, transfer.ZERO_BLOCK,
+     [(0, K64, True), (K64, K64, False), (2 * K64, K64, True)]),
+], ids=["zeros", "data", "unaligned", "data-first", "one-byte",
+        "empty", "default-block"])
+def test_zero_runs(data, offset, block, expected):
+    runs = transfer.zero_runs(data, offset, block)
+    # Any buffer: bytes, a bytearray's memoryview.
+    assert transfer.zero_runs(memoryview(bytearray(data)), offset,
+                              block) == runs
+    assert [(a, b, bool(c)) for a, b, c in runs] == [
+        (a, b, c) for a, b, c in expected]
+
+
+@pytest.mark.parametrize("zero,calls", [
+    (False, [("write", K64)]),
+    (True, [("zero", 0), ("write", K64), ("zero", 2 * K64)]),
+], ids=["skip", "zero"])
+def test_sparse_writes_data_blocks_only(zero, calls):
+    dst = Memory(b"\xff" * 4 * K64)
+    piece = bytes(K64) + b"x" * K64 + bytes(2 * K64)
+    transfer._Sparse(dst, zero).write(memoryview(piece), 0)
+    assert dst.calls == calls
+    expected = (bytes(K64) if zero else b"\xff" * K64) + b"x" * K64
+    expected += bytes(2 * K64) if zero else b"\xff" * 2 * K64
+    assert dst.data == expected
+
+
 # run() with in-memory images
 
 class Memory:
@@ -109,7 +154,7 @@ class Memory:
         self._check("write", offset)
         self.data[offset:offset + len(buf)] = buf
 
-    def zero(self, length, offset):
+    def zero(self, length, offset, punch_hole=False):
         self._check("zero", offset)
         self.data[offset:offset + length] = bytes(length)
 

@@ -248,6 +248,28 @@ def test_upstream_incremental(daemon, pki, qemu_nbd, make_image, tmp_path,
     assert sum(e["length"] for e in top) <= 2 * MiB
 
 
+def test_upstream_download_on_backing_file_without_allocation_depth(
+        daemon, pki, qemu_nbd, source, tmp_path, up):
+    # A raw volume exported as vdsm does (no qemu:allocation-depth): our
+    # /extents reported its sparse ranges as holes, upstream's client
+    # skipped them, and the backing file's data showed through.
+    srv = qemu_nbd(source, fmt="raw", read_only=True,
+                   allocation_depth=False)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    base = str(tmp_path / "base.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base,
+                    str(SIZE)], check=True)
+    qemu_io_qcow2(base, "write -P 9 0 8M")
+    out = str(tmp_path / "out.qcow2")
+    up.run_client(
+        "import sys\n"
+        "from ovirt_imageio import client\n"
+        "client.download(sys.argv[1], sys.argv[2], sys.argv[3], "
+        "fmt='qcow2', backing_file=sys.argv[4], backing_format='qcow2')\n",
+        https_url(daemon), out, pki["ca_file"], base, timeout=120)
+    qemu_img_compare(source, out, "raw", "qcow2")
+
+
 def qemu_io_qcow2(path, *commands):
     args = []
     for c in commands:

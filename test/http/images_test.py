@@ -816,6 +816,46 @@ def test_extents_zero(daemon, client, qemu_nbd, make_image, qemu_img_map,
     assert daemon.api.get("tid-secret")["transferred"] == 0
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_extents_zero_without_allocation_depth(daemon, client, qemu_nbd,
+                                               make_image, fmt):
+    # How vdsm exports raw volumes (and qcow2 without that context):
+    # nothing says a range is unallocated in this layer, so no hole, as
+    # upstream reports. A hole here made client.download(backing_file=)
+    # skip the range and show the backing file's data.
+    path = make_image(fmt=fmt, size=4 * MiB, commands=[
+        "write -P 0x55 0 64k", "write -z 1M 64k", "write -P 0x66 3M 1M"])
+    srv = qemu_nbd(path, fmt=fmt, read_only=True, allocation_depth=False)
+    add_ticket(daemon, url(srv))
+    resp, data = client.request("GET", "/images/tid-secret/extents")
+    assert resp.status == 200
+    assert json.loads(data) == [
+        {"start": 0, "length": 64 * 1024, "zero": False, "hole": False},
+        {"start": 64 * 1024, "length": 3 * MiB - 64 * 1024, "zero": True,
+         "hole": False},
+        {"start": 3 * MiB, "length": MiB, "zero": False, "hole": False},
+    ]
+
+
+def test_extents_zero_qcow2_holes(daemon, client, qemu_nbd, make_image):
+    # With allocation depth, unallocated clusters are holes; a zero
+    # cluster is allocated (it hides a backing file), so not a hole.
+    path = make_image(fmt="qcow2", size=4 * MiB, commands=[
+        "write -P 0x55 0 64k", "write -z 1M 64k"])
+    srv = qemu_nbd(path, fmt="qcow2", read_only=True)
+    add_ticket(daemon, url(srv))
+    resp, data = client.request("GET", "/images/tid-secret/extents")
+    assert resp.status == 200
+    K64 = 64 * 1024
+    assert json.loads(data) == [
+        {"start": 0, "length": K64, "zero": False, "hole": False},
+        {"start": K64, "length": MiB - K64, "zero": True, "hole": True},
+        {"start": MiB, "length": K64, "zero": True, "hole": False},
+        {"start": MiB + K64, "length": 3 * MiB - K64, "zero": True,
+         "hole": True},
+    ]
+
+
 def test_extents_dirty(daemon, client, qemu_nbd, make_image):
     path = make_image(fmt="qcow2", size=4 * MiB, bitmaps=["b1"], commands=[
         "write -P 0x55 1M 64k"])
