@@ -98,7 +98,8 @@ def exporter(cfg):
                 # connection for OPTIONS and extents; qemu-nbd queues
                 # connections past --shared instead of serving them.
                 shared=2 * cfg.daemon.max_connections,
-                dirty=ticket.dirty)
+                dirty=ticket.dirty,
+                timeout=cfg.backend_nbd.timeout)
         except ValueError as e:
             raise errors.InvalidTicket(
                 f"Invalid value for 'url': {ticket.url!r}: {e}")

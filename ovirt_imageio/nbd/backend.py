@@ -34,39 +34,44 @@ class Backend:
     """
     A ticket's NBD export.
 
-    Attributes: address (url.Address), dirty, server (the owned
-    qemu_nbd.Server, or None).
+    Attributes: address (url.Address), dirty, timeout (seconds NBD I/O
+    may make no progress, or None), server (the owned qemu_nbd.Server, or
+    None).
     """
 
-    def __init__(self, address, *, dirty=False, server=None):
+    def __init__(self, address, *, dirty=False, server=None, timeout=None):
         self.address = address
         self.dirty = dirty
         self.server = server
+        self.timeout = timeout
 
     def __repr__(self):
         owned = self.server is not None
         return f"<Backend address={self.address} owned={owned}>"
 
-    def open(self):
+    def open(self, interrupt=None):
         """
-        Return a new NBD connection (client.Client) to the export.
+        Return a new NBD connection (client.Client) to the export; an
+        interrupt (client.Interrupt) may stop its I/O from another thread.
 
         Raises errors.ExportError if the export cannot be reached.
         """
         try:
-            return client.open(self.address, dirty=self.dirty)
+            return client.open(self.address, dirty=self.dirty,
+                               timeout=self.timeout, interrupt=interrupt)
         except client.Error as e:
             raise errors.ExportError(
                 f"Cannot connect to NBD export {self.address}: {e}") from e
 
-    def open_stream(self):
+    def open_stream(self, interrupt=None):
         """
         Return a new NBD connection for splicing data (stream.Stream).
 
         Raises errors.ExportError if the export cannot be reached.
         """
         try:
-            return stream.open(self.address)
+            return stream.open(self.address, timeout=self.timeout,
+                               interrupt=interrupt)
         except client.Error as e:
             raise errors.ExportError(
                 f"Cannot connect to NBD export {self.address}: {e}") from e
@@ -83,7 +88,7 @@ class Backend:
         self.close()
 
 
-def create(url, *, run_dir, read_only, shared, dirty=False):
+def create(url, *, run_dir, read_only, shared, dirty=False, timeout=None):
     """
     Create the backend for a ticket URL.
 
@@ -91,6 +96,7 @@ def create(url, *, run_dir, read_only, shared, dirty=False):
     read_only: export a file read only.
     shared: number of connections the ticket may open at once.
     dirty: connections request the export's dirty bitmap.
+    timeout: seconds NBD I/O may make no progress ([backend_nbd] timeout).
 
     Raises ValueError for a bad or unsupported URL and errors.ExportError
     if a file cannot be exported.
@@ -101,9 +107,10 @@ def create(url, *, run_dir, read_only, shared, dirty=False):
         path = _file_path(url)
         server = _start_file(
             path, run_dir=run_dir, read_only=read_only, shared=shared)
-        return Backend(server.address, dirty=dirty, server=server)
+        return Backend(server.address, dirty=dirty, server=server,
+                       timeout=timeout)
     if url.startswith("nbd"):
-        return Backend(nbd_url.parse(url), dirty=dirty)
+        return Backend(nbd_url.parse(url), dirty=dirty, timeout=timeout)
     raise ValueError(
         f"Unsupported URL {url!r}: expecting file:///path or an NBD URL")
 

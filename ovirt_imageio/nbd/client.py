@@ -345,8 +345,17 @@ class _Waiter:
     Waits on a libnbd handle with the connection's timeout, and turns a
     failure into Error: ECANCELED once the Interrupt fired, ETIMEDOUT
     after a wait without progress. Either breaks the connection: its
-    socket is shut down, and further calls fail at once.
+    socket is shut down, and further calls fail at once. Other
+    attributes are the libnbd handle's (waiter.aio_pread), until the
+    client closes.
     """
+
+    def __getattr__(self, name):
+        # Calls on the libnbd handle, while the connection is open.
+        h = self.__dict__.get("h")
+        if h is None:
+            raise ValueError("I/O on closed NBD client")
+        return getattr(h, name)
 
     def __init__(self, h, timeout, interrupt, sock):
         self.h = h
@@ -455,18 +464,18 @@ class Client:
         if view.readonly:
             raise TypeError("read_into() needs a writable buffer")
         with self._lock:
-            h = self._handle()
-            self._pipeline("read", h.aio_pread, self._chunks(view, offset), 0)
+            self._handle()
+            self._pipeline("read", "aio_pread", self._chunks(view, offset), 0)
 
     def read(self, length, offset):
         """Return length bytes from offset."""
         if length <= self._max_request:
             with self._lock:
-                h = self._handle()
+                self._handle()
                 if length == 0:
                     return b""
                 buf = bytearray(length)
-                self._pipeline("read", h.aio_pread, [(buf, offset)], 0)
+                self._pipeline("read", "aio_pread", [(buf, offset)], 0)
                 return bytes(buf)
         buf = bytearray(length)
         self.read_into(buf, offset)
@@ -483,7 +492,7 @@ class Client:
         with self._lock:
             h = self._handle()
             self._pipeline(
-                "write", h.aio_pwrite, self._chunks(view, offset), flags)
+                "write", "aio_pwrite", self._chunks(view, offset), flags)
             if fua and not self.can_fua and self.can_flush:
                 self._flush(h)
 
@@ -695,10 +704,16 @@ class Client:
     # Private
 
     def _handle(self):
+        """
+        The handle for a call: the waiter, which forwards to the libnbd
+        handle. Frames of a failed call (in its traceback, in a log
+        record) hold the waiter, never the libnbd handle, so close()
+        releases the handle and its descriptor at once.
+        """
         if self._h is None:
             raise ValueError("I/O on closed NBD client")
         self._waiter.check("io", 0, 0)
-        return self._h
+        return self._waiter
 
     def _error(self, op, offset, length, e):
         return self._waiter.error(op, offset, length, e)
@@ -725,19 +740,20 @@ class Client:
                 yield _ZEROS[:n], pos
                 pos += n
 
-        self._pipeline("zero", h.aio_pwrite, chunks(), 0)
+        self._pipeline("zero", "aio_pwrite", chunks(), 0)
 
     def _pipeline(self, op, submit, requests, flags):
         """
-        Run requests, an iterable of (buffer, offset), with submit
-        (h.aio_pread or h.aio_pwrite), keeping up to MAX_IN_FLIGHT in
+        Run requests, an iterable of (buffer, offset), with the handle's
+        method named submit ("aio_pread" or "aio_pwrite"), keeping up to
+        MAX_IN_FLIGHT in
         flight, and wait for all of them.
 
         Even after an error, waits for every submitted request before
         raising: a read may still write into the caller's buffer until it
         completes.
         """
-        h = self._h
+        h = self._waiter
         in_flight = {}
         requests = iter(requests)
         more = True
@@ -751,7 +767,7 @@ class Client:
                     break
                 buf, offset = req
                 try:
-                    cookie = submit(buf, offset, flags=flags)
+                    cookie = getattr(h, submit)(buf, offset, flags=flags)
                 except nbd.Error as e:
                     error = self._error(op, offset, len(buf), e)
                     break

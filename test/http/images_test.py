@@ -936,3 +936,118 @@ def test_plain_tcp_splices(make_daemon, qemu_nbd, make_image, monkeypatch):
     assert image_bytes(path) == body
     assert calls[0] == "receive"
     assert set(calls[1:]) == {"send"}
+
+
+# Hung exports: DELETE interrupts blocked NBD I/O, and NBD I/O times out.
+# nbdkit's delay filter stalls the chosen requests for 1000 s.
+
+def threads_and_fds():
+    """The in-process daemon's (and the test's) threads and open fds."""
+    return (len(os.listdir("/proc/self/task")),
+            len(os.listdir("/proc/self/fd")))
+
+
+def wait_for_baseline(baseline):
+    """Poll until threads and fds are back to the baseline."""
+    testutil.wait_for(
+        lambda: all(n <= b for n, b in zip(threads_and_fds(), baseline)),
+        timeout=20,
+        message=f"threads and fds back to {baseline} from "
+                f"{threads_and_fds()}")
+
+
+STALLS = {
+    "get": ("delay-read=1000", "GET", "/images/tid-secret",
+            {"range": "bytes=0-65535"}, None),
+    "put": ("delay-write=1000", "PUT", "/images/tid-secret", {},
+            b"x" * MiB),
+    "extents": ("delay-extents=1000", "GET", "/images/tid-secret/extents",
+                {}, None),
+}
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+@pytest.mark.parametrize("stall", ["get", "put", "extents"])
+def test_delete_interrupts_stalled_request(make_daemon, nbdkit, stall,
+                                           transport):
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    delay, method, path, headers, body = STALLS[stall]
+    srv = nbdkit("memory", "size=4M", delay, filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"])
+    baseline = threads_and_fds()
+    c = Client(daemon, transport)
+    c.conn.request(method, path, body=body, headers=headers)
+    if stall == "extents":
+        # Not a ticket operation: wait for the request's NBD connection.
+        testutil.wait_for_ticket(daemon.api, "tid-secret", connections=1)
+    else:
+        testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
+    # The client gives up.
+    c.close()
+    resp, data = daemon.api.delete("tid-secret")
+    assert resp.status == 204, data
+    assert daemon.store.lookup("tid-secret") is None
+    wait_for_baseline(baseline)
+
+
+def test_delete_interrupts_stalled_handshake(make_daemon, nbdkit):
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    srv = nbdkit("memory", "size=4M", "delay-open=1000", filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    baseline = threads_and_fds()
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret",
+                   headers={"range": "bytes=0-4095"})
+    testutil.wait_for_ticket(daemon.api, "tid-secret", connections=1)
+    c.close()
+    resp, data = daemon.api.delete("tid-secret")
+    assert resp.status == 204, data
+    wait_for_baseline(baseline)
+
+
+def test_delete_during_stall_answers_client(make_daemon, nbdkit):
+    # The client waits: it learns that the transfer was canceled.
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    srv = nbdkit("memory", "size=4M", "delay-read=1000", filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret",
+                   headers={"range": "bytes=0-65535"})
+    testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
+    resp, _ = daemon.api.delete("tid-secret")
+    assert resp.status == 204
+    resp = c.conn.getresponse()
+    data = resp.read()
+    assert resp.status == 403
+    assert data == b"You are not allowed to access this resource: " \
+                   b"Transfer tr-1 was canceled\n"
+    assert resp.getheader("connection") == "close"
+    c.close()
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+@pytest.mark.parametrize("stall", ["get", "put", "extents", "handshake"])
+def test_nbd_timeout(make_daemon, nbdkit, stall, transport):
+    daemon = make_daemon(backend_nbd={"timeout": "0.5"})
+    if stall == "handshake":
+        delay, method, path, headers, body = (
+            "delay-open=1000", "GET", "/images/tid-secret",
+            {"range": "bytes=0-4095"}, None)
+    else:
+        delay, method, path, headers, body = STALLS[stall]
+    srv = nbdkit("memory", "size=4M", delay, filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"])
+    baseline = threads_and_fds()
+    c = Client(daemon, transport)
+    resp, data = c.request(method, path, body=body, headers=headers)
+    assert resp.status == 500
+    message = data.decode()
+    assert message.startswith("NBD export of transfer tr-1 failed: ")
+    assert "NBD server did not respond within 0.5 seconds" in message
+    assert resp.getheader("connection") == "close"
+    c.close()
+    # The ticket is still usable, and removable.
+    assert daemon.api.get("tid-secret")["active"] is False
+    resp, _ = daemon.api.delete("tid-secret")
+    assert resp.status == 204
+    wait_for_baseline(baseline)
