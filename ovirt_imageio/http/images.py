@@ -157,6 +157,8 @@ class Link:
         """Hold the link; return its libnbd image (or relay)."""
         self._acquire()
         try:
+            if self.image is not None and self._stale(self.image):
+                self._close_image()
             if self.image is None:
                 self._close_stream()
                 self.image = self._open_image()
@@ -176,10 +178,20 @@ class Link:
     def streaming(self):
         """Hold the link; yield its Stream."""
         with self._holding():
+            if self.stream is not None and self._stale(self.stream):
+                self._close_stream()
             if self.stream is None:
                 self._close_image()
                 self.stream = self._open_stream()
             yield self.stream
+
+    def _stale(self, conn):
+        """
+        True if conn is connected to an export that is gone: the owned
+        qemu-nbd died (the next open starts a new one).
+        """
+        serves = getattr(self.resource, "serves", None)
+        return serves is not None and not serves(conn)
 
     @contextlib.contextmanager
     def _holding(self):
