@@ -963,11 +963,14 @@ STALLS = {
             b"x" * MiB),
     "extents": ("delay-extents=1000", "GET", "/images/tid-secret/extents",
                 {}, None),
+    # The memory plugin's image is all zeros: only block status is asked.
+    "checksum": ("delay-extents=1000", "GET", "/images/tid-secret/checksum",
+                 {}, None),
 }
 
 
 @pytest.mark.parametrize("transport", ["unix", "https"])
-@pytest.mark.parametrize("stall", ["get", "put", "extents"])
+@pytest.mark.parametrize("stall", ["get", "put", "extents", "checksum"])
 def test_delete_interrupts_stalled_request(make_daemon, nbdkit, stall,
                                            transport):
     daemon = make_daemon(control={"remove_timeout": "20"})
@@ -1026,7 +1029,8 @@ def test_delete_during_stall_answers_client(make_daemon, nbdkit):
 
 
 @pytest.mark.parametrize("transport", ["unix", "https"])
-@pytest.mark.parametrize("stall", ["get", "put", "extents", "handshake"])
+@pytest.mark.parametrize("stall", ["get", "put", "extents", "checksum",
+                                   "handshake"])
 def test_nbd_timeout(make_daemon, nbdkit, stall, transport):
     daemon = make_daemon(backend_nbd={"timeout": "0.5"})
     if stall == "handshake":
