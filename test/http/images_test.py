@@ -983,6 +983,11 @@ def test_delete_interrupts_stalled_request(make_daemon, nbdkit, stall,
     if stall == "extents":
         # Not a ticket operation: wait for the request's NBD connection.
         testutil.wait_for_ticket(daemon.api, "tid-secret", connections=1)
+    elif stall == "put":
+        # The whole body went to the export (a body cut short would end
+        # the request by itself): the write's reply is what stalls.
+        testutil.wait_for_ticket(daemon.api, "tid-secret", active=True,
+                                 transferred=MiB)
     else:
         testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
     # The client gives up.
