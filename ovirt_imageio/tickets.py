@@ -366,7 +366,7 @@ class Ticket:
             d["transferred"] = self.transferred()
         # Only when there is one: vdsm and the engine know the others.
         error = getattr(self.resource, "error", None)
-        if error:
+        if isinstance(error, str) and error:
             d["error"] = error
         return d
 
