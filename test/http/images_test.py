@@ -1060,3 +1060,32 @@ def test_nbd_timeout(make_daemon, nbdkit, stall, transport):
     resp, _ = daemon.api.delete("tid-secret")
     assert resp.status == 204
     wait_for_baseline(baseline)
+
+
+def test_delete_409_when_transfer_cannot_stop(make_daemon, nbdkit):
+    # API.md 2.4: a GET blocked on a client that stops reading (not on
+    # NBD) cannot be stopped; DELETE says 409 and the ticket stays,
+    # canceled, until a later DELETE finds it idle.
+    daemon = make_daemon(control={"remove_timeout": "1"})
+    srv = nbdkit("pattern", "size=64M")
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=64 * MiB)
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret")
+    resp = c.conn.getresponse()
+    assert resp.status == 200
+    resp.read(4096)
+    testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
+    r, data = daemon.api.delete("tid-secret")
+    assert r.status == 409
+    assert data == b"Timeout cancelling transfer tr-1\n"
+    info = daemon.api.get("tid-secret")
+    assert info["canceled"] is True
+    # The client goes away: the transfer ends, and DELETE succeeds.
+    c.close()
+
+    def removed():
+        r, _ = daemon.api.delete("tid-secret")
+        return r.status == 204
+
+    testutil.wait_for(removed, message="ticket removed")
+    assert daemon.store.lookup("tid-secret") is None
