@@ -105,6 +105,16 @@ DEFAULTS = {
         # data and use no buffer. A piece is at most 8 MiB (one NBD
         # request), so more than 16 MiB buys nothing.
         "buffer_size": 8 * MiB,
+        # Seconds an NBD connection may wait for the server without any
+        # progress (handshake, a reply, a send) before the request fails
+        # with a 500 and the connection is closed. Without it a hung
+        # export holds a thread and two descriptors per request forever.
+        # Generous: a slow export is not a hung one (one request, such as
+        # a 1 GiB zero on slow storage, must finish within it); shorter
+        # frees threads sooner but may fail transfers on busy storage.
+        # Canceling a ticket (DELETE) interrupts blocked I/O at once,
+        # whatever this says.
+        "timeout": 300.0,
     },
     "remote": {
         # Address of the HTTPS service. "::" listens on every interface, IPv4
@@ -416,6 +426,7 @@ CHECKS = {
     ("backend_file", "buffer_size"): _buffer_size,
     ("backend_http", "buffer_size"): _buffer_size,
     ("backend_nbd", "buffer_size"): _buffer_size,
+    ("backend_nbd", "timeout"): _positive,
     ("remote", "port"): _port(0),
     ("control", "transport"): _one_of("unix", "tcp"),
     ("control", "port"): _port(-1),

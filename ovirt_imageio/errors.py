@@ -76,6 +76,13 @@ class ExportError(Error):
     """An NBD export for a ticket could not be started or reached."""
 
 
+class ExportFailed(ExportError):
+    """
+    The NBD export stopped answering or went away during a request: the
+    request's state is unknown, so its connection is closed.
+    """
+
+
 class PeerError(Error):
     """
     An imageio server we talk to (the daemon behind a proxy) answered with

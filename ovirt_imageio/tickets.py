@@ -9,8 +9,11 @@ State lives at three addresses:
 
 A ticket knows neither NBD nor HTTP. What serves its bytes (an NBD export,
 a qemu-nbd process) is an opaque `resource` with a close() method, closed
-when the ticket leaves the store. Connection contexts are opaque objects
-with a cancel() method, which must be safe to call from another thread.
+when the ticket leaves the store, and optionally an `error` attribute:
+why it cannot serve now (its qemu-nbd died and could not be started
+again), shown as the status's "error" field. Connection contexts are
+opaque objects with a cancel() method, which must be safe to call from
+another thread.
 
 Lifecycle (tested as a table in test/tickets_test.py):
 
@@ -393,6 +396,10 @@ class Ticket:
             d["filename"] = self.filename
         if len(self.ops) == 1:
             d["transferred"] = self.transferred()
+        # Only when there is one: vdsm and the engine know the others.
+        error = getattr(self.resource, "error", None)
+        if isinstance(error, str) and error:
+            d["error"] = error
         return d
 
 

@@ -50,6 +50,7 @@ def test_defaults_with_empty_file(conf_dir, vendor_dir):
     assert cfg.control.transport == "unix"
     assert cfg.control.port == -1
     assert cfg.backend_nbd.buffer_size == 8 * 1024**2
+    assert cfg.backend_nbd.timeout == 300.0
     assert cfg.logger_root.propagate == 0
     assert getattr(cfg.handler_logfile, "class") == \
         "logging.handlers.RotatingFileHandler"
@@ -217,6 +218,7 @@ CONVERSIONS = [
     pytest.param("control", "port", "-1", -1, id="int-negative"),
     pytest.param("backend_nbd", "buffer_size", "4194304", 4 * 1024**2,
                  id="int-buffer-size"),
+    pytest.param("backend_nbd", "timeout", "0.5", 0.5, id="nbd-timeout"),
     pytest.param("daemon", "poll_interval", "0.5", 0.5, id="float"),
     pytest.param("daemon", "poll_interval", "2", 2.0, id="float-from-int"),
     pytest.param("remote", "host", "0.0.0.0", "0.0.0.0", id="str"),
@@ -271,6 +273,8 @@ INVALID = [
     pytest.param("backend_nbd", "buffer_size", "1000000",
                  "must be a multiple of 4096, at least 4096",
                  id="buffer-size-unaligned"),
+    pytest.param("backend_nbd", "timeout", "0", "must be greater than 0",
+                 id="nbd-timeout-zero"),
     pytest.param("remote", "port", "-1", "must be between 0 and 65535",
                  id="remote-port-negative"),
     pytest.param("remote", "port", "65536", "must be between 0 and 65535",

@@ -313,6 +313,37 @@ def test_info_fields(fake_clock):
     assert d["transferred"] == 0
 
 
+class FailingResource:
+    """What serves a ticket's bytes; error says why it cannot now."""
+
+    def __init__(self):
+        self.error = None
+
+    def close(self):
+        pass
+
+
+def test_info_error_from_resource(fake_clock):
+    t = ticket(fake_clock)
+    t.resource = FailingResource()
+    healthy = t.info()
+    # No error: no field, as upstream (vdsm reads these documents).
+    assert "error" not in healthy
+    t.resource.error = "qemu-nbd pid=42 exited with code -9"
+    d = t.info()
+    assert d["error"] == "qemu-nbd pid=42 exited with code -9"
+    # The other fields are unchanged; the new one comes last.
+    assert list(d)[-1] == "error"
+    del d["error"]
+    assert d == healthy
+
+
+def test_info_resource_without_error(fake_clock):
+    t = ticket(fake_clock)
+    t.resource = object()
+    assert "error" not in t.info()
+
+
 def test_info_no_transferred_for_two_ops(fake_clock):
     d = ticket(fake_clock, ops=["read", "write"]).info()
     assert "transferred" not in d

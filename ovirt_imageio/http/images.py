@@ -27,10 +27,18 @@ daemon.
 
 Cancellation: every piece reports progress to the ticket operation, which
 raises once the ticket is canceled, so a transfer stops within one piece.
-A canceled ticket closes the NBD connection of links that are idle.
+A canceled ticket closes the NBD connection of links that are idle, and
+interrupts the NBD I/O of busy ones: a request blocked on a hung export
+(or in its handshake) fails at once with the ticket's TransferCanceled,
+so its thread and descriptors are released.
+
+A request whose NBD connection failed under it (the export timed out,
+went away, or its qemu-nbd died) gets errors.ExportFailed: a 500 with
+what happened, and its HTTP connection is closed.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import threading
@@ -55,6 +63,11 @@ ZERO_CHUNK = 4 * 1024**2
 
 # A PATCH zero is split so cancellation is checked at least this often.
 ZERO_STEP = 1024**3
+
+# NBD errors saying the connection is gone, not that a command failed.
+CONNECTION_ERRORS = frozenset([
+    errno.ETIMEDOUT, errno.ECANCELED, errno.ECONNRESET, errno.EPIPE,
+    errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED])
 
 FEATURES_RW = ["checksum", "extents", "flush", "zero"]
 FEATURES_RO = ["checksum", "extents"]
@@ -86,7 +99,9 @@ class Link:
 
     The handler thread holds the lock while it uses the connection;
     cancel() from another thread closes it only if the link is idle, so an
-    NBD handle is never closed under a running request.
+    NBD handle is never closed under a running request. A busy link is
+    interrupted instead (its Interrupt shuts the NBD socket down); the
+    request fails, and the handler thread closes the connection.
     """
 
     def __init__(self, ticket, resource, buffer_size, sock=None):
@@ -103,15 +118,27 @@ class Link:
         self._lock = threading.Lock()
         self._buffer = None
         self.closed = False
+        # Fired by cancel() to stop the NBD I/O of a busy link.
+        self.interrupt = nbd_client.Interrupt()
 
     def open(self):
         """Connect now, so a missing export fails the first request."""
+        with self._holding():
+            if self.streams:
+                self.stream = self._open_stream()
+                self.size = self.stream.size
+            else:
+                self.image = self._open_image()
+                self.size = self.image.size
+
+    def _open_stream(self):
+        return self.resource.open_stream(interrupt=self.interrupt)
+
+    def _open_image(self):
         if self.streams:
-            self.stream = self.resource.open_stream()
-            self.size = self.stream.size
-        else:
-            self.image = self.resource.open()
-            self.size = self.image.size
+            return self.resource.open(interrupt=self.interrupt)
+        # A proxy's relay.
+        return self.resource.open()
 
     def data(self):
         """
@@ -132,32 +159,55 @@ class Link:
         """Hold the link; return its libnbd image (or relay)."""
         self._acquire()
         try:
+            if self.image is not None and self._stale(self.image):
+                self._close_image()
             if self.image is None:
                 self._close_stream()
-                self.image = self.resource.open()
+                self.image = self._open_image()
             return self.image
-        except BaseException:
-            self._lock.release()
+        except BaseException as e:
+            failure = self._release(e)
+            if failure is not None:
+                raise failure from e
             raise
 
     def __exit__(self, kind, value, tb):
-        self._release(value)
+        failure = self._release(value)
+        if failure is not None:
+            raise failure from value
 
     @contextlib.contextmanager
     def streaming(self):
         """Hold the link; yield its Stream."""
+        with self._holding():
+            if self.stream is not None and self._stale(self.stream):
+                self._close_stream()
+            if self.stream is None:
+                self._close_image()
+                self.stream = self._open_stream()
+            yield self.stream
+
+    def _stale(self, conn):
+        """
+        True if conn is connected to an export that is gone: the owned
+        qemu-nbd died (the next open starts a new one).
+        """
+        serves = getattr(self.resource, "serves", None)
+        return serves is not None and not serves(conn)
+
+    @contextlib.contextmanager
+    def _holding(self):
         self._acquire()
         error = None
         try:
-            if self.stream is None:
-                self._close_image()
-                self.stream = self.resource.open_stream()
-            yield self.stream
+            yield
         except BaseException as e:
             error = e
             raise
         finally:
-            self._release(error)
+            failure = self._release(error)
+            if failure is not None:
+                raise failure from error
 
     def _acquire(self):
         self._lock.acquire()
@@ -166,8 +216,16 @@ class Link:
             raise errors.TicketCanceled(self.ticket.transfer_id)
 
     def _release(self, error):
+        """
+        Release the link after a request ended with error (or None).
+        Returns the domain error to raise instead, or None.
+        """
         try:
-            if isinstance(error, nbd_client.Error):
+            failure = self._failure(error)
+            if self.interrupt.fired:
+                # Canceled while busy: nothing here may be used again.
+                self._close()
+            elif isinstance(error, nbd_client.Error):
                 # The NBD connection may be unusable; the next request on
                 # this HTTP connection opens a new one.
                 self._close_image()
@@ -175,8 +233,31 @@ class Link:
             elif self.stream is not None and self.stream.broken:
                 # Interrupted in the middle of a payload.
                 self._close_stream()
+            return failure
         finally:
             self._lock.release()
+
+    def _failure(self, error):
+        """
+        The domain error for a request that failed with error while
+        holding the link, or None to raise error as it is.
+        """
+        if error is None or isinstance(error, errors.AuthorizationError):
+            return None
+        if self.interrupt.fired:
+            # Whatever broke, the ticket was canceled under it.
+            return errors.TransferCanceled(self.ticket.transfer_id)
+        cause = error
+        if isinstance(error, errors.ExportError):
+            # The export could not be reached (Backend.open*).
+            cause = error.__cause__
+        if (isinstance(cause, nbd_client.Error)
+                and cause.errno in CONNECTION_ERRORS):
+            reason = getattr(self.resource, "error", None)
+            return errors.ExportFailed(
+                f"NBD export of transfer {self.ticket.transfer_id} "
+                f"failed: {cause}" + (f" ({reason})" if reason else ""))
+        return None
 
     def cancel(self):
         """Called by the ticket, from another thread, when canceled."""
@@ -185,6 +266,9 @@ class Link:
                 self._close()
             finally:
                 self._lock.release()
+        else:
+            # Busy: stop its NBD I/O; the request fails and releases.
+            self.interrupt.fire()
 
     def close(self):
         """Called when the HTTP connection ends."""
@@ -223,11 +307,15 @@ def link(req, ticket, buffer_size):
     buffer_size = getattr(ticket.resource, "buffer_size", None) or buffer_size
     sock = req.context.sock if req.context.plain else None
     lk = Link(ticket, ticket.resource, buffer_size, sock)
-    lk.open()
+    # Known to the ticket before connecting, so a cancel interrupts a
+    # handshake with a hung export too.
+    ticket.add_context(lk)
     try:
-        ticket.add_context(lk)
+        lk.open()
     except BaseException:
-        lk._close()
+        with lk._lock:
+            lk._close()
+        ticket.remove_context(lk)
         raise
     values[key] = lk
     req.context.on_close(lk.close)

@@ -26,6 +26,7 @@ STATUS = [
     (errors.OutOfRange, 416, False),
     (errors.Unsupported, 404, False),
     (errors.CancelTimeout, 409, False),
+    (errors.ExportFailed, 500, True),
     (errors.ExportError, 500, False),
 ]
 

@@ -158,7 +158,7 @@ def exporter(cfg):
         if scheme in ("http", "https"):
             return relay_for(cfg, ticket)
         try:
-            return backend.create(
+            resource = backend.create(
                 ticket.url,
                 run_dir=cfg.daemon.run_dir,
                 read_only="write" not in ticket.ops,
@@ -166,7 +166,8 @@ def exporter(cfg):
                 # connection for OPTIONS and extents; qemu-nbd queues
                 # connections past --shared instead of serving them.
                 shared=2 * cfg.daemon.max_connections,
-                dirty=ticket.dirty)
+                dirty=ticket.dirty,
+                timeout=cfg.backend_nbd.timeout)
         except ValueError as e:
             raise errors.InvalidTicket(
                 f"Invalid value for 'url': {ticket.url!r}: {e}")
@@ -174,6 +175,11 @@ def exporter(cfg):
             log.error("Cannot export transfer=%s: %s", ticket.transfer_id, e)
             raise errors.ExportError(
                 f"Cannot serve transfer {ticket.transfer_id}: {e}")
+        if resource.error:
+            # A file that does not exist yet; requests fail until it does.
+            log.warning("Transfer=%s cannot be served yet: %s",
+                        ticket.transfer_id, resource.error)
+        return resource
     return export
 
 

@@ -12,6 +12,12 @@ URLs:
 - file:///abs/path: the daemon starts a qemu-nbd exporting the file as
   raw, its bytes as they are. Never probed: a guest may write a qcow2
   header pointing at a backing file on the host into its own disk.
+
+An owned qemu-nbd is started again when it is needed and not running: a
+file that did not exist when the ticket was added (upstream accepts such
+a ticket and fails its requests until the file exists), or a qemu-nbd
+that died (qemu_nbd reaps and logs it). Until it runs again, `error`
+says why the export cannot serve; the ticket's status shows it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import urllib.parse
 
 from ovirt_imageio import errors
@@ -34,47 +41,107 @@ class Backend:
     """
     A ticket's NBD export.
 
-    Attributes: address (url.Address), dirty, server (the owned
-    qemu_nbd.Server, or None).
+    Attributes: address (url.Address), dirty, timeout (seconds NBD I/O
+    may make no progress, or None), server (the owned qemu_nbd.Server, or
+    None).
     """
 
-    def __init__(self, address, *, dirty=False, server=None):
+    def __init__(self, address, *, dirty=False, server=None, timeout=None,
+                 start=None, error=None):
+        """
+        start: for an owned export, a function starting its qemu-nbd
+        again (returns a qemu_nbd.Server, raises errors.ExportError).
+        error: why the export cannot serve yet, if not started.
+        """
         self.address = address
         self.dirty = dirty
         self.server = server
+        self.timeout = timeout
+        self._start = start
+        self._error = error
+        self._lock = threading.Lock()
+        self._closed = False
 
     def __repr__(self):
-        owned = self.server is not None
+        owned = self._start is not None
         return f"<Backend address={self.address} owned={owned}>"
 
-    def open(self):
+    @property
+    def error(self):
+        """Why the export cannot serve now, or None."""
+        server = self.server
+        if server is not None and not server.alive:
+            return (f"qemu-nbd pid={server.pid} exited with code "
+                    f"{server.returncode}")
+        return self._error
+
+    def serves(self, conn):
+        """True if conn (a Client or Stream) is connected to the running
+        export; False after a restart or while it is down."""
+        server = self.server
+        return (conn.address == self.address
+                and (server is None or server.alive))
+
+    def _ensure_running(self):
+        """Start the owned qemu-nbd if it is not running."""
+        if self._start is None:
+            return
+        with self._lock:
+            if self._closed:
+                raise errors.ExportError(f"Export {self.address} is closed")
+            old = self.server
+            if old is not None and old.alive:
+                return
+            if old is not None:
+                log.warning("Restarting qemu-nbd for %s: pid=%s exited "
+                            "with code %s", old.path, old.pid,
+                            old.returncode)
+                self.server = None
+                old.stop(timeout=0)
+            try:
+                self.server = self._start()
+            except errors.ExportError as e:
+                self._error = str(e)
+                raise
+            self.address = self.server.address
+            self._error = None
+
+    def open(self, interrupt=None):
         """
-        Return a new NBD connection (client.Client) to the export.
+        Return a new NBD connection (client.Client) to the export; an
+        interrupt (client.Interrupt) may stop its I/O from another thread.
 
         Raises errors.ExportError if the export cannot be reached.
         """
+        self._ensure_running()
         try:
-            return client.open(self.address, dirty=self.dirty)
+            return client.open(self.address, dirty=self.dirty,
+                               timeout=self.timeout, interrupt=interrupt)
         except client.Error as e:
             raise errors.ExportError(
                 f"Cannot connect to NBD export {self.address}: {e}") from e
 
-    def open_stream(self):
+    def open_stream(self, interrupt=None):
         """
         Return a new NBD connection for splicing data (stream.Stream).
 
         Raises errors.ExportError if the export cannot be reached.
         """
+        self._ensure_running()
         try:
-            return stream.open(self.address)
+            return stream.open(self.address, timeout=self.timeout,
+                               interrupt=interrupt)
         except client.Error as e:
             raise errors.ExportError(
                 f"Cannot connect to NBD export {self.address}: {e}") from e
 
     def close(self):
         """Stop the owned qemu-nbd, if any. Safe to call more than once."""
-        if self.server is not None:
-            self.server.stop()
+        with self._lock:
+            self._closed = True
+            server = self.server
+        if server is not None:
+            server.stop()
 
     def __enter__(self):
         return self
@@ -83,7 +150,7 @@ class Backend:
         self.close()
 
 
-def create(url, *, run_dir, read_only, shared, dirty=False):
+def create(url, *, run_dir, read_only, shared, dirty=False, timeout=None):
     """
     Create the backend for a ticket URL.
 
@@ -91,6 +158,7 @@ def create(url, *, run_dir, read_only, shared, dirty=False):
     read_only: export a file read only.
     shared: number of connections the ticket may open at once.
     dirty: connections request the export's dirty bitmap.
+    timeout: seconds NBD I/O may make no progress ([backend_nbd] timeout).
 
     Raises ValueError for a bad or unsupported URL and errors.ExportError
     if a file cannot be exported.
@@ -99,11 +167,20 @@ def create(url, *, run_dir, read_only, shared, dirty=False):
         raise ValueError(f"URL must be a string, got {type(url).__name__}")
     if url.startswith("file:"):
         path = _file_path(url)
-        server = _start_file(
-            path, run_dir=run_dir, read_only=read_only, shared=shared)
-        return Backend(server.address, dirty=dirty, server=server)
+
+        def start():
+            return _start_file(
+                path, run_dir=run_dir, read_only=read_only, shared=shared)
+
+        if not os.path.exists(path):
+            # Upstream accepts it; requests fail until the file exists.
+            return Backend(None, dirty=dirty, timeout=timeout, start=start,
+                           error=_missing(path))
+        server = start()
+        return Backend(server.address, dirty=dirty, server=server,
+                       timeout=timeout, start=start)
     if url.startswith("nbd"):
-        return Backend(nbd_url.parse(url), dirty=dirty)
+        return Backend(nbd_url.parse(url), dirty=dirty, timeout=timeout)
     raise ValueError(
         f"Unsupported URL {url!r}: expecting file:///path or an NBD URL")
 
@@ -125,10 +202,13 @@ def _file_path(url):
     return path
 
 
+def _missing(path):
+    return f"Cannot export {path}: No such file or directory"
+
+
 def _start_file(path, *, run_dir, read_only, shared):
     if not os.path.exists(path):
-        raise errors.ExportError(
-            f"Cannot export {path}: No such file or directory")
+        raise errors.ExportError(_missing(path))
     # A random name, never the ticket id: ticket ids are credentials, and
     # paths show up in logs and in ps.
     socket = os.path.join(run_dir, secrets.token_hex(16) + ".sock")

@@ -27,9 +27,21 @@ Theory of operation: buffering and overlap.
   works on the next request while the reply to the previous one is
   received. write() and the zero fallback use the same pipeline with
   aio_pwrite.
-- Waiting is h.poll(-1), which blocks in poll(2) with the GIL released,
-  as do all libnbd calls (checked with nbdkit's delay filter: another
-  thread keeps running during a 1 s read). There is no busy loop.
+- Every call is an aio call, and waiting is h.poll(timeout), which
+  blocks in poll(2) with the GIL released (checked with nbdkit's delay
+  filter: another thread keeps running during a 1 s read). There is no
+  busy loop, and no synchronous libnbd call: those wait without a
+  deadline.
+
+Hung servers. A server that stops answering must not hold a thread and
+its descriptors forever. Each wait in poll(2) has the client's timeout:
+a wait that sees no progress for that long fails the call with ETIMEDOUT
+and breaks the connection. And another thread may stop a blocked call:
+the connection's socket is ours (connected here and given to libnbd as a
+duplicate descriptor), registered with an Interrupt; Interrupt.fire()
+shuts it down (shutdown(2)), which wakes poll(2) and makes libnbd fail
+what is in flight. Calls on the same handle from another thread are not
+needed, so nothing waits for libnbd's handle lock.
 - libnbd callbacks (block status, listing meta contexts) only append to a
   list; they never raise. Errors are raised after libnbd returns.
 
@@ -42,7 +54,10 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import os
+import socket
 import threading
+import traceback
 
 import nbd
 
@@ -118,12 +133,114 @@ def _errno_name(code):
     return errno.errorcode.get(code, str(code))
 
 
-def _error(op, offset, length, e):
-    """Convert an nbd.Error to Error."""
-    return Error(op, offset, length, e.errnum, e.string)
+class Interrupt:
+    """
+    Stops blocked NBD I/O from another thread: fire() shuts down
+    (shutdown(2)) the socket of every connection opened with this
+    Interrupt, which wakes a thread blocked on it in recv, send, splice or
+    poll; its call fails with ECANCELED. Connections opened after fire()
+    fail at once. Thread safe.
+
+    A connection registers its socket with watch() and closes it with
+    close(), under the same lock as fire(), so fire() never shuts down a
+    descriptor number that was closed and reused.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._socks = set()
+        self.fired = False
+
+    def watch(self, sock, op="connect"):
+        """Register sock; raise Error(ECANCELED) if already fired."""
+        with self._lock:
+            if self.fired:
+                raise interrupted(op, 0, 0)
+            self._socks.add(sock)
+
+    def check(self, op="connect"):
+        """Raise Error(ECANCELED) if fired."""
+        if self.fired:
+            raise interrupted(op, 0, 0)
+
+    def close(self, sock):
+        """Stop watching sock and close it."""
+        with self._lock:
+            self._socks.discard(sock)
+            sock.close()
+
+    def shutdown(self, sock):
+        """Shut down a watched sock now (a connection giving up)."""
+        with self._lock:
+            if sock in self._socks:
+                _shutdown(sock)
+
+    def fire(self):
+        with self._lock:
+            self.fired = True
+            for sock in self._socks:
+                _shutdown(sock)
 
 
-def open(address, *, dirty=False):
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        # Not connected yet (checked after connect) or already gone.
+        pass
+
+
+def interrupted(op, offset, length):
+    return Error(op, offset, length, errno.ECANCELED,
+                 "NBD I/O was interrupted")
+
+
+def timed_out(op, offset, length, timeout):
+    return Error(op, offset, length, errno.ETIMEDOUT,
+                 f"NBD server did not respond within {timeout:g} seconds")
+
+
+def connect(address, timeout, interrupt):
+    """
+    Return a socket connected to address, watched by interrupt. The
+    socket is left blocking; connect() waits at most timeout seconds.
+    """
+    if address.is_unix:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = address.socket
+    else:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        target = (address.host, address.port)
+    try:
+        interrupt.watch(sock)
+    except Error:
+        sock.close()
+        raise
+    try:
+        sock.settimeout(timeout)
+        sock.connect(target)
+        sock.settimeout(None)
+        # fire() before connect() found nothing to shut down.
+        interrupt.check()
+        if not address.is_unix:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        return sock
+    except BaseException as e:
+        interrupt.close(sock)
+        if isinstance(e, Error):
+            raise
+        if isinstance(e, TimeoutError):
+            raise Error("connect", 0, 0, errno.ETIMEDOUT,
+                        f"Cannot connect to {address}: no answer within "
+                        f"{timeout:g} seconds") from None
+        if isinstance(e, OSError):
+            raise Error("connect", 0, 0, e.errno or errno.EIO,
+                        f"Cannot connect to {address}: {e}") from None
+        raise
+
+
+def open(address, *, dirty=False, timeout=None, interrupt=None):
     """
     Connect to the NBD export at address (a url.Address) and return a
     Client.
@@ -132,9 +249,18 @@ def open(address, *, dirty=False):
     dirty=True, also lists the export's dirty bitmaps and requests the
     bitmap if there is exactly one.
 
+    timeout: seconds a wait for the server may see no progress (None:
+    forever); the handshake and every later call fail with ETIMEDOUT
+    then. interrupt: an Interrupt that may stop the connection's calls
+    from another thread.
+
     Raises Error(op="connect") if the export cannot be reached.
     """
+    if interrupt is None:
+        interrupt = Interrupt()
+    sock = connect(address, timeout, interrupt)
     h = nbd.NBD()
+    waiter = _Waiter(h, timeout, interrupt, sock)
     try:
         # libnbd zeroes every read buffer before reading into it, so a
         # buggy server cannot leak old memory. Our buffers are ours and a
@@ -148,22 +274,37 @@ def open(address, *, dirty=False):
             h.add_meta_context(extents.BASE_ALLOCATION)
             h.add_meta_context(extents.ALLOCATION_DEPTH)
 
-        if address.is_unix:
-            h.connect_unix(address.socket)
-        else:
-            h.connect_tcp(address.host, str(address.port))
+        # libnbd owns (and closes) the duplicate; ours is for shutdown(2).
+        fd = os.dup(sock.fileno())
+        try:
+            h.aio_connect_socket(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        waiter.connecting("connect")
 
         bitmap = None
         if dirty:
-            bitmap = _negotiate_dirty(h, address)
+            bitmap = _negotiate_dirty(h, address, waiter)
+        if not h.aio_is_ready():
+            raise Error("connect", 0, 0, errno.ENOENT,
+                        f"Server refused export {address.export!r} "
+                        f"(address {address})")
 
-        return Client(h, address, bitmap)
-    except nbd.Error as e:
-        raise Error("connect", 0, 0, e.errnum,
-                    f"{e.string} (address {address})") from None
+        return Client(h, address, bitmap, waiter)
+    except BaseException as e:
+        # The handle must go now, with its descriptor: frames in the
+        # traceback (_negotiate_dirty) would keep it alive.
+        traceback.clear_frames(e.__traceback__)
+        del h
+        waiter.h = None
+        interrupt.close(sock)
+        if isinstance(e, nbd.Error):
+            raise waiter.error("connect", 0, 0, e, f" (address {address})")
+        raise
 
 
-def _negotiate_dirty(h, address):
+def _negotiate_dirty(h, address, waiter):
     """
     In option mode: find the export's dirty bitmaps, request the standard
     contexts and the bitmap if there is exactly one, and finish the
@@ -171,12 +312,11 @@ def _negotiate_dirty(h, address):
     """
     names = []
     h.add_meta_context(extents.DIRTY_BITMAP_PREFIX)
-    try:
-        # The callback only collects; it must never raise.
-        h.opt_list_meta_context(lambda name: names.append(name) or 0)
-    except nbd.Error as e:
-        # A server without NBD_OPT_LIST_META_CONTEXT has no bitmaps.
-        log.debug("Cannot list meta contexts of %s: %s", address, e)
+    # The callback only collects; it must never raise. A server without
+    # NBD_OPT_LIST_META_CONTEXT has no bitmaps: it replies with an error,
+    # and the list stays empty.
+    h.aio_opt_list_meta_context(lambda name: names.append(name) or 0)
+    waiter.connecting("connect")
 
     prefix = extents.DIRTY_BITMAP_PREFIX
     bitmaps = sorted({n[len(prefix):] for n in names
@@ -191,11 +331,79 @@ def _negotiate_dirty(h, address):
     h.add_meta_context(extents.ALLOCATION_DEPTH)
     if bitmap is not None:
         h.add_meta_context(prefix + bitmap)
-    h.opt_go()
+    h.aio_opt_go()
+    waiter.connecting("connect")
 
-    if bitmap is not None and not h.can_meta_context(prefix + bitmap):
+    if (bitmap is not None and h.aio_is_ready()
+            and not h.can_meta_context(prefix + bitmap)):
         bitmap = None
     return bitmap
+
+
+class _Waiter:
+    """
+    Waits on a libnbd handle with the connection's timeout, and turns a
+    failure into Error: ECANCELED once the Interrupt fired, ETIMEDOUT
+    after a wait without progress. Either breaks the connection: its
+    socket is shut down, and further calls fail at once. Other
+    attributes are the libnbd handle's (waiter.aio_pread), until the
+    client closes.
+    """
+
+    def __getattr__(self, name):
+        # Calls on the libnbd handle, while the connection is open.
+        h = self.__dict__.get("h")
+        if h is None:
+            raise ValueError("I/O on closed NBD client")
+        return getattr(h, name)
+
+    def __init__(self, h, timeout, interrupt, sock):
+        self.h = h
+        self.timeout = timeout
+        self.interrupt = interrupt
+        self.sock = sock
+        self._broken = None
+        self._ms = -1 if timeout is None else max(1, int(timeout * 1000))
+
+    @property
+    def stopped(self):
+        """True once the connection timed out or was interrupted."""
+        return self._broken is not None or self.interrupt.fired
+
+    def check(self, op, offset, length):
+        """Raise if the connection timed out or was interrupted."""
+        if self.interrupt.fired:
+            raise interrupted(op, offset, length)
+        if self._broken is not None:
+            raise Error(op, offset, length, *self._broken)
+
+    def poll(self, op, offset, length):
+        self.check(op, offset, length)
+        try:
+            progressed = self.h.poll(self._ms)
+        except nbd.Error as e:
+            raise self.error(op, offset, length, e) from None
+        if not progressed:
+            self._broken = (errno.ETIMEDOUT,
+                            timed_out(op, 0, 0, self.timeout).strerror)
+            self.interrupt.shutdown(self.sock)
+            # Not kept in a local: a cycle through this frame would keep
+            # the handle (and its descriptor) until garbage collection.
+            raise Error(op, offset, length, *self._broken)
+
+    def connecting(self, op):
+        """Wait until the handshake (or an option) completes."""
+        while self.h.aio_is_connecting():
+            self.poll(op, 0, 0)
+        self.interrupt.check(op)
+
+    def error(self, op, offset, length, e, detail=""):
+        """Error for nbd.Error e."""
+        if self.interrupt.fired:
+            return interrupted(op, offset, length)
+        if self._broken is not None:
+            return Error(op, offset, length, *self._broken)
+        return Error(op, offset, length, e.errnum, e.string + detail)
 
 
 class Client:
@@ -209,9 +417,10 @@ class Client:
         has_allocation_depth, dirty_bitmap (bitmap name or None).
     """
 
-    def __init__(self, handle, address, dirty_bitmap=None):
+    def __init__(self, handle, address, dirty_bitmap=None, waiter=None):
         h = handle
         self._h = h
+        self._waiter = waiter
         self._lock = threading.Lock()
         self.address = address
         self.export_name = address.export
@@ -255,20 +464,19 @@ class Client:
         if view.readonly:
             raise TypeError("read_into() needs a writable buffer")
         with self._lock:
-            h = self._handle()
-            self._pipeline("read", h.aio_pread, self._chunks(view, offset), 0)
+            self._handle()
+            self._pipeline("read", "aio_pread", self._chunks(view, offset), 0)
 
     def read(self, length, offset):
         """Return length bytes from offset."""
         if length <= self._max_request:
             with self._lock:
-                h = self._handle()
+                self._handle()
                 if length == 0:
                     return b""
-                try:
-                    return h.pread(length, offset)
-                except nbd.Error as e:
-                    raise _error("read", offset, length, e) from None
+                buf = bytearray(length)
+                self._pipeline("read", "aio_pread", [(buf, offset)], 0)
+                return bytes(buf)
         buf = bytearray(length)
         self.read_into(buf, offset)
         return bytes(buf)
@@ -284,7 +492,7 @@ class Client:
         with self._lock:
             h = self._handle()
             self._pipeline(
-                "write", h.aio_pwrite, self._chunks(view, offset), flags)
+                "write", "aio_pwrite", self._chunks(view, offset), flags)
             if fua and not self.can_fua and self.can_flush:
                 self._flush(h)
 
@@ -305,9 +513,10 @@ class Client:
             while offset < end:
                 n = min(end - offset, MAX_ZERO)
                 try:
-                    h.zero(n, offset, flags)
+                    cookie = h.aio_zero(n, offset, flags=flags)
                 except nbd.Error as e:
-                    raise _error("zero", offset, n, e) from None
+                    raise self._error("zero", offset, n, e) from None
+                self._wait(h, cookie, "zero", offset, n)
                 offset += n
 
     def flush(self):
@@ -375,7 +584,8 @@ class Client:
             try:
                 cookie = h.aio_block_status(length, start, collect)
             except nbd.Error as e:
-                raise _error("block_status", start, length, e) from None
+                raise self._error(
+                    "block_status", start, length, e) from None
             item = (start, length, cookie, replies, wrong_offsets)
             if front:
                 pending.appendleft(item)
@@ -411,8 +621,11 @@ class Client:
                     submit(reached, window_end - reached, front=True)
         finally:
             # Callbacks of commands still in flight write to their own
-            # lists only; retire them so none is left on the handle.
+            # lists only; retire them so none is left on the handle (a
+            # broken connection retires nothing: it is only closed).
             for item in pending:
+                if self._waiter.stopped:
+                    break
                 try:
                     self._wait(h, item[2], "block_status", item[0], item[1])
                 except Error:
@@ -423,9 +636,9 @@ class Client:
         """Wait until the command cookie completes; raise its error."""
         try:
             while not h.aio_command_completed(cookie):
-                h.poll(-1)
+                self._waiter.poll(op, offset, length)
         except nbd.Error as e:
-            raise _error(op, offset, length, e) from None
+            raise self._error(op, offset, length, e) from None
 
     def _contexts(self, context):
         if context == "zero":
@@ -463,14 +676,24 @@ class Client:
             h, self._h = self._h, None
         if h is None:
             return
+        waiter = self._waiter
         try:
-            h.shutdown()
-        except nbd.Error as e:
+            if not waiter.stopped:
+                # Tell the server, and wait (with the timeout) for it to
+                # close the connection; a broken connection is just
+                # dropped.
+                h.aio_disconnect()
+                while not (h.aio_is_closed() or h.aio_is_dead()):
+                    waiter.poll("disconnect", 0, 0)
+        except (nbd.Error, Error) as e:
             log.debug("Error shutting down NBD connection %s: %s",
                       self.address, e)
-        # nbd.NBD in libnbd 1.14 has no close(); the handle and its socket
-        # are released with the last reference, which is this one.
-        del h
+        finally:
+            # nbd.NBD in libnbd 1.14 has no close(); the handle and its
+            # descriptor are released with the last reference, this one.
+            waiter.h = None
+            del h
+            waiter.interrupt.close(waiter.sock)
 
     def __enter__(self):
         return self
@@ -481,15 +704,26 @@ class Client:
     # Private
 
     def _handle(self):
+        """
+        The handle for a call: the waiter, which forwards to the libnbd
+        handle. Frames of a failed call (in its traceback, in a log
+        record) hold the waiter, never the libnbd handle, so close()
+        releases the handle and its descriptor at once.
+        """
         if self._h is None:
             raise ValueError("I/O on closed NBD client")
-        return self._h
+        self._waiter.check("io", 0, 0)
+        return self._waiter
+
+    def _error(self, op, offset, length, e):
+        return self._waiter.error(op, offset, length, e)
 
     def _flush(self, h):
         try:
-            h.flush()
+            cookie = h.aio_flush()
         except nbd.Error as e:
-            raise _error("flush", 0, 0, e) from None
+            raise self._error("flush", 0, 0, e) from None
+        self._wait(h, cookie, "flush", 0, 0)
 
     def _chunks(self, view, offset):
         step = self._max_request
@@ -506,19 +740,20 @@ class Client:
                 yield _ZEROS[:n], pos
                 pos += n
 
-        self._pipeline("zero", h.aio_pwrite, chunks(), 0)
+        self._pipeline("zero", "aio_pwrite", chunks(), 0)
 
     def _pipeline(self, op, submit, requests, flags):
         """
-        Run requests, an iterable of (buffer, offset), with submit
-        (h.aio_pread or h.aio_pwrite), keeping up to MAX_IN_FLIGHT in
+        Run requests, an iterable of (buffer, offset), with the handle's
+        method named submit ("aio_pread" or "aio_pwrite"), keeping up to
+        MAX_IN_FLIGHT in
         flight, and wait for all of them.
 
         Even after an error, waits for every submitted request before
         raising: a read may still write into the caller's buffer until it
         completes.
         """
-        h = self._h
+        h = self._waiter
         in_flight = {}
         requests = iter(requests)
         more = True
@@ -532,9 +767,9 @@ class Client:
                     break
                 buf, offset = req
                 try:
-                    cookie = submit(buf, offset, flags=flags)
+                    cookie = getattr(h, submit)(buf, offset, flags=flags)
                 except nbd.Error as e:
-                    error = _error(op, offset, len(buf), e)
+                    error = self._error(op, offset, len(buf), e)
                     break
                 in_flight[cookie] = (offset, len(buf))
 
@@ -544,7 +779,7 @@ class Client:
                 except nbd.Error as e:
                     done = True
                     if error is None:
-                        error = _error(op, *in_flight[cookie], e)
+                        error = self._error(op, *in_flight[cookie], e)
                 if done:
                     del in_flight[cookie]
 
@@ -554,15 +789,16 @@ class Client:
                 continue
 
             try:
-                h.poll(-1)
-            except nbd.Error as e:
-                # Only a dead or closed connection fails poll(); libnbd
-                # fails what was in flight. Retire what we can; anything
-                # left keeps its buffer referenced by libnbd until the
-                # handle goes away, so no memory is written after free.
+                offset, length = next(iter(in_flight.values()))
+                self._waiter.poll(op, offset, length)
+            except Error as e:
+                # A dead, closed, interrupted or timed out connection.
+                # Retire what we can; anything left keeps its buffer
+                # referenced by libnbd until the handle goes away, and a
+                # broken connection is never polled again, so no memory
+                # is written after the call returns.
                 if error is None:
-                    offset, length = next(iter(in_flight.values()))
-                    error = _error(op, offset, length, e)
+                    error = e
                 for cookie in in_flight:
                     try:
                         h.aio_command_completed(cookie)
@@ -571,7 +807,13 @@ class Client:
                 break
 
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # No cycle through this frame: the handle (and its
+                # descriptor) goes with the last reference, not with the
+                # garbage collector.
+                error = None
 
 
 def _byte_view(buf):

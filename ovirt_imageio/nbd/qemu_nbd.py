@@ -16,6 +16,13 @@ connection that started it closes. Therefore every qemu-nbd is forked by
 one long-lived spawner thread that lives as long as the process: requests
 go through a queue and the Popen comes back through a future.
 
+Death. A qemu-nbd may die on its own (killed, out of memory, a crash).
+The spawner thread also reaps: it waits in poll(2) on a pidfd per child
+and on an eventfd that wakes it for new requests, so a dead child is
+waited for at once (no zombie until the ticket goes) and logged; its
+Server says so (alive, returncode), and the owner decides what to do
+(nbd/backend.py starts a new one on the next request).
+
 Readiness. qemu-nbd listens on its socket *before* it opens the image, so
 a successful connect() proves nothing: qemu-nbd may still fail to open
 the image and exit. We poll until an NBD handshake succeeds (the server
@@ -78,6 +85,8 @@ class Server:
         self._stderr = stderr
         self._lock = threading.Lock()
         self._stopped = False
+        # Set before stop() terminates qemu-nbd: its exit is expected.
+        self._stopping = False
         # qemu-nbd's stderr, read when stopped.
         self.stderr = ""
         self.path = path
@@ -97,6 +106,20 @@ class Server:
         """True while the qemu-nbd process runs."""
         return self._proc.poll() is None
 
+    @property
+    def returncode(self):
+        """The exit code once exited (-N: killed by signal N), else None."""
+        return self._proc.poll()
+
+    def _exited(self):
+        """Called by the reaper once the process was waited for."""
+        if self._stopping:
+            return
+        log.warning("qemu-nbd pid=%s exited unexpectedly exitcode=%s "
+                    "path=%s socket=%s stderr=%r", self.pid,
+                    self._proc.returncode, self.path, self.socket,
+                    _read_tail(_read(self._stderr)))
+
     def stop(self, timeout=5):
         """
         Terminate qemu-nbd, wait up to timeout seconds, kill it if needed,
@@ -105,6 +128,7 @@ class Server:
         with self._lock:
             if self._stopped:
                 return
+            self._stopping = True
             _terminate(self._proc, timeout)
             _remove(self.socket)
             self.stderr = _read(self._stderr)
@@ -216,6 +240,7 @@ def stop_all(timeout=5):
         servers = list(_servers)
     # Terminate all first so they exit in parallel, then wait for each.
     for server in servers:
+        server._stopping = True
         try:
             server._proc.terminate()
         except ProcessLookupError:
@@ -345,9 +370,15 @@ def _remove(path):
 
 
 def _read(f):
+    # pread: the reaper and stop() may read at once; no shared offset.
     try:
-        f.seek(0)
-        return f.read().decode("utf-8", "replace").strip()
+        data = b""
+        while True:
+            chunk = os.pread(f.fileno(), 65536, len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data.decode("utf-8", "replace").strip()
     except (OSError, ValueError):
         return ""
 
@@ -362,36 +393,76 @@ class _Spawner:
     """
     Runs subprocess.Popen in one long-lived daemon thread, so that the
     parent thread of every qemu-nbd lives as long as the process (see
-    "Orphans" above). Started on first use.
+    "Orphans" above), and reaps the children as they exit (see "Death").
+    Started on first use.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._queue = queue.SimpleQueue()
         self._thread = None
+        self._wake = None
 
     def popen(self, args, **kwargs):
         future = concurrent.futures.Future()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                if self._wake is None:
+                    self._wake = os.eventfd(0, os.EFD_CLOEXEC)
                 self._thread = threading.Thread(
                     target=self._run, name="qemu-nbd-spawner", daemon=True)
                 self._thread.start()
         self._queue.put((future, args, kwargs))
+        os.eventfd_write(self._wake, 1)
         return future.result()
 
     def _run(self):
         # Never exits: its children would get SIGTERM if it did.
+        poller = select.poll()
+        poller.register(self._wake, select.POLLIN)
+        children = {}
         while True:
-            future, args, kwargs = self._queue.get()
+            for fd, _ in poller.poll():
+                if fd == self._wake:
+                    os.eventfd_read(self._wake)
+                    self._spawn_all(poller, children)
+                else:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    _reaped(children.pop(fd))
+
+    def _spawn_all(self, poller, children):
+        while True:
+            try:
+                future, args, kwargs = self._queue.get_nowait()
+            except queue.Empty:
+                return
             if not future.set_running_or_notify_cancel():
                 continue
             try:
                 proc = subprocess.Popen(args, **kwargs)
             except BaseException as e:
                 future.set_exception(e)
+                continue
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except OSError as e:
+                # Cannot happen for our own live or zombie child; without
+                # it the child is reaped by whoever polls it.
+                log.warning("Cannot watch qemu-nbd pid=%s: %s", proc.pid, e)
             else:
-                future.set_result(proc)
+                children[fd] = proc
+                poller.register(fd, select.POLLIN)
+            future.set_result(proc)
+
+
+def _reaped(proc):
+    """Wait for an exited child and tell its Server, if it has one."""
+    proc.poll()
+    with _servers_lock:
+        server = next((s for s in _servers if s._proc is proc), None)
+    if server is not None:
+        server._exited()
 
 
 _spawner = _Spawner()

@@ -41,6 +41,16 @@ and their replies collected as they come and at the end of the request.
 A Stream whose transfer was interrupted in the middle of a payload (the
 client went away, a timeout) cannot be used again: `broken` is set and the
 owner closes it.
+
+Hung servers. The NBD socket stays blocking (splice(2) needs no poll
+then) and gets kernel timeouts instead (SO_RCVTIMEO, SO_SNDTIMEO): a
+recv, send or splice that makes no progress for `timeout` seconds fails
+with EAGAIN, raised as Error(ETIMEDOUT), and the stream is broken. The
+socket is registered with an Interrupt (nbd/client.py), whose fire()
+from another thread shuts it down: a blocked recv or splice returns at
+once, and the call fails with Error(ECANCELED). Errors of the client's
+socket stay OSError (TimeoutError for its timeout), so the owner can
+tell a failing export from a client that went away.
 """
 
 from __future__ import annotations
@@ -146,26 +156,39 @@ MAX_OPTION_REPLY = 64 * 1024
 _ZEROS = memoryview(bytes(PIPE_SIZE))
 
 
-def open(address):
-    """Connect to the export at address (url.Address); return a Stream."""
-    if address.is_unix:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target = address.socket
-    else:
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        target = (address.host, address.port)
+Interrupt = nbd_client.Interrupt
+
+
+def open(address, timeout=None, interrupt=None):
+    """
+    Connect to the export at address (url.Address); return a Stream.
+
+    timeout: seconds an NBD socket operation may make no progress (None:
+    forever); the handshake and later calls fail with Error(ETIMEDOUT).
+    interrupt: an Interrupt that may stop the stream's I/O from another
+    thread.
+    """
+    if interrupt is None:
+        interrupt = Interrupt()
+    sock = nbd_client.connect(address, timeout, interrupt)
     try:
-        sock.connect(target)
-        if not address.is_unix:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        return Stream(sock, address)
-    except OSError as e:
-        sock.close()
-        if isinstance(e, Error):
-            raise
-        raise Error("connect", 0, 0, e.errno or errno.EIO,
-                    f"Cannot connect to {address}: {e}") from None
+        if timeout is not None:
+            tv = _timeval(timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        return Stream(sock, address, timeout, interrupt)
+    except BaseException:
+        interrupt.close(sock)
+        raise
+
+
+def _timeval(seconds):
+    sec = int(seconds)
+    usec = int((seconds - sec) * 1e6)
+    if sec == 0 and usec == 0:
+        # Zero means no timeout to the kernel.
+        usec = 1
+    return struct.pack("@ll", sec, usec)
 
 
 class Stream:
@@ -174,10 +197,15 @@ class Stream:
     can_flush, maximum_block_size, has_base_allocation, broken.
     """
 
-    def __init__(self, sock, address):
+    def __init__(self, sock, address, timeout=None, interrupt=None):
         self._sock = sock
         self.address = address
+        self.timeout = timeout
+        self._interrupt = interrupt or Interrupt()
         self.broken = False
+        # What a failure of the NBD socket is reported as (op, offset,
+        # length): set by each call.
+        self._op = ("connect", 0, 0)
         self._cookies = itertools.count(1)
         self._structured = False
         self._base_allocation_id = None
@@ -206,6 +234,7 @@ class Stream:
         an error response; done(bytes) is called after each piece.
         """
         self._check_open()
+        self._op = ("read", offset, length)
         self._read_pieces(offset, length, self._max_request,
                           lambda n: self._splice_out(sock, n), begin, done)
 
@@ -217,6 +246,7 @@ class Stream:
         server is already sending the next one (one read ahead).
         """
         self._check_open()
+        self._op = ("read", offset, length)
         view = memoryview(buf).cast("B")
 
         def move(n):
@@ -274,6 +304,7 @@ class Stream:
         bytes received.
         """
         self._check_open()
+        self._op = ("write", offset, length)
         prefix = memoryview(prefix)
         pos, end = offset, offset + length
         try:
@@ -293,12 +324,12 @@ class Stream:
                     raise EOFError(pos - offset + len(head) + got)
                 self._send_write_header(pos, n, head)
                 if got:
-                    self._splice_all(self._pipe[0], self._sock, got)
+                    self._splice_to_nbd(got)
                 left -= got
                 while left:
                     got, eof = self._fill_pipe(
                         sock, min(left, self._pipe_capacity()))
-                    self._splice_all(self._pipe[0], self._sock, got)
+                    self._splice_to_nbd(got)
                     left -= got
                     if eof:
                         self._abandon_write()
@@ -324,6 +355,7 @@ class Stream:
         complete pieces are acknowledged first.
         """
         self._check_open()
+        self._op = ("write", offset, length)
         view = memoryview(buf).cast("B")
         step = min(self._max_write, len(view))
         pos, end = offset, offset + length
@@ -349,6 +381,9 @@ class Stream:
     def _check_open(self):
         if self._sock is None:
             raise ValueError("I/O on closed NBD stream")
+        if self._interrupt.fired:
+            self.broken = True
+            raise nbd_client.interrupted(*self._op)
 
     def _abandon_write(self):
         """
@@ -364,6 +399,7 @@ class Stream:
 
     def zero(self, length, offset, punch_hole=False):
         self._check_open()
+        self._op = ("zero", offset, length)
         if not self.can_zero:
             self._write_zeros(length, offset)
             return
@@ -376,6 +412,7 @@ class Stream:
 
     def flush(self):
         self._check_open()
+        self._op = ("flush", 0, 0)
         if self.can_flush:
             self._command(CMD_FLUSH, 0, 0, 0, "flush")
 
@@ -386,6 +423,7 @@ class Stream:
         depth and dirty bitmaps.
         """
         self._check_open()
+        self._op = ("block_status", offset, length or 0)
         if context != "zero":
             raise ValueError(f"Unsupported extents context {context!r}")
         end = self.size if length is None else min(offset + length,
@@ -419,7 +457,7 @@ class Stream:
         except OSError as e:
             log.debug("Error disconnecting from %s: %s", self.address, e)
         finally:
-            sock.close()
+            self._interrupt.close(sock)
             if self._pipe is not None:
                 for fd in self._pipe:
                     os.close(fd)
@@ -442,7 +480,7 @@ class Stream:
         if not flags & FLAG_FIXED_NEWSTYLE:
             raise Error("connect", 0, 0, errno.EPROTO,
                         "Server does not support fixed newstyle")
-        self._sock.sendall(struct.pack(
+        self._nbd_send(struct.pack(
             ">I", FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES)))
 
         self._option(OPT_STRUCTURED_REPLY, b"")
@@ -464,8 +502,8 @@ class Stream:
                         "Server did not send the export size")
 
     def _option(self, option, data):
-        self._sock.sendall(IHAVEOPT + struct.pack(">II", option, len(data))
-                           + data)
+        self._nbd_send(IHAVEOPT + struct.pack(">II", option, len(data))
+                       + data)
         while True:
             magic, opt, kind, length = struct.unpack(
                 ">QIII", self._recv_exact(20))
@@ -512,7 +550,7 @@ class Stream:
 
     def _request(self, cmd, flags, offset, length, more=False):
         cookie = next(self._cookies)
-        self._sock.sendall(
+        self._nbd_send(
             REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length),
             socket.MSG_MORE if more else 0)
         return cookie
@@ -566,11 +604,14 @@ class Stream:
     def _send_write_header(self, offset, length, head):
         """Send a write's header and the first bytes of its payload."""
         cookie = next(self._cookies)
-        _send_all(
-            self._sock,
-            [REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset,
-                          length), head],
-            socket.MSG_MORE if len(head) < length else 0)
+        try:
+            _send_all(
+                self._sock,
+                [REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset,
+                              length), head],
+                socket.MSG_MORE if len(head) < length else 0)
+        except OSError as e:
+            raise self._failed(e) from None
         self._writes += 1
 
     def _wait_writes(self, limit):
@@ -656,9 +697,13 @@ class Stream:
         while offset < end:
             n = min(end - offset, len(_ZEROS), self._max_request)
             cookie = next(self._cookies)
-            _send_all(self._sock, [REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE,
-                                                cookie, offset, n),
-                                   _ZEROS[:n]])
+            try:
+                _send_all(self._sock, [REQUEST.pack(REQUEST_MAGIC, 0,
+                                                    CMD_WRITE, cookie,
+                                                    offset, n),
+                                       _ZEROS[:n]])
+            except OSError as e:
+                raise self._failed(e) from None
             self._writes += 1
             self._wait_writes(MAX_WRITES_IN_FLIGHT)
             offset += n
@@ -704,11 +749,12 @@ class Stream:
                 left = self._rend - self._rpos
                 self._rbuf[:left] = self._rbuf[self._rpos:self._rend]
                 self._rpos, self._rend = 0, left
-            got = self._sock.recv_into(self._rview[self._rend:])
+            try:
+                got = self._sock.recv_into(self._rview[self._rend:])
+            except OSError as e:
+                raise self._failed(e) from None
             if got == 0:
-                self.broken = True
-                raise Error("recv", 0, n, errno.ECONNRESET,
-                            "NBD server closed the connection")
+                raise self._eof()
             self._rend += got
         data = bytes(self._rview[self._rpos:self._rpos + n])
         self._rpos += n
@@ -727,11 +773,12 @@ class Stream:
             view[:pos] = self._rview[self._rpos:self._rpos + pos]
             self._rpos += pos
         while pos < len(view):
-            got = self._sock.recv_into(view[pos:])
+            try:
+                got = self._sock.recv_into(view[pos:])
+            except OSError as e:
+                raise self._failed(e) from None
             if got == 0:
-                self.broken = True
-                raise Error("read", 0, len(view), errno.ECONNRESET,
-                            "NBD server closed the connection")
+                raise self._eof()
             pos += got
 
     def _splice_out(self, sock, length):
@@ -746,11 +793,12 @@ class Stream:
             self._rpos += buffered
             left -= buffered
         while left:
-            n = os.splice(src, w, min(left, self._pipe_size))
+            try:
+                n = os.splice(src, w, min(left, self._pipe_size))
+            except OSError as e:
+                raise self._failed(e) from None
             if n == 0:
-                self.broken = True
-                raise Error("read", 0, length, errno.ECONNRESET,
-                            "NBD server closed the connection")
+                raise self._eof()
             self._splice_all(r, sock, n)
             left -= n
 
@@ -796,6 +844,41 @@ class Stream:
                     break
         finally:
             os.set_blocking(r, True)
+
+    def _splice_to_nbd(self, length):
+        """Splice exactly length bytes from the pipe to the NBD socket."""
+        r, dst = self._pipe[0], self._sock.fileno()
+        while length:
+            try:
+                length -= os.splice(r, dst, length)
+            except OSError as e:
+                raise self._failed(e) from None
+
+    def _nbd_send(self, data, flags=0):
+        try:
+            self._sock.sendall(data, flags)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _failed(self, e):
+        """
+        Error for OSError e of the NBD socket: interrupted, timed out
+        (SO_RCVTIMEO and SO_SNDTIMEO fail with EAGAIN), or failed.
+        """
+        self.broken = True
+        if self._interrupt.fired:
+            return nbd_client.interrupted(*self._op)
+        if isinstance(e, (BlockingIOError, TimeoutError)):
+            return nbd_client.timed_out(*self._op, self.timeout)
+        return Error(*self._op, e.errno or errno.EIO,
+                     f"NBD connection failed: {e.strerror or e}")
+
+    def _eof(self):
+        self.broken = True
+        if self._interrupt.fired:
+            return nbd_client.interrupted(*self._op)
+        return Error(*self._op, errno.ECONNRESET,
+                     "NBD server closed the connection")
 
     def _splice_all(self, r, dst, length):
         """Splice exactly length bytes from the pipe r to dst."""

@@ -1245,3 +1245,156 @@ def test_ticket_races(daemon, qemu_nbd, make_image, caplog, backend):
     bad = [r for r in caplog.records
            if r.levelno >= logging.ERROR or r.exc_info]
     assert not bad, [r.getMessage() for r in bad]
+
+
+# Hung exports: DELETE interrupts blocked NBD I/O, and NBD I/O times out.
+# nbdkit's delay filter stalls the chosen requests for 1000 s.
+
+def threads_and_fds():
+    """The in-process daemon's (and the test's) threads and open fds."""
+    return (len(os.listdir("/proc/self/task")),
+            len(os.listdir("/proc/self/fd")))
+
+
+def wait_for_baseline(baseline):
+    """Poll until threads and fds are back to the baseline."""
+    testutil.wait_for(
+        lambda: all(n <= b for n, b in zip(threads_and_fds(), baseline)),
+        timeout=20,
+        message=f"threads and fds back to {baseline} from "
+                f"{threads_and_fds()}")
+
+
+STALLS = {
+    "get": ("delay-read=1000", "GET", "/images/tid-secret",
+            {"range": "bytes=0-65535"}, None),
+    "put": ("delay-write=1000", "PUT", "/images/tid-secret", {},
+            b"x" * MiB),
+    "extents": ("delay-extents=1000", "GET", "/images/tid-secret/extents",
+                {}, None),
+    # The memory plugin's image is all zeros: only block status is asked.
+    "checksum": ("delay-extents=1000", "GET", "/images/tid-secret/checksum",
+                 {}, None),
+}
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+@pytest.mark.parametrize("stall", ["get", "put", "extents", "checksum"])
+def test_delete_interrupts_stalled_request(make_daemon, nbdkit, stall,
+                                           transport):
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    delay, method, path, headers, body = STALLS[stall]
+    srv = nbdkit("memory", "size=4M", delay, filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"])
+    baseline = threads_and_fds()
+    c = Client(daemon, transport)
+    c.conn.request(method, path, body=body, headers=headers)
+    if stall == "extents":
+        # Not a ticket operation: wait for the request's NBD connection.
+        testutil.wait_for_ticket(daemon.api, "tid-secret", connections=1)
+    elif stall == "put":
+        # The whole body went to the export (a body cut short would end
+        # the request by itself): the write's reply is what stalls.
+        testutil.wait_for_ticket(daemon.api, "tid-secret", active=True,
+                                 transferred=MiB)
+    else:
+        testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
+    # The client gives up.
+    c.close()
+    resp, data = daemon.api.delete("tid-secret")
+    assert resp.status == 204, data
+    assert daemon.store.lookup("tid-secret") is None
+    wait_for_baseline(baseline)
+
+
+def test_delete_interrupts_stalled_handshake(make_daemon, nbdkit):
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    srv = nbdkit("memory", "size=4M", "delay-open=1000", filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    baseline = threads_and_fds()
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret",
+                   headers={"range": "bytes=0-4095"})
+    testutil.wait_for_ticket(daemon.api, "tid-secret", connections=1)
+    c.close()
+    resp, data = daemon.api.delete("tid-secret")
+    assert resp.status == 204, data
+    wait_for_baseline(baseline)
+
+
+def test_delete_during_stall_answers_client(make_daemon, nbdkit):
+    # The client waits: it learns that the transfer was canceled.
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    srv = nbdkit("memory", "size=4M", "delay-read=1000", filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret",
+                   headers={"range": "bytes=0-65535"})
+    testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
+    resp, _ = daemon.api.delete("tid-secret")
+    assert resp.status == 204
+    resp = c.conn.getresponse()
+    data = resp.read()
+    assert resp.status == 403
+    assert data == b"You are not allowed to access this resource: " \
+                   b"Transfer tr-1 was canceled\n"
+    assert resp.getheader("connection") == "close"
+    c.close()
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+@pytest.mark.parametrize("stall", ["get", "put", "extents", "checksum",
+                                   "handshake"])
+def test_nbd_timeout(make_daemon, nbdkit, stall, transport):
+    daemon = make_daemon(backend_nbd={"timeout": "0.5"})
+    if stall == "handshake":
+        delay, method, path, headers, body = (
+            "delay-open=1000", "GET", "/images/tid-secret",
+            {"range": "bytes=0-4095"}, None)
+    else:
+        delay, method, path, headers, body = STALLS[stall]
+    srv = nbdkit("memory", "size=4M", delay, filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"])
+    baseline = threads_and_fds()
+    c = Client(daemon, transport)
+    resp, data = c.request(method, path, body=body, headers=headers)
+    assert resp.status == 500
+    message = data.decode()
+    assert message.startswith("NBD export of transfer tr-1 failed: ")
+    assert "NBD server did not respond within 0.5 seconds" in message
+    assert resp.getheader("connection") == "close"
+    c.close()
+    # The ticket is still usable, and removable.
+    assert daemon.api.get("tid-secret")["active"] is False
+    resp, _ = daemon.api.delete("tid-secret")
+    assert resp.status == 204
+    wait_for_baseline(baseline)
+
+
+def test_delete_409_when_transfer_cannot_stop(make_daemon, nbdkit):
+    # API.md 2.4: a GET blocked on a client that stops reading (not on
+    # NBD) cannot be stopped; DELETE says 409 and the ticket stays,
+    # canceled, until a later DELETE finds it idle.
+    daemon = make_daemon(control={"remove_timeout": "1"})
+    srv = nbdkit("pattern", "size=64M")
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=64 * MiB)
+    c = Client(daemon)
+    c.conn.request("GET", "/images/tid-secret")
+    resp = c.conn.getresponse()
+    assert resp.status == 200
+    resp.read(4096)
+    testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
+    r, data = daemon.api.delete("tid-secret")
+    assert r.status == 409
+    assert data == b"Timeout cancelling transfer tr-1\n"
+    info = daemon.api.get("tid-secret")
+    assert info["canceled"] is True
+    # The client goes away: the transfer ends, and DELETE succeeds.
+    c.close()
+
+    def removed():
+        r, _ = daemon.api.delete("tid-secret")
+        return r.status == 204
+
+    testutil.wait_for(removed, message="ticket removed")
+    assert daemon.store.lookup("tid-secret") is None

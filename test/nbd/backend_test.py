@@ -193,14 +193,75 @@ def test_file_url_dirty(make_image, run_dir):
 
 
 def test_file_url_missing_file(tmp_path, run_dir, processes_with):
+    # Accepted, as upstream does; the export starts once the file exists.
     path = str(tmp_path / "missing.raw")
-    with pytest.raises(errors.ExportError) as e:
-        backend.create(f"file://{path}", run_dir=run_dir, read_only=False,
-                       shared=1)
-    assert "missing.raw" in str(e.value)
-    assert "No such file or directory" in str(e.value)
-    assert os.listdir(run_dir) == []
+    with backend.create(f"file://{path}", run_dir=run_dir, read_only=False,
+                        shared=1) as b:
+        assert b.server is None
+        assert b.error == f"Cannot export {path}: No such file or directory"
+        assert os.listdir(run_dir) == []
+        for open_ in (b.open, b.open_stream):
+            with pytest.raises(errors.ExportError) as e:
+                open_()
+            assert str(e.value) == b.error
+        assert processes_with(path) == []
+        with open(path, "wb") as f:
+            f.write(b"x" * 4 * K)
+        with b.open() as c:
+            assert c.read(4 * K, 0) == b"x" * 4 * K
+        assert b.error is None
     assert processes_with(path) == []
+    assert os.listdir(run_dir) == []
+
+
+def test_file_url_restarts_dead_export(make_image, run_dir, wait_for,
+                                       pid_alive):
+    path = make_image(size=M)
+    with backend.create(f"file://{path}", run_dir=run_dir, read_only=False,
+                        shared=2) as b:
+        with b.open_stream() as s:
+            assert b.serves(s)
+            s.zero(4 * K, 0, punch_hole=False)
+        with b.open() as c:
+            c.write(b"y" * 4 * K, 0)
+            c.flush()
+        old = b.server
+        os.kill(old.pid, 9)
+        wait_for(lambda: not os.path.exists(f"/proc/{old.pid}"),
+                 message="qemu-nbd reaped")
+        assert b.error == f"qemu-nbd pid={old.pid} exited with code -9"
+        # The next connection starts a new qemu-nbd on a new socket.
+        with b.open() as c:
+            assert c.read(4 * K, 0) == b"y" * 4 * K
+            assert b.serves(c)
+        assert b.server is not old
+        assert b.server.alive
+        assert b.error is None
+        assert not os.path.exists(old.socket)
+        with b.open_stream() as s:
+            assert s.size == M
+        new = b.server
+    assert not pid_alive(new.pid)
+    assert os.listdir(run_dir) == []
+
+
+def test_file_url_restart_fails(make_image, run_dir, wait_for):
+    path = make_image(size=M)
+    with backend.create(f"file://{path}", run_dir=run_dir, read_only=False,
+                        shared=1) as b:
+        with b.open_stream() as s:
+            pass
+        os.unlink(path)
+        os.kill(b.server.pid, 9)
+        wait_for(lambda: not b.server.alive, message="qemu-nbd exited")
+        assert not b.serves(s)
+        with pytest.raises(errors.ExportError) as e:
+            b.open_stream()
+        message = f"Cannot export {path}: No such file or directory"
+        assert str(e.value) == message
+        assert b.error == message
+        assert b.server is None
+        assert os.listdir(run_dir) == []
 
 
 def test_file_url_not_an_image(tmp_path, run_dir, processes_with):

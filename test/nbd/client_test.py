@@ -708,3 +708,119 @@ def test_zero_extents_short_replies(nbdkit, monkeypatch):
         (704 * K, 32 * K, False),
         (736 * K, 288 * K, True),
     ]
+
+
+# A hung server: timeouts and interrupts.
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("dirty", [False, True], ids=["plain", "dirty"])
+def test_open_timeout(nbdkit, dirty):
+    server = nbdkit("memory", "size=1M", "delay-open=1000",
+                    filters=["delay"])
+    before = open_fds()
+    with pytest.raises(client.Error) as e:
+        client.open(server.address, dirty=dirty, timeout=0.5)
+    assert e.value.op == "connect"
+    assert e.value.errno == errno.ETIMEDOUT
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("call,op", [
+    (lambda c: c.read_into(bytearray(4 * K), 0), "read"),
+    (lambda c: c.read(4 * K, 0), "read"),
+    (lambda c: c.write(b"x" * 4 * K, 0), "write"),
+    (lambda c: c.zero(4 * K, 0), "zero"),
+    (lambda c: c.extents("zero"), "block_status"),
+], ids=["read_into", "read", "write", "zero", "extents"])
+def test_io_timeout(nbdkit, call, op):
+    server = nbdkit("memory", "size=1M", "delay-read=1000",
+                    "delay-write=1000", "delay-zero=1000",
+                    "delay-extents=1000", filters=["delay"])
+    before = open_fds()
+    c = client.open(server.address, timeout=0.5)
+    try:
+        with pytest.raises(client.Error) as e:
+            call(c)
+        assert e.value.op == op
+        assert e.value.errno == errno.ETIMEDOUT
+        assert "did not respond within 0.5 seconds" in str(e.value)
+    finally:
+        # Closing does not wait for the hung server.
+        c.close()
+    # The error's traceback holds the handle, and libnbd's descriptor.
+    del e
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.read_into(bytearray(4 * K), 0),
+    lambda c: c.write(b"x" * 4 * K, 0),
+    lambda c: c.zero(4 * K, 0),
+    lambda c: c.extents("zero"),
+], ids=["read", "write", "zero", "extents"])
+def test_interrupt_blocked_io(nbdkit, call):
+    server = nbdkit("memory", "size=1M", "delay-read=1000",
+                    "delay-write=1000", "delay-zero=1000",
+                    "delay-extents=1000", filters=["delay"])
+    before = open_fds()
+    interrupt = client.Interrupt()
+    c = client.open(server.address, interrupt=interrupt)
+    failed = []
+
+    def run():
+        try:
+            call(c)
+        except client.Error as e:
+            failed.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        t.join(0.2)
+        assert t.is_alive()
+        interrupt.fire()
+        t.join(10)
+        assert not t.is_alive()
+        assert failed[0].errno == errno.ECANCELED
+        assert "interrupted" in str(failed[0])
+    finally:
+        # Closing does not wait for the hung server.
+        c.close()
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("dirty", [False, True], ids=["plain", "dirty"])
+def test_interrupt_open(nbdkit, dirty):
+    server = nbdkit("memory", "size=1M", "delay-open=1000",
+                    filters=["delay"])
+    before = open_fds()
+    interrupt = client.Interrupt()
+    failed = []
+
+    def run():
+        try:
+            client.open(server.address, dirty=dirty, interrupt=interrupt)
+        except client.Error as e:
+            failed.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()
+    interrupt.fire()
+    t.join(10)
+    assert not t.is_alive()
+    assert failed[0].errno == errno.ECANCELED
+    assert open_fds() == before
+
+
+def test_interrupted_before_open(nbdkit):
+    server = nbdkit("memory", "size=1M")
+    interrupt = client.Interrupt()
+    interrupt.fire()
+    with pytest.raises(client.Error) as e:
+        client.open(server.address, interrupt=interrupt)
+    assert e.value.errno == errno.ECANCELED

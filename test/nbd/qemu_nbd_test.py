@@ -305,3 +305,59 @@ def test_no_orphan_when_parent_killed(make_image, sock_dir, pid_alive,
             os.kill(pid, signal.SIGKILL)
     # qemu-nbd removes its socket on SIGTERM.
     wait_for(lambda: not os.path.exists(sock), message="socket removed")
+
+
+# A qemu-nbd that dies on its own.
+
+def reaped(pid):
+    """True once pid is gone from /proc: exited and waited for, not a
+    zombie."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_killed_server_is_reaped_and_logged(make_image, sock_dir, wait_for,
+                                            caplog):
+    import logging
+    caplog.set_level(logging.INFO)
+    sock = os.path.join(sock_dir, "sock")
+    server = qemu_nbd.start(make_image(size=M), sock)
+    try:
+        os.kill(server.pid, signal.SIGKILL)
+        # Nobody uses the server: the module reaps it by itself.
+        wait_for(lambda: reaped(server.pid),
+                 message=f"qemu-nbd {server.pid} reaped")
+        assert not server.alive
+        assert server.returncode == -signal.SIGKILL
+        wait_for(lambda: f"qemu-nbd pid={server.pid} exited unexpectedly"
+                 in caplog.text, message="exit logged")
+        assert "exitcode=-9" in caplog.text
+    finally:
+        server.stop()
+    # Stopping an exited server cleans up without error.
+    assert not os.path.exists(sock)
+    assert server not in qemu_nbd.running()
+
+
+def test_stopped_server_not_reported(make_image, sock_dir, wait_for,
+                                     caplog):
+    import logging
+    caplog.set_level(logging.INFO)
+    server = qemu_nbd.start(make_image(size=M),
+                            os.path.join(sock_dir, "sock"))
+    server.stop()
+    wait_for(lambda: reaped(server.pid), message="reaped")
+    assert "exited unexpectedly" not in caplog.text
+
+
+def test_reaper_keeps_no_descriptors(make_image, sock_dir, wait_for):
+    # Start once so the spawner (and its wake-up descriptor) exists.
+    qemu_nbd.start(make_image(size=M), os.path.join(sock_dir, "a")).stop()
+    before = len(os.listdir("/proc/self/fd"))
+    servers = [qemu_nbd.start(make_image(name=f"d{i}", size=M),
+                              os.path.join(sock_dir, f"{i}.sock"))
+               for i in range(3)]
+    os.kill(servers[0].pid, signal.SIGKILL)
+    for server in servers:
+        server.stop()
+    wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before,
+             message="descriptors released")

@@ -396,3 +396,146 @@ def test_receive_small_pieces(qemu_nbd, make_image):
         ours.close()
     writer.join()
     assert sum(done) == len(data)
+
+
+# A hung server: timeouts and interrupts.
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_handshake_timeout(nbdkit):
+    # The server accepts and never finishes the handshake.
+    srv = nbdkit("memory", "size=1M", "delay-open=1000", filters=["delay"])
+    with pytest.raises(stream.Error) as e:
+        stream.open(address(srv), timeout=0.5)
+    assert e.value.op == "connect"
+    assert e.value.errno == errno.ETIMEDOUT
+    assert "0.5 seconds" in str(e.value)
+
+
+def test_send_nbd_timeout(nbdkit):
+    srv = nbdkit("memory", "size=1M", "delay-read=1000", filters=["delay"])
+    s = stream.open(address(srv), timeout=0.5)
+    ours, theirs = socket.socketpair()
+    try:
+        with pytest.raises(stream.Error) as e:
+            s.send(ours, 0, 64 * K)
+        assert e.value.op == "read"
+        assert e.value.errno == errno.ETIMEDOUT
+        assert "did not respond" in str(e.value)
+        assert s.broken
+    finally:
+        s.close()
+        ours.close()
+        theirs.close()
+
+
+def test_receive_nbd_timeout(nbdkit):
+    srv = nbdkit("memory", "size=1M", "delay-write=1000", filters=["delay"])
+    s = stream.open(address(srv), timeout=0.5)
+    ours, theirs = socket.socketpair()
+    writer = Writer(theirs, b"x" * 64 * K)
+    try:
+        with pytest.raises(stream.Error) as e:
+            s.receive(ours, 0, 64 * K)
+        assert e.value.op == "write"
+        assert e.value.errno == errno.ETIMEDOUT
+        assert s.broken
+    finally:
+        s.close()
+        ours.close()
+        writer.join()
+
+
+@pytest.mark.parametrize("call", ["send", "receive", "zero", "extents"])
+def test_interrupt_blocked_io(nbdkit, call):
+    srv = nbdkit("memory", "size=1M", "delay-read=1000",
+                 "delay-write=1000", "delay-zero=1000",
+                 "delay-extents=1000", filters=["delay"])
+    interrupt = stream.Interrupt()
+    s = stream.open(address(srv), interrupt=interrupt)
+    ours, theirs = socket.socketpair()
+    writer = Writer(theirs, b"x" * 64 * K) if call == "receive" else None
+    failed = []
+
+    def run():
+        try:
+            if call == "send":
+                s.send(ours, 0, 64 * K)
+            elif call == "receive":
+                s.receive(ours, 0, 64 * K)
+            elif call == "zero":
+                s.zero(4 * K, 0)
+            else:
+                s.extents("zero")
+        except BaseException as e:
+            failed.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        # The thread is blocked for 1000 s unless interrupted.
+        t.join(0.2)
+        assert t.is_alive()
+        interrupt.fire()
+        t.join(10)
+        assert not t.is_alive()
+        assert len(failed) == 1
+        assert isinstance(failed[0], stream.Error)
+        assert failed[0].errno == errno.ECANCELED
+        assert "interrupted" in str(failed[0])
+    finally:
+        s.close()
+        ours.close()
+        if writer:
+            writer.join()
+
+
+def test_interrupted_before_open(nbdkit):
+    srv = nbdkit("memory", "size=1M")
+    interrupt = stream.Interrupt()
+    interrupt.fire()
+    before = open_fds()
+    with pytest.raises(stream.Error) as e:
+        stream.open(address(srv), interrupt=interrupt)
+    assert e.value.errno == errno.ECANCELED
+    assert open_fds() == before
+
+
+def test_interrupt_handshake(nbdkit):
+    srv = nbdkit("memory", "size=1M", "delay-open=1000", filters=["delay"])
+    interrupt = stream.Interrupt()
+    before = open_fds()
+    failed = []
+
+    def run():
+        try:
+            stream.open(address(srv), interrupt=interrupt)
+        except stream.Error as e:
+            failed.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()
+    interrupt.fire()
+    t.join(10)
+    assert not t.is_alive()
+    assert failed[0].errno == errno.ECANCELED
+    assert open_fds() == before
+
+
+def test_close_releases_fds(nbdkit):
+    srv = nbdkit("memory", "size=1M")
+    interrupt = stream.Interrupt()
+    before = open_fds()
+    s = stream.open(address(srv), interrupt=interrupt, timeout=5)
+    ours, theirs = socket.socketpair()
+    s.send(ours, 0, 4 * K)
+    s.close()
+    ours.close()
+    theirs.close()
+    assert open_fds() == before
+    # Firing after close touches nothing.
+    interrupt.fire()
