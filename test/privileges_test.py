@@ -111,11 +111,18 @@ def test_process_identity(daemon, identity):
 def test_owns_its_files(daemon, identity):
     user, group = identity
     expected = (user.pw_uid, group.gr_gid)
+    # The control service answers before the daemon drops privileges,
+    # gives its files away and logs it.
+    line = f"Running as {user.pw_name}:{group.gr_name}"
+
+    def logged():
+        with open(daemon.log) as f:
+            return line in f.read()
+
+    testutil.wait_for(logged, message="privileges dropped")
     assert owner(daemon.conf["daemon"]["run_dir"]) == expected
     assert owner(daemon.log) == expected
     assert owner(daemon.control_socket) == expected
-    with open(daemon.log) as f:
-        assert f"Running as {user.pw_name}:{group.gr_name}" in f.read()
 
 
 def test_control_socket(daemon, identity):
