@@ -60,6 +60,18 @@ class Connection:
     def version(self):
         return self._tls.version()
 
+    def close_notify(self):
+        """
+        Send close_notify: the peer sees a clean end of stream (OpenSSL 3
+        clients report a bare TCP FIN as "unexpected eof"). We do not wait
+        for the peer's close_notify.
+        """
+        try:
+            self._tls.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        self._flush()
+
     def recv_into(self, buf):
         """Read decrypted bytes into buf; 0 at the end of the stream."""
         while True:

@@ -373,6 +373,7 @@ class Handler:
                     raise server.Error(
                         400, f"Requested {length} bytes, available "
                              f"{e.args[0]} bytes")
+                req.body_received()
                 if flush:
                     stream.flush()
             return

@@ -83,7 +83,7 @@ class Router:
         resp.headers = {k: v for k, v in resp.headers.items()
                         if k.startswith("access-control-")}
         resp.headers.update(headers)
-        if close or req.remaining or req.framing_error:
+        if close or not req.consumed:
             resp.close_connection = True
         resp.send_text(message, status)
 

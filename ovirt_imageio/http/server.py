@@ -117,6 +117,9 @@ class Request:
         self.framing_error = None
         self._length = None
         self._remaining = 0
+        # The body was handed to the handler to move from the socket
+        # itself (take_body); only body_received() says it all arrived.
+        self._handed_off = False
         # Set by handlers for the request's log line.
         self.transfer_id = None
         self.range = None
@@ -147,11 +150,24 @@ class Request:
 
     @property
     def remaining(self):
-        """Body bytes not read yet."""
+        """
+        Body bytes not read yet; once the body was handed to the handler
+        (take_body), how many may be left until it calls body_received().
+        """
         return self._remaining
+
+    @property
+    def consumed(self):
+        """
+        True once the whole body was read: the next bytes on the
+        connection are the next request. A response to a request whose
+        body was not consumed closes the connection.
+        """
+        return self._remaining == 0 and self.framing_error is None
 
     def readinto(self, buf):
         """Read up to len(buf) body bytes into buf; 0 at end of body."""
+        assert not self._handed_off
         n = min(len(buf), self.remaining)
         if n == 0:
             return 0
@@ -161,6 +177,7 @@ class Request:
 
     def read(self, n=-1):
         """Read up to n body bytes (all if n < 0)."""
+        assert not self._handed_off
         if n < 0 or n > self.remaining:
             n = self.remaining
         data = self._handler.rfile.read(n)
@@ -170,9 +187,14 @@ class Request:
     def take_body(self):
         """
         For a handler that moves the body from the socket itself (plain
-        connections only): return the body bytes already buffered here,
-        and count the whole body as read.
+        connections only): return the body bytes already buffered here.
+        The rest is the handler's to receive from the socket; until it
+        calls body_received(), the body counts as unread, so a failure
+        half-way (NBD error, the export dying, the daemon stopping) closes
+        the connection instead of parsing the rest of the body as
+        requests.
         """
+        assert not self._handed_off
         sock = self._handler.connection
         timeout = sock.gettimeout()
         # peek() reads the socket only if nothing is buffered; non-blocking,
@@ -184,8 +206,14 @@ class Request:
             sock.settimeout(timeout)
         n = min(len(buffered), self._remaining)
         data = self._handler.rfile.read(n) if n else b""
-        self._remaining = 0
+        self._remaining -= len(data)
+        self._handed_off = True
         return data
+
+    def body_received(self):
+        """The handler received the whole body taken with take_body()."""
+        assert self._handed_off
+        self._remaining = 0
 
     def read_message(self, limit=MAX_MESSAGE):
         """Read a whole small body (a JSON message), refusing huge ones."""
@@ -276,6 +304,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         self.context = None
+        self._tls = None
         self.request.settimeout(PREAUTH_TIMEOUT)
         # TCP_NODELAY: a response's last segment must not wait for the
         # client's delayed ACK (40 ms per small request otherwise).
@@ -310,6 +339,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.disable_nagle_algorithm:
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
                                     True)
+        self._tls = conn
         self.rfile = io.BufferedReader(tls.Reader(conn))
         self.wfile = tls.Writer(conn)
         return True
@@ -359,24 +389,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not resp.started or resp._pending is not None:
             resp.finish()
         self.wfile.flush()
-        if req.remaining or req.framing_error:
-            # The body was not read: we cannot find the next request.
+        if not req.consumed:
+            # What follows on the connection is body, not requests: the
+            # next request cannot be found.
             self.close_connection = True
-            self._linger(req)
+            self._linger()
 
-    def _linger(self, req):
+    def _linger(self):
         """
-        Read and drop what is left of a small body before closing. Closing
-        a socket with unread data makes the kernel send a reset, which can
-        destroy our error response before the client reads it.
+        Lingering close: end our side (the client reads the response and
+        then end of stream), then read and drop what the client is still
+        sending, at most LINGER_MAX bytes for at most LINGER_TIMEOUT
+        seconds. Closing a socket with unread data makes the kernel send
+        a reset, which can destroy the response before the client reads
+        it. The bytes are never parsed.
         """
-        left = min(req.remaining, LINGER_MAX)
-        if not left:
-            return
+        sock = self.connection
         try:
-            self.connection.settimeout(LINGER_TIMEOUT)
+            if self._tls is not None:
+                self._tls.close_notify()
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + LINGER_TIMEOUT
+        left = LINGER_MAX
+        try:
             while left > 0:
-                data = req.read(min(left, 65536))
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                sock.settimeout(timeout)
+                data = sock.recv(min(left, 65536))
                 if not data:
                     break
                 left -= len(data)
@@ -416,18 +459,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(head + body)
         except OSError:
             return
-        # The rest of what the client sent (a huge header, say) is unread;
-        # drop what arrives soon, as _linger does for bodies.
-        try:
-            self.connection.settimeout(LINGER_TIMEOUT)
-            left = LINGER_MAX
-            while left > 0:
-                data = self.rfile.read1(min(left, 65536))
-                if not data:
-                    break
-                left -= len(data)
-        except (OSError, ValueError):
-            pass
+        # The rest of what the client sent (a huge header, say) is unread.
+        self._linger()
 
     def log_message(self, format, *args):
         # The stdlib would log request lines, which hold ticket ids.
