@@ -230,8 +230,10 @@ def link(req, ticket, buffer_size):
     values[key] = lk
     req.context.on_close(lk.close)
     # Once a ticket is in use, the connection may idle as long as the
-    # ticket allows (virt-v2v asks for an hour).
+    # ticket allows (virt-v2v asks for an hour), and no longer counts
+    # against the bound on unauthorized connections.
     req.context.set_timeout(ticket.inactivity_timeout or None)
+    req.context.authorized()
     return lk
 
 

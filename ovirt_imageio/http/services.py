@@ -39,12 +39,13 @@ def remote(cfg, store, unix_socket=None):
                                  cfg.tls.ca_file, cfg.tls.enable_tls1_1)
     return server.Service(server.TCPServer(
         "remote", cfg.remote.host, cfg.remote.port, router.Router(routes),
-        tls_context=tls))
+        tls_context=tls, limits=server.Limits.from_config(cfg)))
 
 
 def local(cfg, store):
     """The local service; its routes are set once its address is known."""
-    srv = server.UnixServer("local", cfg.local.socket, None)
+    srv = server.UnixServer("local", cfg.local.socket, None,
+                            limits=server.Limits.from_config(cfg))
     srv.router = router.Router(data_routes(cfg, store, srv.address()))
     return server.Service(srv)
 
@@ -61,10 +62,12 @@ def control(cfg, store):
                 "[control] port is required when [control] transport = tcp")
         srv = server.TCPServer(
             "control", "localhost", cfg.control.port, r,
-            prefer_ipv4=cfg.control.prefer_ipv4)
+            prefer_ipv4=cfg.control.prefer_ipv4,
+            limits=server.Limits.from_config(cfg))
     else:
         # vdsm and the engine only: owner and group (mode 0660).
-        srv = server.UnixServer("control", cfg.control.socket, r, mode=0o660)
+        srv = server.UnixServer("control", cfg.control.socket, r, mode=0o660,
+                                limits=server.Limits.from_config(cfg))
     return server.Service(srv)
 
 

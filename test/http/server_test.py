@@ -5,11 +5,15 @@ stopping the daemon serving anyone.
 """
 
 import http.client
+import itertools
 import os
 import re
+import resource
+import select
 import signal
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -224,3 +228,221 @@ def test_put_via_proxy_nbd_error_closes(make_daemon, make_proxy, nbdkit,
     # The daemon's connection from the proxy (its unix socket) did not run
     # the rest of the relayed body.
     assert victim_bytes(victim) == b"VVVVV"
+
+
+# Deadlines: one client cannot hold a connection (a thread, an fd) forever
+# by trickling bytes.
+
+# What tests wait for at most: far above the short deadlines they set.
+TEST_TIMEOUT = 15
+
+
+def closed_while_trickling(sock, data, timeout=TEST_TIMEOUT):
+    """
+    Send data one byte at a time, waiting up to 50 ms for the server
+    after each, and keep going (cycling) until the server closes the
+    connection. Return True if it did within timeout seconds.
+    """
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0)
+    for byte in itertools.cycle(data):
+        if time.monotonic() > deadline:
+            return False
+        try:
+            sock.send(bytes([byte]))
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            return True
+        readable, _, _ = select.select([sock], [], [], 0.05)
+        if readable:
+            try:
+                if not sock.recv(4096):
+                    return True
+            except (ssl.SSLWantReadError, BlockingIOError):
+                # TLS records that are not data (session tickets).
+                pass
+            except (ConnectionResetError, ssl.SSLError):
+                return True
+
+
+def client_hello():
+    """The bytes of a TLS ClientHello."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+@pytest.fixture
+def short_deadlines(make_daemon):
+    return make_daemon(daemon={"handshake_timeout": "1",
+                               "header_timeout": "1"})
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+def test_header_deadline(short_deadlines, transport):
+    with connect(short_deadlines, transport) as s:
+        s.sendall(b"OPTIONS /images/* HTTP/1.1\r\n")
+        assert closed_while_trickling(s, b"x-trickle: aaaaaaaaaa\r\n")
+
+
+def test_handshake_deadline(short_deadlines):
+    port = short_deadlines.remote.server.address()[1]
+    with socket.create_connection(("localhost", port), timeout=10) as s:
+        assert closed_while_trickling(s, client_hello())
+
+
+def test_header_deadline_control(short_deadlines):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(short_deadlines.cfg.control.socket)
+        s.sendall(b"GET /tickets/x HTTP/1.1\r\n")
+        assert closed_while_trickling(s, b"x-trickle: aaaaaaaaaa\r\n")
+
+
+def get_range(sock, ticket_id, first=0, last=0):
+    """One keep-alive GET on a raw socket; return the response."""
+    sock.sendall(f"GET /images/{ticket_id} HTTP/1.1\r\n"
+                 f"range: bytes={first}-{last}\r\n\r\n".encode())
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    resp.data = resp.read()
+    return resp
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+def test_idle_keepalive_outlives_header_deadline(short_deadlines, qemu_nbd,
+                                                 victim, transport):
+    # Clients leave worker connections idle between requests; only a
+    # request once begun has a deadline.
+    daemon = short_deadlines
+    add_ticket(daemon.api, VICTIM_ID, f"nbd:unix:{qemu_nbd(victim).socket}",
+               size=MiB)
+    with connect(daemon, transport) as idle, \
+            connect(daemon, transport) as trickler:
+        assert get_range(idle, VICTIM_ID).status == 206
+        # Closed by its deadline, so the idle connection has idled longer
+        # than a header deadline by then.
+        trickler.sendall(b"OPTIONS /images/* HTTP/1.1\r\n")
+        assert closed_while_trickling(trickler, b"x-trickle: aaaaaa\r\n")
+        resp = get_range(idle, VICTIM_ID, 0, 4)
+        assert (resp.status, resp.data) == (206, b"VVVVV")
+
+
+def unauthorized(service):
+    return service.server.unauthorized_connections()
+
+
+def test_unauthorized_bound(make_daemon, qemu_nbd, victim, caplog):
+    daemon = make_daemon(daemon={"max_unauthorized_connections": "4"})
+    add_ticket(daemon.api, VICTIM_ID, f"nbd:unix:{qemu_nbd(victim).socket}",
+               size=MiB)
+    sockets = []
+
+    def idle_connection():
+        s = connect(daemon, "unix")
+        sockets.append(s)
+        return s
+
+    try:
+        authorized = idle_connection()
+        assert get_range(authorized, VICTIM_ID).status == 206
+        testutil.wait_for(lambda: unauthorized(daemon.local) == 0,
+                          message="connection authorized")
+        oldest = []
+        for i in range(4):
+            oldest.append(idle_connection())
+            testutil.wait_for(lambda: unauthorized(daemon.local) == i + 1,
+                              message="connection accepted")
+        # One more: the oldest unauthorized connection is closed.
+        newest = idle_connection()
+        assert oldest[0].recv(1) == b""
+        assert "unauthorized connections" in caplog.text
+        assert unauthorized(daemon.local) == 4
+        # A flood of unauthorized connections: each closes an older one.
+        for _ in range(20):
+            idle_connection()
+        testutil.wait_for(lambda: unauthorized(daemon.local) == 4,
+                          message="bound kept")
+        for s in oldest[1:] + [newest]:
+            assert s.recv(1) == b""
+        # The authorized connection is served during the attack, and a
+        # new client can still connect and authorize.
+        resp = get_range(authorized, VICTIM_ID, 0, 4)
+        assert (resp.status, resp.data) == (206, b"VVVVV")
+        with connect(daemon, "unix") as fresh:
+            resp = get_range(fresh, VICTIM_ID, 0, 4)
+            assert (resp.status, resp.data) == (206, b"VVVVV")
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# Out of file descriptors.
+
+def cpu_seconds(pid):
+    """User and system CPU time of a process, all threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_lines(path, text):
+    with open(path) as f:
+        return [line for line in f if text in line]
+
+
+def test_out_of_fds(tmp_path, pki):
+    # A daemon that may open this many files: the test's connections
+    # take the rest, and accept() fails with EMFILE.
+    limit = 64
+
+    def lower_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    d = testutil.DaemonProcess(
+        tmp_path, pki, preexec_fn=lower_limit,
+        daemon={"max_unauthorized_connections": "1000"})
+    sockets = []
+    try:
+        d.wait_ready()
+        path = d.conf["local"]["socket"]
+        for _ in range(limit):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(path)
+            sockets.append(s)
+        testutil.wait_for(lambda: log_lines(d.log, "Cannot accept"),
+                          message="out of fds logged")
+        # Measured over a second at the fd limit: a loop retrying accept()
+        # takes a whole core; backing off, a few milliseconds.
+        cpu = cpu_seconds(d.proc.pid)
+        start = time.monotonic()
+        testutil.wait_for(lambda: time.monotonic() - start >= 1.0,
+                          message="measurement")
+        assert cpu_seconds(d.proc.pid) - cpu < 0.3
+        assert len(log_lines(d.log, "Cannot accept")) == 1
+        # Once fds are free, the daemon serves again.
+        for s in sockets:
+            s.close()
+        sockets = []
+
+        def serving():
+            try:
+                reply = testutil.raw_request(
+                    path, b"OPTIONS /images/* HTTP/1.1\r\n\r\n", timeout=2)
+            except OSError:
+                return False
+            return reply.startswith(b"HTTP/1.1 200 ")
+
+        testutil.wait_for(serving, message="serving again")
+        assert log_lines(d.log, "Accepting connections again")
+    finally:
+        for s in sockets:
+            s.close()
+        d.stop()
