@@ -54,6 +54,14 @@ class Connection:
                     raise ConnectionResetError(
                         "Peer closed the connection during the TLS "
                         "handshake")
+            except ssl.SSLError:
+                # OpenSSL wrote an alert (protocol_version to a TLS 1.0
+                # client, say): send it, or the peer sees only EOF.
+                try:
+                    self._flush()
+                except OSError:
+                    pass
+                raise
         # Session tickets and the end of the handshake.
         self._flush()
 

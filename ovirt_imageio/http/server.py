@@ -192,24 +192,22 @@ class Request:
         self.transfer_id = None
         self.range = None
         self.route = None
-        value = self.headers.get("content-length")
+        values = self.headers.get_all("content-length") or []
         if "transfer-encoding" in self.headers:
             # Bodies are framed by Content-Length only, as upstream.
             self.framing_error = Error(
                 400, "Transfer-Encoding is not supported, send "
                      "Content-Length")
-        elif value is not None:
+        elif len(values) > 1:
+            # Which one frames the body? A proxy in front may have picked
+            # the other (request smuggling).
+            self.framing_error = Error(
+                400, "Multiple Content-Length headers")
+        elif values:
             try:
-                length = int(value)
-            except ValueError:
-                self.framing_error = Error(
-                    400, f"Invalid Content-Length: {value!r}")
-            else:
-                if length < 0:
-                    self.framing_error = Error(
-                        400, f"Negative Content-Length: {length}")
-                else:
-                    self._length = self._remaining = length
+                self._length = self._remaining = parse_length(values[0])
+            except ValueError as e:
+                self.framing_error = Error(400, str(e))
 
     @property
     def content_length(self):
@@ -293,6 +291,25 @@ class Request:
             raise Error(400, f"Requested {self._length} bytes, available "
                              f"{len(data)} bytes")
         return data
+
+
+def parse_length(value):
+    """
+    Return the value of a Content-Length header: ASCII digits only, with
+    optional whitespace around them (RFC 9112 5.1). int() alone also takes
+    "+10", "1_0", "-5", non-ASCII digits and any whitespace, including a
+    folded line's CR LF.
+    """
+    digits = value.strip(" \t")
+    if not (digits.isascii() and digits.isdigit()):
+        if digits.startswith("-") and digits[1:].isdigit():
+            raise ValueError(f"Negative Content-Length: {digits}")
+        raise ValueError(f"Invalid Content-Length: {value!r}")
+    try:
+        return int(digits)
+    except ValueError:
+        # More digits than int() converts (sys.get_int_max_str_digits).
+        raise ValueError(f"Invalid Content-Length: {value[:20]!r}...")
 
 
 class Response:

@@ -446,3 +446,98 @@ def test_out_of_fds(tmp_path, pki):
         for s in sockets:
             s.close()
         d.stop()
+
+
+# Framing and logging of malformed requests.
+
+@pytest.mark.parametrize("request_line", [
+    b"/images/tid-secret /images/tid-secret HTTP/1.1",
+    b"/images/tid-secret HTTP/1.1",
+    b"/images/tid-secret",
+    b"GET /images/tid-secret HTTP/1.1 extra",
+    b"GET /images/tid-secret HTTP/9.9",
+    b"GET\x00/images/tid-secret HTTP/1.1",
+], ids=["method-is-path", "two-words", "one-word", "four-words",
+        "bad-version", "nul"])
+def test_request_line_never_logged(make_daemon, caplog, request_line):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    daemon = make_daemon()
+    reply = testutil.raw_request(daemon.cfg.local.socket,
+                                 request_line + b"\r\n\r\n")
+    assert statuses(reply)[0] >= 400
+    testutil.wait_for(lambda: "CLOSE connection=" in caplog.text,
+                      message="connection closed")
+    assert "tid-secret" not in caplog.text
+
+
+def test_curl_method_token_never_logged(make_daemon, caplog):
+    # curl -X /images/<id>: the ticket id in the method token.
+    import logging
+    import subprocess
+    caplog.set_level(logging.DEBUG)
+    daemon = make_daemon()
+    r = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+         "--unix-socket", daemon.cfg.local.socket, "-X",
+         "/images/tid-secret", "http://localhost/images/tid-secret"],
+        capture_output=True, text=True, timeout=30)
+    assert r.stdout == "405"
+    testutil.wait_for(lambda: "status=405" in caplog.text,
+                      message="request logged")
+    assert "tid-secret" not in caplog.text
+
+
+@pytest.mark.parametrize("headers", [
+    b"content-length: +10\r\n",
+    b"content-length: 1_0\r\n",
+    b"content-length: 0x0a\r\n",
+    b"content-length: 10, 10\r\n",
+    b"content-length: 10\r\ncontent-length: 11\r\n",
+    b"content-length: 10\r\ncontent-length: 10\r\n",
+    b"content-length: \xd9\xa1\xd9\xa0\r\n",
+    b"content-length:\r\n 10\r\n",
+    b"content-length: 10\r\ntransfer-encoding: chunked\r\n",
+], ids=["plus", "underscore", "hex", "list", "two-values", "two-headers",
+        "unicode-digits", "folded", "with-chunked"])
+def test_bad_content_length(make_daemon, headers):
+    daemon = make_daemon()
+    body = b"0123456789"
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PUT /images/x HTTP/1.1\r\n" + headers + b"\r\n" + body +
+        b"OPTIONS /images/* HTTP/1.1\r\n\r\n")
+    # One answer, and the connection closed: nothing after it is read as
+    # a request.
+    assert statuses(reply) == [400], reply
+    assert b"connection: close" in reply
+
+
+def test_content_length_optional_whitespace(make_daemon):
+    # Whitespace around a field value is not part of it (RFC 9112 5.1).
+    daemon = make_daemon()
+    reply = testutil.raw_request(
+        daemon.cfg.local.socket,
+        b"PATCH /images/x HTTP/1.1\r\ncontent-length: \t2 \t\r\n\r\n{}"
+        b"OPTIONS /images/* HTTP/1.1\r\n\r\n")
+    assert statuses(reply) == [400, 200]
+    assert b"Missing required value for op" in reply
+
+
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+def test_old_tls_gets_alert(make_daemon, version):
+    daemon = make_daemon()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.minimum_version = ctx.maximum_version = getattr(
+        ssl.TLSVersion, version)
+    port = daemon.remote.server.address()[1]
+    with socket.create_connection(("localhost", port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError) as e:
+            ctx.wrap_socket(raw, server_hostname="localhost")
+    # The server's protocol_version alert, not an unexplained EOF.
+    assert "alert protocol version" in str(e.value) or \
+        "UNSUPPORTED_PROTOCOL" in str(e.value), e.value
+    assert not isinstance(e.value, ssl.SSLEOFError)
