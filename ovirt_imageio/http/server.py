@@ -237,6 +237,7 @@ class Request:
         n = min(len(buf), self.remaining)
         if n == 0:
             return 0
+        self._handler.send_continue()
         got = self._handler.rfile.readinto(memoryview(buf)[:n])
         self._remaining -= got
         return got
@@ -246,6 +247,8 @@ class Request:
         assert not self._handed_off
         if n < 0 or n > self.remaining:
             n = self.remaining
+        if n:
+            self._handler.send_continue()
         data = self._handler.rfile.read(n)
         self._remaining -= len(data)
         return data
@@ -261,6 +264,7 @@ class Request:
         requests.
         """
         assert not self._handed_off
+        self._handler.send_continue()
         sock = self._handler.connection
         timeout = sock.gettimeout()
         # peek() reads the socket only if nothing is buffered; non-blocking,
@@ -529,6 +533,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                       self._idle)
             self.close_connection = True
             return
+        self._expect_continue = False
         self._start_deadline(self.server.limits.header_timeout,
                              "request headers")
         try:
@@ -619,13 +624,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         lines.extend(f"{k}: {v}" for k, v in headers.items())
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def send_response_only(self, code, message=None):
-        # Used by the stdlib for "100 Continue".
-        if not hasattr(self, "_headers_buffer"):
-            self._headers_buffer = []
-        reason = message or self.responses.get(code, ("",))[0]
-        self._headers_buffer.append(
-            f"{self.protocol_version} {code} {reason}\r\n".encode("latin-1"))
+    def handle_expect_100(self):
+        # "100 Continue" only once a handler reads the body (Request):
+        # a request refused first (403, 416, chunked) gets its final
+        # answer and the client never sends the body.
+        self._expect_continue = True
+        return True
+
+    def send_continue(self):
+        if self._expect_continue:
+            self._expect_continue = False
+            self.wfile.write(
+                f"{self.protocol_version} 100 Continue\r\n\r\n".encode())
+            self.wfile.flush()
 
     def send_error(self, code, message=None, explain=None):
         # Errors found by the stdlib parser (bad request line, too many

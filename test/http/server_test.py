@@ -362,7 +362,9 @@ def test_unauthorized_bound(make_daemon, qemu_nbd, victim, caplog):
         # One more: the oldest unauthorized connection is closed.
         newest = idle_connection()
         assert oldest[0].recv(1) == b""
-        assert "unauthorized connections" in caplog.text
+        testutil.wait_for(
+            lambda: "Too many unauthorized connections on local (limit 4)"
+                    in caplog.text, message="eviction logged")
         assert unauthorized(daemon.local) == 4
         # A flood of unauthorized connections: each closes an older one.
         for _ in range(20):
@@ -541,3 +543,87 @@ def test_old_tls_gets_alert(make_daemon, version):
     assert "alert protocol version" in str(e.value) or \
         "UNSUPPORTED_PROTOCOL" in str(e.value), e.value
     assert not isinstance(e.value, ssl.SSLEOFError)
+
+
+# Transfer-Encoding: chunked (browsers streaming a body send it): a clear
+# 400 and the connection closed, on every service and the proxy; the
+# chunk stream is never parsed as requests.
+
+def chunked(data):
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+
+
+@pytest.fixture
+def chunk_setup(make_daemon, make_proxy, qemu_nbd, victim):
+    daemon = make_daemon()
+    proxy = make_proxy()
+    add_ticket(daemon.api, VICTIM_ID, f"nbd:unix:{qemu_nbd(victim).socket}",
+               size=MiB)
+    port = daemon.remote.server.address()[1]
+    add_ticket(proxy.api, VICTIM_ID,
+               f"https://localhost:{port}/images/{VICTIM_ID}", size=MiB)
+    return daemon, proxy
+
+
+def chunk_connection(daemon, proxy, service, pki, proxy_pki):
+    if service == "local":
+        return connect(daemon, "unix")
+    if service == "control":
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)
+        s.connect(daemon.cfg.control.socket)
+        return s
+    if service == "remote":
+        return connect(daemon, "https")
+    ctx = ssl.create_default_context(cafile=proxy_pki["ca_file"])
+    raw = socket.create_connection(
+        ("localhost", proxy.remote.server.address()[1]), timeout=30)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+@pytest.mark.parametrize("service", ["local", "remote", "control", "proxy"])
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect"])
+def test_chunked_refused(chunk_setup, pki, proxy_pki, victim, service,
+                         expect):
+    daemon, proxy = chunk_setup
+    path = (f"/tickets/{VICTIM_ID}" if service == "control"
+            else f"/images/{VICTIM_ID}")
+    head = f"PUT {path} HTTP/1.1\r\ntransfer-encoding: chunked\r\n"
+    if expect:
+        head += "expect: 100-continue\r\n"
+    # A hidden request in a chunk, and one after the chunk stream.
+    body = chunked(hidden_put(VICTIM_ID)) + hidden_put(VICTIM_ID)
+    with chunk_connection(daemon, proxy, service, pki, proxy_pki) as s:
+        send(s, head.encode() + b"\r\n" + body)
+        reply = read_until_eof(s)
+    # No 100 Continue for a body that is refused unread.
+    assert statuses(reply) == [400], reply
+    assert b"connection: close" in reply
+    assert reply.endswith(
+        b"Transfer-Encoding is not supported, send Content-Length\n")
+    assert victim_bytes(victim) == b"VVVVV"
+
+
+@pytest.mark.parametrize("service", ["local", "remote", "proxy"])
+def test_curl_chunked_upload(chunk_setup, pki, proxy_pki, victim, service):
+    import subprocess
+    daemon, proxy = chunk_setup
+    if service == "local":
+        args = ["--unix-socket", daemon.cfg.local.socket,
+                f"http://localhost/images/{VICTIM_ID}"]
+    elif service == "remote":
+        port = daemon.remote.server.address()[1]
+        args = ["--cacert", pki["ca_file"],
+                f"https://localhost:{port}/images/{VICTIM_ID}"]
+    else:
+        port = proxy.remote.server.address()[1]
+        args = ["--cacert", proxy_pki["ca_file"],
+                f"https://localhost:{port}/images/{VICTIM_ID}"]
+    r = subprocess.run(
+        ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "-T", "-",
+         "-H", "Transfer-Encoding: chunked", *args],
+        input=b"x" * (2 * MiB), capture_output=True, timeout=60)
+    out = r.stdout.decode()
+    assert out.endswith("\n400"), (out, r.stderr)
+    assert "Transfer-Encoding is not supported" in out
+    assert victim_bytes(victim) == b"VVVVV"
