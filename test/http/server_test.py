@@ -170,14 +170,16 @@ def test_put_qemu_nbd_killed_closes(make_daemon, qemu_nbd, make_image,
     assert victim_bytes(victim) == b"VVVVV"
 
 
-def test_put_daemon_stopping_closes(make_daemon, make_image, victim):
-    daemon = make_daemon()
+@pytest.mark.parametrize("transport", ["unix", "https"])
+def test_put_daemon_stopping_closes(make_daemon, make_image, victim,
+                                    transport):
+    daemon = make_daemon(backend_nbd={"buffer_size": str(2 * PIECE)})
     target = make_image(name="target", size=64 * MiB)
     add_ticket(daemon.api, FAILING_ID, f"file://{target}")
     add_ticket(daemon.api, VICTIM_ID, f"file://{victim}", size=MiB)
-    body = crafted_body(2 * MiB)
-    with connect(daemon, "unix") as s:
-        s.sendall(put_head(FAILING_ID, len(body)))
+    body = crafted_body(MiB)
+    with connect(daemon, transport) as s:
+        send(s, put_head(FAILING_ID, len(body)))
         testutil.wait_for(lambda: daemon.api.get(FAILING_ID)["active"],
                           message="PUT in flight")
         # Stops the services, cancels the tickets, stops their qemu-nbd.
@@ -190,16 +192,28 @@ def test_put_daemon_stopping_closes(make_daemon, make_image, victim):
     assert victim_bytes(victim) == b"VVVVV"
 
 
-def test_put_via_proxy_nbd_error_closes(make_daemon, make_proxy, nbdkit,
-                                        qemu_nbd, victim, proxy_pki):
-    # The proxy relays to the daemon's unix socket (same host): the
-    # daemon must not run the rest of the relayed body either.
-    daemon = make_daemon()
+PROXY_FAULTS = ["ENOSPC", "EIO", "qemu-nbd-killed", "daemon-stopping",
+                "proxy-stopping"]
+
+
+@pytest.mark.parametrize("fault", PROXY_FAULTS)
+def test_put_via_proxy_fault(make_daemon, make_proxy, nbdkit, qemu_nbd,
+                             make_image, victim, proxy_pki, pid_alive,
+                             fault):
+    # The proxy relays to the daemon's unix socket (same host): neither
+    # the proxy nor the daemon may run the rest of the relayed body.
+    daemon = make_daemon(backend_nbd={"buffer_size": str(2 * PIECE)})
     # Small pieces: the proxy is still relaying the body when the daemon
     # fails.
     proxy = make_proxy(backend_http={"buffer_size": str(2 * PIECE)})
-    srv = failing_export(nbdkit, "ENOSPC")
-    add_ticket(daemon.api, FAILING_ID, f"nbd:unix:{srv.socket}")
+    if fault in ("ENOSPC", "EIO"):
+        url = f"nbd:unix:{failing_export(nbdkit, fault).socket}"
+        body = crafted_body(2 * MiB)
+    else:
+        target = qemu_nbd(make_image(name="target", size=64 * MiB))
+        url = f"nbd:unix:{target.socket}"
+        body = crafted_body(MiB)
+    add_ticket(daemon.api, FAILING_ID, url)
     add_ticket(daemon.api, VICTIM_ID, f"nbd:unix:{qemu_nbd(victim).socket}",
                size=MiB)
     port = daemon.remote.server.address()[1]
@@ -207,19 +221,33 @@ def test_put_via_proxy_nbd_error_closes(make_daemon, make_proxy, nbdkit,
                f"https://localhost:{port}/images/{FAILING_ID}")
     add_ticket(proxy.api, VICTIM_ID,
                f"https://localhost:{port}/images/{VICTIM_ID}", size=MiB)
-    body = crafted_body(2 * MiB)
     ctx = ssl.create_default_context(cafile=proxy_pki["ca_file"])
     proxy_port = proxy.remote.server.address()[1]
     with socket.create_connection(("localhost", proxy_port),
                                   timeout=30) as raw, \
             ctx.wrap_socket(raw, server_hostname="localhost") as s:
-        send(s, put_head(FAILING_ID, len(body)) + body)
+        if fault in ("ENOSPC", "EIO"):
+            send(s, put_head(FAILING_ID, len(body)) + body)
+        else:
+            send(s, put_head(FAILING_ID, len(body)))
+            testutil.wait_for(
+                lambda: daemon.api.get(FAILING_ID)["active"],
+                message="PUT relayed to the daemon")
+            if fault == "qemu-nbd-killed":
+                os.kill(target.pid, signal.SIGKILL)
+                testutil.wait_for(lambda: not pid_alive(target.pid),
+                                  message="qemu-nbd dead")
+            elif fault == "daemon-stopping":
+                daemon.stop()
+            else:
+                proxy.stop()
+            send(s, body)
         resp = http.client.HTTPResponse(s)
         resp.begin()
         resp.read()
-        assert resp.status == 500
-        # The proxy read the whole body before answering: the connection
-        # may stay, in step with the client.
+        assert resp.status >= 400
+        # If the proxy read the whole body before answering, the
+        # connection may stay, in step with the client.
         if not resp.will_close:
             send(s, b"OPTIONS /images/* HTTP/1.1\r\n"
                     b"connection: close\r\n\r\n")
