@@ -404,6 +404,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.server.tls_context is None:
             super().setup()
             # Every read through _recv_into, which keeps the deadlines.
+            self.rfile.close()
             self.rfile = io.BufferedReader(_Reader(self._recv_into))
         else:
             self._start_deadline(self.server.limits.handshake_timeout,
@@ -452,16 +453,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # the TLS connection's ciphertext) goes through _recv_into.
 
     def _recv_into(self, buf):
-        if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExpired(
-                    f"{self._deadline_what} not received in "
-                    f"{self._deadline_seconds} seconds")
-            idle = self._idle
-            self.request.settimeout(left if idle is None
-                                    else min(left, idle))
-        return self.request.recv_into(buf)
+        if self._deadline is None:
+            return self.request.recv_into(buf)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._expired()
+        idle = self._idle
+        self.request.settimeout(left if idle is None else min(left, idle))
+        try:
+            return self.request.recv_into(buf)
+        except TimeoutError:
+            if time.monotonic() >= self._deadline:
+                raise self._expired() from None
+            raise
+
+    def _expired(self):
+        return DeadlineExpired(f"{self._deadline_what} not received in "
+                               f"{self._deadline_seconds} seconds")
 
     def _start_deadline(self, seconds, what):
         self._deadline = time.monotonic() + seconds

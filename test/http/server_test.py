@@ -6,6 +6,7 @@ stopping the daemon serving anyone.
 
 import http.client
 import itertools
+import logging
 import os
 import re
 import resource
@@ -313,16 +314,24 @@ def short_deadlines(make_daemon):
 
 
 @pytest.mark.parametrize("transport", ["unix", "https"])
-def test_header_deadline(short_deadlines, transport):
+def test_header_deadline(short_deadlines, transport, caplog):
+    caplog.set_level(logging.INFO)
     with connect(short_deadlines, transport) as s:
         s.sendall(b"OPTIONS /images/* HTTP/1.1\r\n")
         assert closed_while_trickling(s, b"x-trickle: aaaaaaaaaa\r\n")
+    testutil.wait_for(
+        lambda: "request headers not received in 1.0 seconds"
+                in caplog.text, message="deadline logged")
 
 
-def test_handshake_deadline(short_deadlines):
+def test_handshake_deadline(short_deadlines, caplog):
+    caplog.set_level(logging.INFO)
     port = short_deadlines.remote.server.address()[1]
     with socket.create_connection(("localhost", port), timeout=10) as s:
         assert closed_while_trickling(s, client_hello())
+    testutil.wait_for(
+        lambda: "TLS handshake not received in 1.0 seconds" in caplog.text,
+        message="deadline logged")
 
 
 def test_header_deadline_control(short_deadlines):
@@ -490,7 +499,6 @@ def test_out_of_fds(tmp_path, pki):
 ], ids=["method-is-path", "two-words", "one-word", "four-words",
         "bad-version", "nul"])
 def test_request_line_never_logged(make_daemon, caplog, request_line):
-    import logging
     caplog.set_level(logging.DEBUG)
     daemon = make_daemon()
     reply = testutil.raw_request(daemon.cfg.local.socket,
@@ -503,7 +511,6 @@ def test_request_line_never_logged(make_daemon, caplog, request_line):
 
 def test_curl_method_token_never_logged(make_daemon, caplog):
     # curl -X /images/<id>: the ticket id in the method token.
-    import logging
     import subprocess
     caplog.set_level(logging.DEBUG)
     daemon = make_daemon()
