@@ -662,3 +662,44 @@ def test_curl_chunked_upload(chunk_setup, pki, proxy_pki, victim, service):
     assert out.endswith("\n400"), (out, r.stderr)
     assert "Transfer-Encoding is not supported" in out
     assert victim_bytes(victim) == b"VVVVV"
+
+
+# The rule is structural: any handler that takes the body from the socket
+# and does not say it received all of it gets its connection closed.
+
+class TakesBody:
+    name = "takes"
+
+    def __init__(self, receive_all):
+        self.receive_all = receive_all
+
+    def put(self, req, resp):
+        req.take_body()
+        if self.receive_all:
+            # As if it had moved the rest from the socket itself.
+            req.context.sock.recv(req.remaining, socket.MSG_WAITALL)
+            req.body_received()
+        resp.send_text("ok", 200)
+
+
+@pytest.mark.parametrize("receive_all,expected", [
+    (False, [200]),
+    (True, [200, 200]),
+], ids=["taken-not-received", "received"])
+def test_taken_body_counts_unread(sock_dir, receive_all, expected):
+    from ovirt_imageio.http import router
+    from ovirt_imageio.http import server
+    path = os.path.join(sock_dir, "sock")
+    srv = server.UnixServer("test", path, router.Router(
+        [(r"/takes", TakesBody(receive_all))]))
+    service = server.Service(srv)
+    service.start()
+    try:
+        # More than the connection buffers: most of it is on the socket.
+        body = b"x" * (64 * KiB)
+        request = b"PUT /takes HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % (
+            len(body))
+        reply = testutil.raw_request(path, request + body + request + body)
+    finally:
+        service.stop()
+    assert statuses(reply) == expected
