@@ -54,6 +54,26 @@ DEFAULTS = {
         # not set their own inactivity_timeout. Longer tolerates slow clients,
         # but keeps dead clients' connections and backends open longer.
         "inactivity_timeout": 60,
+        # Seconds from accepting a TLS connection to the end of its
+        # handshake. A client trickling its ClientHello holds a thread and
+        # an fd until then; a real handshake takes milliseconds, so this
+        # only needs room for a slow network.
+        "handshake_timeout": 10.0,
+        # Seconds from the first byte of a request to the end of its
+        # headers (a request line and a few headers, sent at once by every
+        # client). Shorter frees connections of clients trickling headers
+        # sooner; too short fails clients on a congested network. Waiting
+        # idle between requests is not bounded by this but by the
+        # ticket's inactivity timeout.
+        "header_timeout": 30.0,
+        # Connections per service (remote, local, control) that have not
+        # authorized a ticket yet (still handshaking, reading headers, or
+        # idle before their first ticket request). Past it the oldest is
+        # closed and logged: a flood of connections evicts itself, and a
+        # new client still gets in. Each costs a thread and an fd; the
+        # unit's LimitNOFILE is sized for 3 x 512 of them plus 1,500
+        # transfer connections.
+        "max_unauthorized_connections": 512,
         # Run directory (sockets, profile). For development only: vdsm and
         # systemd (RuntimeDirectory) assume the default.
         "run_dir": "/run/ovirt-imageio",
@@ -423,6 +443,9 @@ CHECKS = {
     ("daemon", "max_connections"): _at_least(1),
     # 0 would make sockets non-blocking (socket.settimeout(0)).
     ("daemon", "inactivity_timeout"): _at_least(1),
+    ("daemon", "handshake_timeout"): _positive,
+    ("daemon", "header_timeout"): _positive,
+    ("daemon", "max_unauthorized_connections"): _at_least(1),
     ("backend_file", "buffer_size"): _buffer_size,
     ("backend_http", "buffer_size"): _buffer_size,
     ("backend_nbd", "buffer_size"): _buffer_size,

@@ -54,11 +54,31 @@ class Connection:
                     raise ConnectionResetError(
                         "Peer closed the connection during the TLS "
                         "handshake")
+            except ssl.SSLError:
+                # OpenSSL wrote an alert (protocol_version to a TLS 1.0
+                # client, say): send it, or the peer sees only EOF.
+                try:
+                    self._flush()
+                except OSError:
+                    pass
+                raise
         # Session tickets and the end of the handshake.
         self._flush()
 
     def version(self):
         return self._tls.version()
+
+    def close_notify(self):
+        """
+        Send close_notify: the peer sees a clean end of stream (OpenSSL 3
+        clients report a bare TCP FIN as "unexpected eof"). We do not wait
+        for the peer's close_notify.
+        """
+        try:
+            self._tls.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        self._flush()
 
     def recv_into(self, buf):
         """Read decrypted bytes into buf; 0 at the end of the stream."""

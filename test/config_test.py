@@ -607,3 +607,31 @@ def test_logging_config_logfile(conf_dir, vendor_dir, root_logger, tmp_path):
     text = logfile.read_text()
     assert "INFO    (MainThread) [test] hello world\n" in text
     assert "hidden" not in text
+
+
+# Connection limits ([daemon]; http/server.py Limits).
+
+def test_connection_limits(conf_dir, vendor_dir):
+    write(conf_dir, "50-empty.conf", "")
+    cfg = load(conf_dir, vendor_dir)
+    assert cfg.daemon.handshake_timeout == 10.0
+    assert cfg.daemon.header_timeout == 30.0
+    assert cfg.daemon.max_unauthorized_connections == 512
+    write(conf_dir, "60-x.conf", "[daemon]\nhandshake_timeout = 0.5\n"
+          "header_timeout = 2\nmax_unauthorized_connections = 10\n")
+    cfg = load(conf_dir, vendor_dir)
+    assert cfg.daemon.handshake_timeout == 0.5
+    assert cfg.daemon.header_timeout == 2.0
+    assert cfg.daemon.max_unauthorized_connections == 10
+
+
+@pytest.mark.parametrize("key,text,reason", [
+    ("handshake_timeout", "0", "must be greater than 0"),
+    ("header_timeout", "-1", "must be greater than 0"),
+    ("max_unauthorized_connections", "0", "must be at least 1"),
+])
+def test_connection_limits_invalid(conf_dir, vendor_dir, key, text, reason):
+    write(conf_dir, "50-x.conf", f"[daemon]\n{key} = {text}\n")
+    with pytest.raises(config.Error) as e:
+        load(conf_dir, vendor_dir)
+    assert reason in str(e.value)

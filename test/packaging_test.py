@@ -22,6 +22,7 @@ import zipfile
 import pytest
 
 import testutil
+from ovirt_imageio import config
 
 ROOT = testutil.ROOT
 VENV = sys.prefix
@@ -284,6 +285,11 @@ def test_unit_settings(build):
         assert key not in s
     # Images are under /rhev/data-center, NBD sockets under /run/vdsm.
     assert s["ProtectSystem"] == ["full"]
+    # Fds for 1,000 transfer connections at 4 each (client socket, NBD
+    # socket, splice pipe) besides the unauthorized connections each
+    # service may hold; systemd's default is 1024.
+    unauthorized = config.DEFAULTS["daemon"]["max_unauthorized_connections"]
+    assert int(s["LimitNOFILE"][0]) >= 4 * 1000 + 3 * unauthorized
 
 
 def test_unit_verify(build, tmp_path):

@@ -148,7 +148,8 @@ def bin_path(name):
 class DaemonProcess:
     """An ovirt-imageio daemon in a child process, for process-level tests."""
 
-    def __init__(self, tmp, pki, args=(), env=None, **overrides):
+    def __init__(self, tmp, pki, args=(), env=None, preexec_fn=None,
+                 **overrides):
         self.tmp = str(tmp)
         self.conf = testutil_conf = daemon_conf(self.tmp, pki, **overrides)
         write_conf(self.tmp, testutil_conf)
@@ -156,7 +157,8 @@ class DaemonProcess:
         self.log = os.path.join(self.tmp, "daemon.log")
         self.proc = subprocess.Popen(
             [bin_path("ovirt-imageio"), "--conf-dir", self.tmp, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            preexec_fn=preexec_fn)
         self.api = Control(self.control_socket)
 
     def wait_ready(self, timeout=20):

@@ -320,8 +320,10 @@ def link(req, ticket, buffer_size):
     values[key] = lk
     req.context.on_close(lk.close)
     # Once a ticket is in use, the connection may idle as long as the
-    # ticket allows (virt-v2v asks for an hour).
+    # ticket allows (virt-v2v asks for an hour), and no longer counts
+    # against the bound on unauthorized connections.
     req.context.set_timeout(ticket.inactivity_timeout or None)
+    req.context.authorized()
     return lk
 
 
@@ -462,6 +464,7 @@ class Handler:
                     raise server.Error(
                         400, f"Requested {length} bytes, available "
                              f"{e.args[0]} bytes")
+                req.body_received()
                 if flush:
                     stream.flush()
             return

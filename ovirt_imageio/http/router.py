@@ -85,7 +85,7 @@ class Router:
         resp.headers = {k: v for k, v in resp.headers.items()
                         if k.startswith("access-control-")}
         resp.headers.update(headers)
-        if close or req.remaining or req.framing_error:
+        if close or not req.consumed:
             resp.close_connection = True
         resp.send_text(message, status)
 
@@ -155,7 +155,10 @@ def log_request(req, resp, seconds):
             and (req.range is None or req.range[1] < QUIET_MAX_LENGTH)):
         level = logging.DEBUG
     if log.isEnabledFor(level):
+        # Only a method we know: the token is the client's, and
+        # `curl -X /images/<ticket_id>` puts a ticket id there.
+        method = req.method if req.method in server.METHODS else "-"
         log.log(level, "%s %s client=%s connection=%s transfer=%s range=%s "
-                "status=%s seconds=%.6f", req.method, req.route or "-",
+                "status=%s seconds=%.6f", method, req.route or "-",
                 req.context.client, req.context.id, req.transfer_id or "-",
                 rng, resp.status, seconds)

@@ -15,14 +15,33 @@ one request.
 TLS: the listening socket is plain and each connection's thread does its
 own handshake, with a deadline. Upstream handshakes inside accept(), so one
 TCP client that never speaks TLS stalls every new connection.
+
+Deadlines and bounds (Limits, from [daemon]): a socket timeout bounds each
+recv, not a phase, so a client trickling a byte now and then would hold a
+connection (a thread and an fd) forever. Every read of a connection goes
+through Handler._recv_into, which shortens the socket timeout to what is
+left of the current deadline: the TLS handshake has handshake_timeout
+from accept, and each request header_timeout from its first byte to the
+end of its headers. Between requests a keep-alive connection waits for
+the next request's first byte as long as its idle timeout allows:
+PREAUTH_TIMEOUT until it authorizes a ticket, then the ticket's
+inactivity timeout (clients leave worker connections idle). Connections
+that have not authorized a ticket are bounded per service: past the
+bound the oldest is closed (new clients get in; a flood only evicts
+itself), with a log line at most every EVICT_LOG_INTERVAL. When accept()
+fails for lack of fds, the service logs once and backs off instead of
+spinning on the ready listening socket.
 """
 
+import collections
+import errno
 import http.server
 import io
 import itertools
 import json
 import logging
 import os
+import select
 import selectors
 import socket
 import socketserver
@@ -31,6 +50,7 @@ import threading
 import time
 import urllib.parse
 
+from .. import pipes
 from .. import tls
 from .. import version
 
@@ -41,6 +61,22 @@ log = logging.getLogger("http")
 # while the first one fetches extents of a big image, so this must not be
 # shorter than upstream's 60.
 PREAUTH_TIMEOUT = 60
+
+# Defaults of the [daemon] settings behind Limits (config.py says why).
+HANDSHAKE_TIMEOUT = 10.0
+HEADER_TIMEOUT = 30.0
+MAX_UNAUTHORIZED_CONNECTIONS = 512
+
+# Closing the oldest unauthorized connection is logged at most this often,
+# with the count since the last line: a flood must not flood the log.
+EVICT_LOG_INTERVAL = 60
+
+# accept() failing for lack of fds (or kernel memory) is retried after
+# this many seconds, doubling up to ACCEPT_BACKOFF_MAX.
+ACCEPT_BACKOFF = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+_OUT_OF_RESOURCES = frozenset(
+    [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
 
 # Upstream refuses request lines longer than this with 414.
 MAX_REQUEST_LINE = 4096
@@ -70,6 +106,27 @@ class Error(Exception):
         self.headers = headers or {}
 
 
+class DeadlineExpired(TimeoutError):
+    """A connection's phase (TLS handshake, request headers) took too
+    long."""
+
+
+class Limits:
+    """Deadlines and bounds of a service's connections ([daemon])."""
+
+    def __init__(self, handshake_timeout=HANDSHAKE_TIMEOUT,
+                 header_timeout=HEADER_TIMEOUT,
+                 max_unauthorized=MAX_UNAUTHORIZED_CONNECTIONS):
+        self.handshake_timeout = handshake_timeout
+        self.header_timeout = header_timeout
+        self.max_unauthorized = max_unauthorized
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg.daemon.handshake_timeout, cfg.daemon.header_timeout,
+                   cfg.daemon.max_unauthorized_connections)
+
+
 class Context:
     """
     State of one client connection, kept across its requests. Handlers keep
@@ -77,7 +134,7 @@ class Context:
     closer, run when the connection ends.
     """
 
-    def __init__(self, conn_id, client, sock, plain=False):
+    def __init__(self, conn_id, client, sock, plain=False, handler=None):
         self.id = conn_id
         self.client = client
         self.sock = sock
@@ -85,9 +142,20 @@ class Context:
         self.plain = plain
         self.values = {}
         self._closers = []
+        self._handler = handler
 
     def set_timeout(self, seconds):
-        self.sock.settimeout(seconds)
+        """How long the connection may wait idle (None: forever)."""
+        if self._handler is not None:
+            self._handler.set_idle_timeout(seconds)
+        else:
+            self.sock.settimeout(seconds)
+
+    def authorized(self):
+        """A request authorized a ticket: the connection leaves the bound
+        on unauthorized connections."""
+        if self._handler is not None:
+            self._handler.server.forget(self.sock)
 
     def on_close(self, fn):
         self._closers.append(fn)
@@ -117,28 +185,29 @@ class Request:
         self.framing_error = None
         self._length = None
         self._remaining = 0
+        # The body was handed to the handler to move from the socket
+        # itself (take_body); only body_received() says it all arrived.
+        self._handed_off = False
         # Set by handlers for the request's log line.
         self.transfer_id = None
         self.range = None
         self.route = None
-        value = self.headers.get("content-length")
+        values = self.headers.get_all("content-length") or []
         if "transfer-encoding" in self.headers:
             # Bodies are framed by Content-Length only, as upstream.
             self.framing_error = Error(
                 400, "Transfer-Encoding is not supported, send "
                      "Content-Length")
-        elif value is not None:
+        elif len(values) > 1:
+            # Which one frames the body? A proxy in front may have picked
+            # the other (request smuggling).
+            self.framing_error = Error(
+                400, "Multiple Content-Length headers")
+        elif values:
             try:
-                length = int(value)
-            except ValueError:
-                self.framing_error = Error(
-                    400, f"Invalid Content-Length: {value!r}")
-            else:
-                if length < 0:
-                    self.framing_error = Error(
-                        400, f"Negative Content-Length: {length}")
-                else:
-                    self._length = self._remaining = length
+                self._length = self._remaining = parse_length(values[0])
+            except ValueError as e:
+                self.framing_error = Error(400, str(e))
 
     @property
     def content_length(self):
@@ -147,22 +216,39 @@ class Request:
 
     @property
     def remaining(self):
-        """Body bytes not read yet."""
+        """
+        Body bytes not read yet; once the body was handed to the handler
+        (take_body), how many may be left until it calls body_received().
+        """
         return self._remaining
+
+    @property
+    def consumed(self):
+        """
+        True once the whole body was read: the next bytes on the
+        connection are the next request. A response to a request whose
+        body was not consumed closes the connection.
+        """
+        return self._remaining == 0 and self.framing_error is None
 
     def readinto(self, buf):
         """Read up to len(buf) body bytes into buf; 0 at end of body."""
+        assert not self._handed_off
         n = min(len(buf), self.remaining)
         if n == 0:
             return 0
+        self._handler.send_continue()
         got = self._handler.rfile.readinto(memoryview(buf)[:n])
         self._remaining -= got
         return got
 
     def read(self, n=-1):
         """Read up to n body bytes (all if n < 0)."""
+        assert not self._handed_off
         if n < 0 or n > self.remaining:
             n = self.remaining
+        if n:
+            self._handler.send_continue()
         data = self._handler.rfile.read(n)
         self._remaining -= len(data)
         return data
@@ -170,9 +256,15 @@ class Request:
     def take_body(self):
         """
         For a handler that moves the body from the socket itself (plain
-        connections only): return the body bytes already buffered here,
-        and count the whole body as read.
+        connections only): return the body bytes already buffered here.
+        The rest is the handler's to receive from the socket; until it
+        calls body_received(), the body counts as unread, so a failure
+        half-way (NBD error, the export dying, the daemon stopping) closes
+        the connection instead of parsing the rest of the body as
+        requests.
         """
+        assert not self._handed_off
+        self._handler.send_continue()
         sock = self._handler.connection
         timeout = sock.gettimeout()
         # peek() reads the socket only if nothing is buffered; non-blocking,
@@ -184,8 +276,14 @@ class Request:
             sock.settimeout(timeout)
         n = min(len(buffered), self._remaining)
         data = self._handler.rfile.read(n) if n else b""
-        self._remaining = 0
+        self._remaining -= len(data)
+        self._handed_off = True
         return data
+
+    def body_received(self):
+        """The handler received the whole body taken with take_body()."""
+        assert self._handed_off
+        self._remaining = 0
 
     def read_message(self, limit=MAX_MESSAGE):
         """Read a whole small body (a JSON message), refusing huge ones."""
@@ -197,6 +295,25 @@ class Request:
             raise Error(400, f"Requested {self._length} bytes, available "
                              f"{len(data)} bytes")
         return data
+
+
+def parse_length(value):
+    """
+    Return the value of a Content-Length header: ASCII digits only, with
+    optional whitespace around them (RFC 9112 5.1). int() alone also takes
+    "+10", "1_0", "-5", non-ASCII digits and any whitespace, including a
+    folded line's CR LF.
+    """
+    digits = value.strip(" \t")
+    if not (digits.isascii() and digits.isdigit()):
+        if digits.startswith("-") and digits[1:].isdigit():
+            raise ValueError(f"Negative Content-Length: {digits}")
+        raise ValueError(f"Invalid Content-Length: {value!r}")
+    try:
+        return int(digits)
+    except ValueError:
+        # More digits than int() converts (sys.get_int_max_str_digits).
+        raise ValueError(f"Invalid Content-Length: {value[:20]!r}...")
 
 
 class Response:
@@ -276,6 +393,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         self.context = None
+        self._tls = None
+        self._deadline = None
+        self._idle = PREAUTH_TIMEOUT
         self.request.settimeout(PREAUTH_TIMEOUT)
         # TCP_NODELAY: a response's last segment must not wait for the
         # client's delayed ACK (40 ms per small request otherwise).
@@ -283,11 +403,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.address_family != socket.AF_UNIX)
         if self.server.tls_context is None:
             super().setup()
-        elif not self._setup_tls():
-            return
+            # Every read through _recv_into, which keeps the deadlines.
+            self.rfile.close()
+            self.rfile = io.BufferedReader(_Reader(self._recv_into))
+        else:
+            self._start_deadline(self.server.limits.handshake_timeout,
+                                 "TLS handshake")
+            try:
+                if not self._setup_tls():
+                    return
+            finally:
+                self._end_deadline()
         self.context = Context(next(_conn_ids), self.address_string(),
                                self.request,
-                               plain=self.server.tls_context is None)
+                               plain=self.server.tls_context is None,
+                               handler=self)
         self._start = time.monotonic()
         self._requests = 0
         log.info("OPEN connection=%s client=%s service=%s",
@@ -300,9 +430,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         never completed the handshake.
         """
         self.connection = self.request
-        conn = tls.Connection(self.request, self.server.tls_context)
+        conn = tls.Connection(_DeadlineSocket(self), self.server.tls_context)
         try:
             conn.handshake()
+        except DeadlineExpired as e:
+            log.info("Closing connection from %s: %s", self.client_address,
+                     e)
+            return False
         except (OSError, ssl.SSLError) as e:
             log.debug("TLS handshake with %s failed: %s",
                       self.client_address, e)
@@ -310,15 +444,77 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.disable_nagle_algorithm:
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
                                     True)
+        self._tls = conn
         self.rfile = io.BufferedReader(tls.Reader(conn))
         self.wfile = tls.Writer(conn)
         return True
+
+    # Deadlines. Every read of the connection's socket (plain rfile, or
+    # the TLS connection's ciphertext) goes through _recv_into.
+
+    def _recv_into(self, buf):
+        if self._deadline is None:
+            return self.request.recv_into(buf)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._expired()
+        idle = self._idle
+        self.request.settimeout(left if idle is None else min(left, idle))
+        try:
+            return self.request.recv_into(buf)
+        except TimeoutError:
+            if time.monotonic() >= self._deadline:
+                raise self._expired() from None
+            raise
+
+    def _expired(self):
+        return DeadlineExpired(f"{self._deadline_what} not received in "
+                               f"{self._deadline_seconds} seconds")
+
+    def _start_deadline(self, seconds, what):
+        self._deadline = time.monotonic() + seconds
+        self._deadline_seconds = seconds
+        self._deadline_what = what
+
+    def _end_deadline(self):
+        if self._deadline is not None:
+            self._deadline = None
+            self.request.settimeout(self._idle)
+
+    def set_idle_timeout(self, seconds):
+        """How long to wait for the next request's first byte."""
+        self._idle = seconds
+        if self._deadline is None:
+            self.request.settimeout(seconds)
+
+    def _buffered(self):
+        """True if bytes of the next request are already here."""
+        sock = self.request
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            return bool(self.rfile.peek(1))
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        finally:
+            sock.settimeout(timeout)
+
+    def _wait_request(self):
+        """
+        Wait for the next request's first byte, for the idle timeout.
+        Return False if it never came.
+        """
+        if self._buffered():
+            return True
+        return pipes.ready(self.request.fileno(), select.POLLIN, self._idle)
 
     def handle(self):
         if self.context is None:
             return
         try:
             super().handle()
+        except DeadlineExpired as e:
+            log.info("Closing connection=%s: %s", self.context.id, e)
         except (ConnectionError, TimeoutError, ssl.SSLError) as e:
             log.debug("connection=%s: %s", self.context.id, e)
 
@@ -340,18 +536,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.client_address[0]
 
     def handle_one_request(self):
-        self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-        if not self.raw_requestline:
+        if not self._wait_request():
+            log.debug("connection=%s: idle for %s seconds", self.context.id,
+                      self._idle)
             self.close_connection = True
             return
-        if len(self.raw_requestline) > MAX_REQUEST_LINE:
-            self.requestline = ""
-            self.request_version = "HTTP/1.1"
-            self.command = None
-            self.send_error(414)
-            return
-        if not self.parse_request():
-            return
+        self._expect_continue = False
+        self._start_deadline(self.server.limits.header_timeout,
+                             "request headers")
+        try:
+            if not self._read_head():
+                return
+        finally:
+            self._end_deadline()
         self._requests += 1
         req = Request(self)
         resp = Response(self)
@@ -359,24 +556,66 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not resp.started or resp._pending is not None:
             resp.finish()
         self.wfile.flush()
-        if req.remaining or req.framing_error:
-            # The body was not read: we cannot find the next request.
+        if not req.consumed:
+            # What follows on the connection is body, not requests: the
+            # next request cannot be found.
             self.close_connection = True
-            self._linger(req)
+            self._linger()
 
-    def _linger(self, req):
-        """
-        Read and drop what is left of a small body before closing. Closing
-        a socket with unread data makes the kernel send a reset, which can
-        destroy our error response before the client reads it.
-        """
-        left = min(req.remaining, LINGER_MAX)
-        if not left:
-            return
+    def _read_head(self):
+        """Read and parse the request line and headers; False if there is
+        no request to dispatch (answered or closed)."""
+        self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if not self.raw_requestline:
+            self.close_connection = True
+            return False
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.requestline = ""
+            self.request_version = "HTTP/1.1"
+            self.command = None
+            self.send_error(414)
+            return False
+        rfile = self.rfile
+        self.rfile = reader = _HeaderReader(rfile)
         try:
-            self.connection.settimeout(LINGER_TIMEOUT)
+            if not self.parse_request():
+                return False
+        finally:
+            self.rfile = rfile
+        if reader.last == b"":
+            # The stdlib's parser takes the end of the stream for the end
+            # of the headers (the client went away, or its connection was
+            # closed as the oldest unauthorized one): never run half a
+            # request.
+            self.close_connection = True
+            return False
+        return True
+
+    def _linger(self):
+        """
+        Lingering close: end our side (the client reads the response and
+        then end of stream), then read and drop what the client is still
+        sending, at most LINGER_MAX bytes for at most LINGER_TIMEOUT
+        seconds. Closing a socket with unread data makes the kernel send
+        a reset, which can destroy the response before the client reads
+        it. The bytes are never parsed.
+        """
+        sock = self.connection
+        try:
+            if self._tls is not None:
+                self._tls.close_notify()
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + LINGER_TIMEOUT
+        left = LINGER_MAX
+        try:
             while left > 0:
-                data = req.read(min(left, 65536))
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                sock.settimeout(timeout)
+                data = sock.recv(min(left, 65536))
                 if not data:
                     break
                 left -= len(data)
@@ -393,13 +632,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         lines.extend(f"{k}: {v}" for k, v in headers.items())
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def send_response_only(self, code, message=None):
-        # Used by the stdlib for "100 Continue".
-        if not hasattr(self, "_headers_buffer"):
-            self._headers_buffer = []
-        reason = message or self.responses.get(code, ("",))[0]
-        self._headers_buffer.append(
-            f"{self.protocol_version} {code} {reason}\r\n".encode("latin-1"))
+    def handle_expect_100(self):
+        # "100 Continue" only once a handler reads the body (Request):
+        # a request refused first (403, 416, chunked) gets its final
+        # answer and the client never sends the body.
+        self._expect_continue = True
+        return True
+
+    def send_continue(self):
+        if self._expect_continue:
+            self._expect_continue = False
+            self.wfile.write(
+                f"{self.protocol_version} 100 Continue\r\n\r\n".encode())
+            self.wfile.flush()
 
     def send_error(self, code, message=None, explain=None):
         # Errors found by the stdlib parser (bad request line, too many
@@ -416,22 +661,54 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(head + body)
         except OSError:
             return
-        # The rest of what the client sent (a huge header, say) is unread;
-        # drop what arrives soon, as _linger does for bodies.
-        try:
-            self.connection.settimeout(LINGER_TIMEOUT)
-            left = LINGER_MAX
-            while left > 0:
-                data = self.rfile.read1(min(left, 65536))
-                if not data:
-                    break
-                left -= len(data)
-        except (OSError, ValueError):
-            pass
+        # The rest of what the client sent (a huge header, say) is unread.
+        self._linger()
 
     def log_message(self, format, *args):
         # The stdlib would log request lines, which hold ticket ids.
         pass
+
+
+class _Reader(io.RawIOBase):
+    """A plain connection's input, read with the handler's _recv_into."""
+
+    def __init__(self, recv_into):
+        self._recv_into = recv_into
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        try:
+            return self._recv_into(buf)
+        except BlockingIOError:
+            # A non-blocking peek found nothing (Handler._buffered).
+            return None
+
+
+class _DeadlineSocket:
+    """What tls.Connection uses of a socket, reading with the handler's
+    _recv_into."""
+
+    def __init__(self, handler):
+        self.recv_into = handler._recv_into
+        self.sendall = handler.request.sendall
+
+
+class _HeaderReader:
+    """The rfile the stdlib's header parser reads, remembering the last
+    line: b"" if the headers ended with the stream."""
+
+    def __init__(self, rfile):
+        self._rfile = rfile
+        self.last = None
+
+    def readline(self, limit=-1):
+        self.last = self._rfile.readline(limit)
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self._rfile, name)
 
 
 class _Server(socketserver.ThreadingMixIn):
@@ -441,6 +718,56 @@ class _Server(socketserver.ThreadingMixIn):
     # a burst (seen: 50 clients connecting at once to the local socket);
     # the kernel caps this at net.core.somaxconn.
     request_queue_size = socket.SOMAXCONN
+
+    def _init_limits(self, limits):
+        self.limits = limits or Limits()
+        # Sockets of connections that have not authorized a ticket, oldest
+        # first. A socket is shut down here only while it is listed, and
+        # it leaves the list before its handler closes it, so a closed
+        # socket's fd (maybe reused) is never touched.
+        self._unauthorized = collections.OrderedDict()
+        self._unauthorized_lock = threading.Lock()
+        self._evicted = 0
+        self._evict_logged = None
+
+    def unauthorized_connections(self):
+        with self._unauthorized_lock:
+            return len(self._unauthorized)
+
+    def process_request(self, request, client_address):
+        self._admit(request)
+        super().process_request(request, client_address)
+
+    def _admit(self, sock):
+        with self._unauthorized_lock:
+            self._unauthorized[sock] = None
+            while len(self._unauthorized) > self.limits.max_unauthorized:
+                oldest, _ = self._unauthorized.popitem(last=False)
+                try:
+                    # Its thread reads end of stream and closes it.
+                    oldest.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._evicted += 1
+            evicted = self._evicted
+            now = time.monotonic()
+            if evicted and (self._evict_logged is None or
+                            now - self._evict_logged >= EVICT_LOG_INTERVAL):
+                self._evicted = 0
+                self._evict_logged = now
+                log.warning(
+                    "Too many unauthorized connections on %s (limit %d): "
+                    "closed the oldest %d", self.name,
+                    self.limits.max_unauthorized, evicted)
+
+    def forget(self, sock):
+        """The connection authorized a ticket, or is closing."""
+        with self._unauthorized_lock:
+            self._unauthorized.pop(sock, None)
+
+    def shutdown_request(self, request):
+        self.forget(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
         log.exception("Unhandled error in connection from %s", client_address)
@@ -452,10 +779,11 @@ class TCPServer(_Server, socketserver.TCPServer):
     allow_reuse_address = True
 
     def __init__(self, name, host, port, router, tls_context=None,
-                 prefer_ipv4=False):
+                 prefer_ipv4=False, limits=None):
         self.name = name
         self.router = router
         self.tls_context = tls_context
+        self._init_limits(limits)
         family, address = resolve(host, port, prefer_ipv4)
         self.address_family = family
         super().__init__(address, Handler, bind_and_activate=False)
@@ -495,11 +823,12 @@ class UnixServer(_Server, socketserver.UnixStreamServer):
     with NUL), or "" for a random abstract name chosen by the kernel.
     """
 
-    def __init__(self, name, path, router, mode=None):
+    def __init__(self, name, path, router, mode=None, limits=None):
         self.name = name
         self.router = router
         self.tls_context = None
         self.mode = mode
+        self._init_limits(limits)
         super().__init__(path, Handler, bind_and_activate=False)
         try:
             self.server_bind()
@@ -577,6 +906,8 @@ class Service:
         self._thread.start()
 
     def _serve(self):
+        self._starved = None
+        self._backoff = ACCEPT_BACKOFF
         with selectors.DefaultSelector() as sel:
             sel.register(self.server, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
@@ -584,8 +915,46 @@ class Service:
                 events = sel.select()
                 if any(key.fileobj == self._wake_r for key, _ in events):
                     return
-                # Accepts one connection and starts its thread.
-                self.server._handle_request_noblock()
+                if not self._accept():
+                    # The listening socket stays ready: wait for the wake
+                    # pipe only, then retry.
+                    if pipes.ready(self._wake_r, select.POLLIN,
+                                   self._backoff):
+                        return
+                    self._backoff = min(2 * self._backoff,
+                                        ACCEPT_BACKOFF_MAX)
+
+    def _accept(self):
+        """
+        Accept one connection and start its thread. Return False if the
+        process is out of fds (or the kernel of memory).
+        """
+        srv = self.server
+        try:
+            request, address = srv.get_request()
+        except OSError as e:
+            if e.errno in _OUT_OF_RESOURCES:
+                if self._starved is None:
+                    self._starved = time.monotonic()
+                    log.warning(
+                        "Cannot accept connections on %s: %s; retrying "
+                        "(raise LimitNOFILE, or close connections)",
+                        self.name, e)
+                return False
+            # The client went away before we accepted it.
+            log.debug("accept on %s failed: %s", self.name, e)
+            return True
+        if self._starved is not None:
+            log.info("Accepting connections again on %s after %.1f seconds",
+                     self.name, time.monotonic() - self._starved)
+            self._starved = None
+            self._backoff = ACCEPT_BACKOFF
+        try:
+            srv.process_request(request, address)
+        except Exception:
+            srv.handle_error(request, address)
+            srv.shutdown_request(request)
+        return True
 
     def stop(self):
         if self._thread.is_alive():

@@ -40,7 +40,8 @@ def remote(cfg, store, unix_socket=None):
     with starting("remote", tcp_address(cfg.remote.host, cfg.remote.port)):
         srv = server.TCPServer(
             "remote", cfg.remote.host, cfg.remote.port,
-            router.Router(routes), tls_context=tls)
+            router.Router(routes), tls_context=tls,
+            limits=server.Limits.from_config(cfg))
     return server.Service(srv)
 
 
@@ -108,7 +109,8 @@ def unix_address(path):
 def local(cfg, store):
     """The local service; its routes are set once its address is known."""
     with starting("local", unix_address(cfg.local.socket)):
-        srv = server.UnixServer("local", cfg.local.socket, None)
+        srv = server.UnixServer("local", cfg.local.socket, None,
+                                limits=server.Limits.from_config(cfg))
     srv.router = router.Router(data_routes(cfg, store, srv.address()))
     return server.Service(srv)
 
@@ -127,12 +129,14 @@ def control(cfg, store):
                                              cfg.control.port)):
             srv = server.TCPServer(
                 "control", "localhost", cfg.control.port, r,
-                prefer_ipv4=cfg.control.prefer_ipv4)
+                prefer_ipv4=cfg.control.prefer_ipv4,
+                limits=server.Limits.from_config(cfg))
     else:
         # vdsm and the engine only: owner and group (mode 0660).
         with starting("control", unix_address(cfg.control.socket)):
-            srv = server.UnixServer("control", cfg.control.socket, r,
-                                    mode=0o660)
+            srv = server.UnixServer(
+                "control", cfg.control.socket, r, mode=0o660,
+                limits=server.Limits.from_config(cfg))
     return server.Service(srv)
 
 
