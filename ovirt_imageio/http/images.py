@@ -247,16 +247,18 @@ class Link:
         if self.interrupt.fired:
             # Whatever broke, the ticket was canceled under it.
             return errors.TransferCanceled(self.ticket.transfer_id)
-        cause = error
+        cause = detail = error
         if isinstance(error, errors.ExportError):
-            # The export could not be reached (Backend.open*).
+            # The export could not be reached (Backend.open*): its
+            # message says why without the export's address, which
+            # libnbd's and the socket layer's messages name.
             cause = error.__cause__
         if (isinstance(cause, nbd_client.Error)
                 and cause.errno in CONNECTION_ERRORS):
             reason = getattr(self.resource, "error", None)
             return errors.ExportFailed(
                 f"NBD export of transfer {self.ticket.transfer_id} "
-                f"failed: {cause}" + (f" ({reason})" if reason else ""))
+                f"failed: {detail}" + (f" ({reason})" if reason else ""))
         return None
 
     def cancel(self):

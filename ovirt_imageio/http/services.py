@@ -171,7 +171,8 @@ def exporter(cfg):
                 # connections past --shared instead of serving them.
                 shared=2 * cfg.daemon.max_connections,
                 dirty=ticket.dirty,
-                timeout=cfg.backend_nbd.timeout)
+                timeout=cfg.backend_nbd.timeout,
+                transfer_id=ticket.transfer_id)
         except ValueError as e:
             raise errors.InvalidTicket(
                 f"Invalid value for 'url': {ticket.url!r}: {e}")

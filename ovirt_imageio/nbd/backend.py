@@ -18,6 +18,11 @@ file that did not exist when the ticket was added (upstream accepts such
 a ticket and fails its requests until the file exists), or a qemu-nbd
 that died (qemu_nbd reaps and logs it). Until it runs again, `error`
 says why the export cannot serve; the ticket's status shows it.
+
+Errors raised here reach HTTP clients as the 500 text: they say which
+image (a file ticket's path) or which transfer failed, never the export's
+address (the daemon's run_dir/<random>.sock, or vdsm's socket), which is
+logged instead.
 """
 
 from __future__ import annotations
@@ -47,13 +52,16 @@ class Backend:
     """
 
     def __init__(self, address, *, dirty=False, server=None, timeout=None,
-                 start=None, error=None):
+                 start=None, error=None, name="export"):
         """
         start: for an owned export, a function starting its qemu-nbd
         again (returns a qemu_nbd.Server, raises errors.ExportError).
         error: why the export cannot serve yet, if not started.
+        name: what error messages call the export: the image file, or
+        the transfer (never the address).
         """
         self.address = address
+        self.name = name
         self.dirty = dirty
         self.server = server
         self.timeout = timeout
@@ -88,7 +96,8 @@ class Backend:
             return
         with self._lock:
             if self._closed:
-                raise errors.ExportError(f"Export {self.address} is closed")
+                raise errors.ExportError(
+                    f"NBD export of {self.name} is closed")
             old = self.server
             if old is not None and old.alive:
                 return
@@ -118,8 +127,7 @@ class Backend:
             return client.open(self.address, dirty=self.dirty,
                                timeout=self.timeout, interrupt=interrupt)
         except client.Error as e:
-            raise errors.ExportError(
-                f"Cannot connect to NBD export {self.address}: {e}") from e
+            raise self._connect_error(e) from e
 
     def open_stream(self, interrupt=None):
         """
@@ -132,8 +140,16 @@ class Backend:
             return stream.open(self.address, timeout=self.timeout,
                                interrupt=interrupt)
         except client.Error as e:
-            raise errors.ExportError(
-                f"Cannot connect to NBD export {self.address}: {e}") from e
+            raise self._connect_error(e) from e
+
+    def _connect_error(self, e):
+        """The ExportError for a failed connect: the full error (with the
+        address) in the log, what failed and why in the message."""
+        log.warning("Cannot connect to NBD export %s (%s): %s",
+                    self.address, self.name, e)
+        return errors.ExportError(
+            f"Cannot connect to NBD export of {self.name}: "
+            f"{_reason(e, self.address)}")
 
     def close(self):
         """Stop the owned qemu-nbd, if any. Safe to call more than once."""
@@ -150,7 +166,8 @@ class Backend:
         self.close()
 
 
-def create(url, *, run_dir, read_only, shared, dirty=False, timeout=None):
+def create(url, *, run_dir, read_only, shared, dirty=False, timeout=None,
+           transfer_id=None):
     """
     Create the backend for a ticket URL.
 
@@ -159,6 +176,7 @@ def create(url, *, run_dir, read_only, shared, dirty=False, timeout=None):
     shared: number of connections the ticket may open at once.
     dirty: connections request the export's dirty bitmap.
     timeout: seconds NBD I/O may make no progress ([backend_nbd] timeout).
+    transfer_id: names an NBD URL's export in error messages.
 
     Raises ValueError for a bad or unsupported URL and errors.ExportError
     if a file cannot be exported.
@@ -175,12 +193,13 @@ def create(url, *, run_dir, read_only, shared, dirty=False, timeout=None):
         if not os.path.exists(path):
             # Upstream accepts it; requests fail until the file exists.
             return Backend(None, dirty=dirty, timeout=timeout, start=start,
-                           error=_missing(path))
+                           error=_missing(path), name=path)
         server = start()
         return Backend(server.address, dirty=dirty, server=server,
-                       timeout=timeout, start=start)
+                       timeout=timeout, start=start, name=path)
     if url.startswith("nbd"):
-        return Backend(nbd_url.parse(url), dirty=dirty, timeout=timeout)
+        return Backend(nbd_url.parse(url), dirty=dirty, timeout=timeout,
+                       name=f"transfer {transfer_id}")
     raise ValueError(
         f"Unsupported URL {url!r}: expecting file:///path or an NBD URL")
 
@@ -200,6 +219,23 @@ def _file_path(url):
     if "\0" in path:
         raise ValueError(f"Invalid file URL {url!r}: path contains NUL")
     return path
+
+
+def _reason(e, address):
+    """
+    Why a connect failed, for a client: the message of e (a client.Error)
+    unless it names the address (the socket layer's errors do), then the
+    errno's text.
+    """
+    text = e.strerror or ""
+    names = [str(address)] if address is not None else []
+    if address is not None and address.is_unix:
+        names.append(address.socket)
+    elif address is not None:
+        names.append(address.host)
+    if not text or any(n and n in text for n in names):
+        text = os.strerror(e.errno) if e.errno else "connection failed"
+    return text
 
 
 def _missing(path):

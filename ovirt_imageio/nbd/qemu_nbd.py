@@ -169,9 +169,13 @@ def start(path, socket, *, fmt="raw", read_only=False, shared=8, cache=None,
     # An absolute path never looks like a qemu protocol ("nbd:", "json:")
     # or an option.
     path = os.path.abspath(path)
+    # Messages name the image, never the socket: they reach HTTP clients
+    # (backend.py); the socket is logged.
     if len(os.fsencode(socket)) > url.MAX_SOCKET_PATH:
+        log.error("Cannot export %s: socket path %r is longer than %s bytes",
+                  path, socket, url.MAX_SOCKET_PATH)
         raise errors.ExportError(
-            f"Cannot export {path}: socket path {socket!r} is longer than "
+            f"Cannot export {path}: its socket path is longer than "
             f"{url.MAX_SOCKET_PATH} bytes")
 
     cmd = [
@@ -222,6 +226,11 @@ def start(path, socket, *, fmt="raw", read_only=False, shared=8, cache=None,
         # Kill at once: a qemu-nbd that did not start has nothing to flush.
         server.stop(timeout=0)
         output = _read_tail(server.stderr)
+        log.error("Cannot export %s on %s: %s%s", path, socket, e.reason,
+                  f": {output}" if output else "")
+        # qemu-nbd's own words say what is wrong with the image; the
+        # socket it names is ours.
+        output = output.replace(socket, "(socket)")
         raise errors.ExportError(
             f"Cannot export {path}: {e.reason}"
             + (f": {output}" if output else "")) from None

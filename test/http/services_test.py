@@ -506,3 +506,72 @@ def test_export_killed_mid_upload(daemon, tmp_path):
     assert message.startswith("NBD export of transfer tr-file failed: ")
     assert f"(qemu-nbd pid={pid} exited with code -9)" in message
     finish_export(daemon, baseline)
+
+
+# What clients see of a failing export: what failed, never the daemon's
+# internal NBD sockets (run_dir/<random>.sock) nor vdsm's.
+
+def assert_no_internals(daemon, message, *sockets):
+    assert daemon.cfg.daemon.run_dir not in message
+    assert ".sock" not in message
+    for s in sockets:
+        assert s not in message
+
+
+def test_file_ticket_socket_removed_message(daemon, tmp_path):
+    # Someone removed the export's socket: qemu-nbd runs, nothing can
+    # connect to it.
+    path = raw_image(tmp_path)
+    resp, data = daemon.api.put(file_ticket(path))
+    assert resp.status == 200, data
+    socket_path = daemon.store.lookup("file-ticket-1").resource.server.socket
+    os.unlink(socket_path)
+    c = Images(daemon)
+    try:
+        resp, data = c.request("GET", headers={"range": "bytes=0-4095"})
+    finally:
+        c.close()
+    assert resp.status == 500
+    message = data.decode()
+    assert message.startswith(f"Cannot connect to NBD export of {path}: ")
+    assert_no_internals(daemon, message, socket_path)
+
+
+def test_file_ticket_cannot_export_message(daemon, tmp_path):
+    # qemu-nbd refuses a directory: its own words, without the socket it
+    # was told to serve on.
+    resp, data = daemon.api.put(file_ticket("/x", url=f"file://{tmp_path}"))
+    assert resp.status == 500
+    message = data.decode()
+    assert message.startswith(
+        f"Cannot serve transfer tr-file: Cannot export {tmp_path}: ")
+    assert_no_internals(daemon, message)
+
+
+def test_nbd_ticket_unreachable_message(daemon, tmp_path):
+    missing = str(tmp_path / "vdsm-nbd.sock")
+    t = file_ticket("/x", url=f"nbd:unix:{missing}", ops=["read"])
+    resp, data = daemon.api.put(t)
+    assert resp.status == 200, data
+    c = Images(daemon)
+    try:
+        resp, data = c.request("GET", headers={"range": "bytes=0-4095"})
+    finally:
+        c.close()
+    assert resp.status == 500
+    message = data.decode()
+    assert message.startswith(
+        "Cannot connect to NBD export of transfer tr-file: ")
+    assert_no_internals(daemon, message, missing)
+
+
+def test_file_ticket_export_closed_message(daemon, tmp_path):
+    # A request that opens the export after its ticket's export closed.
+    path = raw_image(tmp_path)
+    daemon.api.put(file_ticket(path))
+    backend = daemon.store.lookup("file-ticket-1").resource
+    socket_path = backend.server.socket
+    with pytest.raises(Exception) as e:
+        backend.close()
+        backend.open()
+    assert_no_internals(daemon, str(e.value), socket_path)
