@@ -143,10 +143,11 @@ class Backend:
             raise self._connect_error(e) from e
 
     def _connect_error(self, e):
-        """The ExportError for a failed connect: the full error (with the
-        address) in the log, what failed and why in the message."""
-        log.warning("Cannot connect to NBD export %s (%s): %s",
-                    self.address, self.name, e)
+        """The ExportError for a failed connect: what failed and why. The
+        full error, with the address, is its cause (logged with the
+        500's traceback)."""
+        log.debug("Cannot connect to NBD export %s (%s): %s",
+                  self.address, self.name, e)
         return errors.ExportError(
             f"Cannot connect to NBD export of {self.name}: "
             f"{_reason(e, self.address)}")
