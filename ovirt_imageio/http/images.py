@@ -30,7 +30,13 @@ raises once the ticket is canceled, so a transfer stops within one piece.
 A canceled ticket closes the NBD connection of links that are idle, and
 interrupts the NBD I/O of busy ones: a request blocked on a hung export
 (or in its handshake) fails at once with the ticket's TransferCanceled,
-so its thread and descriptors are released.
+so its thread and descriptors are released. A busy link also interrupts
+its HTTP connection's waits on the client (server.Context.interrupt): a
+GET whose client stopped reading is cut, a PUT whose client stopped
+sending reads the end of its body and answers 403 "... was canceled";
+either way the connection closes. What cannot be interrupted is a proxy
+waiting for a daemon that does not answer (up to relay.TIMEOUT): DELETE
+then says 409 and the ticket stays canceled.
 
 A request whose NBD connection failed under it (the export timed out,
 went away, or its qemu-nbd died) gets errors.ExportFailed: a 500 with
@@ -100,12 +106,17 @@ class Link:
     The handler thread holds the lock while it uses the connection;
     cancel() from another thread closes it only if the link is idle, so an
     NBD handle is never closed under a running request. A busy link is
-    interrupted instead (its Interrupt shuts the NBD socket down); the
-    request fails, and the handler thread closes the connection.
+    interrupted instead (its Interrupt shuts the NBD socket down, and the
+    HTTP connection's Context.interrupt its client's socket); the request
+    fails, and the handler thread closes the connection.
     """
 
-    def __init__(self, ticket, resource, buffer_size, sock=None):
+    def __init__(self, ticket, resource, buffer_size, sock=None,
+                 client=None):
         self.ticket = ticket
+        # The HTTP connection (server.Context): cancel() interrupts its
+        # waits on the client.
+        self.client = client
         self.resource = resource
         self.buffer_size = buffer_size
         # The export can be reached with a Stream (not a proxy's relay).
@@ -269,8 +280,13 @@ class Link:
             finally:
                 self._lock.release()
         else:
-            # Busy: stop its NBD I/O; the request fails and releases.
+            # Busy: stop its NBD I/O, and its wait on the client (a GET
+            # whose client stopped reading, a PUT whose client stopped
+            # sending); the request fails and releases. Fired first: the
+            # woken request sees it and fails as canceled.
             self.interrupt.fire()
+            if self.client is not None:
+                self.client.interrupt()
 
     def close(self):
         """Called when the HTTP connection ends."""
@@ -308,7 +324,8 @@ def link(req, ticket, buffer_size):
     # A proxy ticket's relay brings its own size ([backend_http]).
     buffer_size = getattr(ticket.resource, "buffer_size", None) or buffer_size
     sock = req.context.sock if req.context.plain else None
-    lk = Link(ticket, ticket.resource, buffer_size, sock)
+    lk = Link(ticket, ticket.resource, buffer_size, sock,
+              client=req.context)
     # Known to the ticket before connecting, so a cancel interrupts a
     # handshake with a hung export too.
     ticket.add_context(lk)

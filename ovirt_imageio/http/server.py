@@ -160,6 +160,22 @@ class Context:
     def on_close(self, fn):
         self._closers.append(fn)
 
+    def interrupt(self):
+        """
+        Unblock this connection's thread where it waits on its client,
+        from another thread: its ticket was canceled (images.Link.cancel)
+        while the client stopped reading or sending. Reads of the client
+        end (EOF), so a PUT's blocked receive wakes and its 403 can still
+        be sent; once a response has started (a GET's body), its writes
+        fail too: that response is cut anyway. The connection closes
+        after the request. Works the same with TLS: the handler owns the
+        TCP socket under it.
+        """
+        if self._handler is not None:
+            self._handler.interrupt()
+        else:
+            _shutdown(self.sock, socket.SHUT_RD)
+
     def close(self):
         while self._closers:
             fn = self._closers.pop()
@@ -346,6 +362,16 @@ class Response:
     def start(self, length):
         """Send the status line and headers for a body of length bytes."""
         assert not self.started
+        # Before the check: Handler.interrupt reads it after setting the
+        # flag, so one of the two sees the other.
+        self._handler.responding = True
+        if self._handler.interrupted and self.status < 400 and length:
+            # Interrupted (Context.interrupt) before its body started:
+            # never start sending data the client may not be reading
+            # (the error response that follows is small and is sent).
+            # An empty success (PUT, PATCH) is sent as it is.
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, "Connection interrupted")
         self.headers["content-length"] = str(length)
         if self.close_connection:
             self.headers["connection"] = "close"
@@ -394,6 +420,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.context = None
         self._tls = None
+        # Context.interrupt was called; a response is being sent.
+        self.interrupted = False
+        self.responding = False
         self._deadline = None
         self._idle = PREAUTH_TIMEOUT
         self.request.settimeout(PREAUTH_TIMEOUT)
@@ -481,6 +510,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._deadline = None
             self.request.settimeout(self._idle)
 
+    def interrupt(self):
+        """See Context.interrupt. Called from another thread."""
+        self.interrupted = True
+        how = socket.SHUT_RDWR if self.responding else socket.SHUT_RD
+        log.debug("Interrupting connection=%s how=%s", self.context.id,
+                  "read+write" if how == socket.SHUT_RDWR else "read")
+        _shutdown(self.request, how)
+
     def set_idle_timeout(self, seconds):
         """How long to wait for the next request's first byte."""
         self._idle = seconds
@@ -550,12 +587,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self._end_deadline()
         self._requests += 1
+        self.responding = False
         req = Request(self)
         resp = Response(self)
         self.server.router.dispatch(req, resp)
         if not resp.started or resp._pending is not None:
             resp.finish()
         self.wfile.flush()
+        if self.interrupted:
+            # Nothing more can be read from the client.
+            self.close_connection = True
         if not req.consumed:
             # What follows on the connection is body, not requests: the
             # next request cannot be found.
@@ -666,6 +707,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         # The stdlib would log request lines, which hold ticket ids.
+        pass
+
+
+def _shutdown(sock, how):
+    try:
+        sock.shutdown(how)
+    except OSError:
+        # Already closed by the client or by the connection's thread.
         pass
 
 

@@ -1371,30 +1371,106 @@ def test_nbd_timeout(make_daemon, nbdkit, stall, transport):
     wait_for_baseline(baseline)
 
 
-def test_delete_409_when_transfer_cannot_stop(make_daemon, nbdkit):
-    # API.md 2.4: a GET blocked on a client that stops reading (not on
-    # NBD) cannot be stopped; DELETE says 409 and the ticket stays,
-    # canceled, until a later DELETE finds it idle.
-    daemon = make_daemon(control={"remove_timeout": "1"})
-    srv = nbdkit("pattern", "size=64M")
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=64 * MiB)
-    c = Client(daemon)
-    c.conn.request("GET", "/images/tid-secret")
-    resp = c.conn.getresponse()
-    assert resp.status == 200
-    resp.read(4096)
-    testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
-    r, data = daemon.api.delete("tid-secret")
-    assert r.status == 409
-    assert data == b"Timeout cancelling transfer tr-1\n"
-    info = daemon.api.get("tid-secret")
-    assert info["canceled"] is True
-    # The client goes away: the transfer ends, and DELETE succeeds.
-    c.close()
+# Transfers blocked on their client, not on NBD: DELETE unblocks the
+# client's socket too (API.md 2.4).
 
-    def removed():
-        r, _ = daemon.api.delete("tid-secret")
-        return r.status == 204
+def raw_client(daemon, transport, rcvbuf=None):
+    """A socket to the daemon, TLS over TCP or the unix socket; rcvbuf
+    shrinks its receive buffer (before connecting: TCP's window)."""
+    if transport == "unix":
+        s = socket.socket(socket.AF_UNIX)
+    else:
+        s = socket.socket(socket.AF_INET)
+    if rcvbuf is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(30)
+    if transport == "unix":
+        s.connect(daemon.cfg.local.socket)
+        return s
+    s.connect(("localhost", daemon.remote.server.address()[1]))
+    ctx = ssl.create_default_context(cafile=daemon.cfg.tls.ca_file)
+    return ctx.wrap_socket(s, server_hostname="localhost")
 
-    testutil.wait_for(removed, message="ticket removed")
-    assert daemon.store.lookup("tid-secret") is None
+
+def wait_until_stalled(daemon, ticket_id="tid-secret"):
+    """Poll until the ticket's transfer makes no progress between two
+    polls: its thread is blocked on the client."""
+    last = [None]
+
+    def stalled():
+        info = daemon.api.get(ticket_id)
+        now = (info["active"], info["transferred"])
+        done = now[0] and now == last[0]
+        last[0] = now
+        return done
+
+    testutil.wait_for(stalled, interval=0.2, message="transfer stalled")
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+def test_delete_stops_get_client_not_reading(make_daemon, nbdkit, transport):
+    # The client stopped reading: the daemon's send blocks, for the
+    # ticket's inactivity timeout (virt-v2v sets 3600 s) before.
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    size = 64 * MiB
+    srv = nbdkit("pattern", f"size={size}")
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=size,
+               inactivity_timeout=3600)
+    baseline = threads_and_fds()
+    s = raw_client(daemon, transport, rcvbuf=4096)
+    try:
+        s.sendall(b"GET /images/tid-secret HTTP/1.1\r\n"
+                  b"host: localhost\r\n\r\n")
+        wait_until_stalled(daemon)
+        resp, data = daemon.api.delete("tid-secret")
+        assert resp.status == 204, data
+        assert daemon.store.lookup("tid-secret") is None
+        # The response was cut: the client reads less than the image.
+        got = 0
+        while True:
+            try:
+                chunk = s.recv(MiB)
+            except (ConnectionResetError, ssl.SSLError):
+                break
+            if not chunk:
+                break
+            got += len(chunk)
+        assert got < size
+    finally:
+        s.close()
+    wait_for_baseline(baseline)
+
+
+@pytest.mark.parametrize("transport", ["unix", "https"])
+def test_delete_stops_put_client_not_sending(make_daemon, nbdkit, transport):
+    # The client sent half the body and waits: the daemon's receive
+    # blocks. It learns that the transfer was canceled, then the
+    # connection closes.
+    daemon = make_daemon(control={"remove_timeout": "20"})
+    srv = nbdkit("memory", "size=4M")
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"],
+               inactivity_timeout=3600)
+    baseline = threads_and_fds()
+    s = raw_client(daemon, transport)
+    try:
+        s.sendall(b"PUT /images/tid-secret?flush=n HTTP/1.1\r\n"
+                  b"host: localhost\r\n"
+                  b"content-length: 4194304\r\n\r\n" + b"x" * (2 * MiB))
+        wait_until_stalled(daemon)
+        resp, data = daemon.api.delete("tid-secret")
+        assert resp.status == 204, data
+        assert daemon.store.lookup("tid-secret") is None
+        reply = http.client.HTTPResponse(s)
+        reply.begin()
+        assert reply.status == 403
+        assert reply.read() == (b"You are not allowed to access this "
+                                b"resource: Transfer tr-1 was canceled\n")
+        assert reply.getheader("connection") == "close"
+        # Then the daemon closes the connection.
+        try:
+            assert s.recv(1) == b""
+        except (ConnectionResetError, ssl.SSLError):
+            pass
+    finally:
+        s.close()
+    wait_for_baseline(baseline)

@@ -68,7 +68,7 @@ def send(sock, data):
     """Send data; the server may close before taking all of it."""
     try:
         sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
+    except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
         pass
 
 
