@@ -19,6 +19,7 @@ import urllib.parse
 import pytest
 
 import testutil
+from ovirt_imageio import tls
 
 MiB = 1024**2
 SIZE = 4 * MiB
@@ -964,3 +965,154 @@ def test_upstream_incremental(daemon, proxy, proxy_pki, make_image,
                        capture_output=True, check=True)
     top = [e for e in json.loads(r.stdout) if e["depth"] == 0 and e["data"]]
     assert sum(e["length"] for e in top) <= MiB
+
+
+# The daemon's errors pass through even when it closes mid-body.
+
+def put_via_proxy(proxy, proxy_pki, ticket_id, length):
+    """
+    PUT length bytes to the proxy until it stops taking the body (it
+    answered, lingered and closed); return the response (status, body).
+    One thread, and TLS through memory BIOs (ovirt_imageio.tls): a failed
+    write does not poison reading the response that came first.
+    """
+    ctx = ssl.create_default_context(cafile=proxy_pki["ca_file"])
+    port = proxy.remote.server.address()[1]
+    raw = socket.create_connection(("localhost", port), timeout=30)
+    with raw:
+        s = tls.Socket(raw, ctx, "localhost")
+        s.sendall(f"PUT /images/{ticket_id}?flush=n HTTP/1.1\r\n"
+                  f"content-length: {length}\r\n\r\n".encode())
+        piece = b"x" * MiB
+        try:
+            for _ in range(length // MiB):
+                s.sendall(piece)
+        except OSError:
+            pass
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        return resp.status, resp.read()
+
+
+@pytest.mark.parametrize("buffer_size", [BUFFER_SIZE, None],
+                         ids=["small-buffer", "default-buffer"])
+@pytest.mark.parametrize("local", ["false", "true"], ids=["https", "unix"])
+def test_upload_daemon_error_mid_body(make_daemon, make_proxy, proxy_pki,
+                                      nbdkit, local, buffer_size):
+    # The daemon fails the first write (ENOSPC), answers 500 and closes
+    # after draining at most server.LINGER_MAX bytes, while the proxy is
+    # still relaying a body far larger than that: the proxy's send fails
+    # (EPIPE or ECONNRESET), but the daemon's answer is on the socket.
+    daemon = make_daemon(local={"enable": local})
+    proxy = make_proxy(**({"backend_http": {"buffer_size": str(buffer_size)}}
+                          if buffer_size else {}))
+    size = 64 * MiB
+    # Small NBD requests: the daemon sees the first error early.
+    srv = nbdkit("memory", f"size={size}", "error-pwrite=ENOSPC",
+                 "error-pwrite-rate=100%", "blocksize-maximum=65536",
+                 filters=["blocksize-policy", "error"])
+    add_tickets(daemon, proxy, nbd_url(srv), ops=["write"], size=size)
+    status, body = put_via_proxy(proxy, proxy_pki, TICKET_ID, size)
+    assert status == 500
+    assert body == b"Server failed to perform the request, check logs\n"
+
+
+@pytest.mark.parametrize("local", ["false", "true"], ids=["https", "unix"])
+def test_upload_daemon_ticket_canceled_mid_body(make_daemon, proxy,
+                                                proxy_pki, nbdkit, local):
+    # The daemon's writes stall; deleting its ticket interrupts them, and
+    # the daemon answers 403 and closes while the proxy is still relaying.
+    daemon = make_daemon(local={"enable": local})
+    size = 64 * MiB
+    srv = nbdkit("memory", f"size={size}", "wdelay=60", filters=["delay"])
+    add_tickets(daemon, proxy, nbd_url(srv), ops=["write"], size=size)
+    result = {}
+
+    def delete():
+        testutil.wait_for(lambda: daemon.api.get(TICKET_ID)["active"],
+                          message="PUT in flight on the daemon")
+        result["delete"] = daemon.api.delete(TICKET_ID)[0].status
+
+    deleter = threading.Thread(target=delete)
+    deleter.start()
+    try:
+        status, body = put_via_proxy(proxy, proxy_pki, TICKET_ID, size)
+    finally:
+        deleter.join(60)
+    assert result["delete"] == 204
+    assert status == 403
+    assert body.endswith(b" was canceled\n"), body
+
+
+def test_delete_409_when_daemon_hangs(daemon, make_proxy, clients, proxy_pki,
+                                      nbdkit):
+    # API.md 2.4: DELETE interrupts what a transfer waits on in this
+    # process (NBD I/O, its client), not a daemon that does not answer:
+    # the proxy's GET waits for the daemon's response up to its timeout
+    # ([backend_http], 60 s). DELETE says 409 and the ticket stays,
+    # canceled, until a later DELETE finds it idle.
+    proxy = make_proxy(control={"remove_timeout": "1"})
+    # The pattern plugin has no zero extents: the proxy asks the daemon.
+    srv = nbdkit("pattern", f"size={SIZE}", "delay-read=60",
+                 filters=["delay"])
+    add_tickets(daemon, proxy, nbd_url(srv))
+    c = clients(proxy.url(TICKET_ID), proxy_pki["ca_file"])
+    c.conn.request("GET", c.path, headers={"Range": "bytes=0-4095"})
+    testutil.wait_for_ticket(daemon.api, TICKET_ID, active=True)
+    resp, data = proxy.api.delete(TICKET_ID)
+    assert resp.status == 409
+    assert data == b"Timeout cancelling transfer tr-proxy\n"
+    assert proxy.api.get(TICKET_ID)["canceled"] is True
+    # The daemon's ticket goes: its NBD read is interrupted, it answers,
+    # and the proxy's transfer ends.
+    resp, _ = daemon.api.delete(TICKET_ID)
+    assert resp.status == 204
+    reply = c.conn.getresponse()
+    reply.read()
+    assert reply.status == 403
+
+    def removed():
+        r, _ = proxy.api.delete(TICKET_ID)
+        return r.status == 204
+
+    testutil.wait_for(removed, message="proxy ticket removed")
+    assert proxy.store.lookup(TICKET_ID) is None
+
+
+@pytest.mark.parametrize("local", ["false", "true"], ids=["https", "unix"])
+def test_upload_daemon_ticket_canceled_client_waiting(make_daemon, proxy,
+                                                      proxy_pki, nbdkit,
+                                                      local):
+    # The client sent half its body and waits, so do the proxy and the
+    # daemon. Deleting the daemon's ticket unblocks the daemon's receive:
+    # it answers 403 and closes. The client sends the rest, the proxy's
+    # send to the daemon fails, and the daemon's 403 reaches the client.
+    daemon = make_daemon(local={"enable": local},
+                         control={"remove_timeout": "20"})
+    size = 64 * MiB
+    srv = nbdkit("memory", f"size={size}")
+    add_tickets(daemon, proxy, nbd_url(srv), ops=["write"], size=size)
+    ctx = ssl.create_default_context(cafile=proxy_pki["ca_file"])
+    port = proxy.remote.server.address()[1]
+    with socket.create_connection(("localhost", port), timeout=30) as raw:
+        s = tls.Socket(raw, ctx, "localhost")
+        s.sendall(f"PUT /images/{TICKET_ID}?flush=n HTTP/1.1\r\n"
+                  f"content-length: {size}\r\n\r\n".encode())
+        piece = b"x" * MiB
+        for _ in range(8):
+            s.sendall(piece)
+        testutil.wait_for_ticket(daemon.api, TICKET_ID, active=True)
+        resp, data = daemon.api.delete(TICKET_ID)
+        assert resp.status == 204, data
+        try:
+            for _ in range(size // MiB - 8):
+                s.sendall(piece)
+        except OSError:
+            pass
+        reply = http.client.HTTPResponse(s)
+        reply.begin()
+        body = reply.read()
+    # The daemon's words (the proxy's own cancel says "Transfer=...").
+    assert reply.status == 403
+    assert body == (b"You are not allowed to access this resource: "
+                    b"Transfer tr-proxy was canceled\n")
