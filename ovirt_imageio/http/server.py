@@ -420,9 +420,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.context = None
         self._tls = None
-        # Context.interrupt was called; a response is being sent.
+        # Context.interrupt was called; a response is being sent; the
+        # thread is reading the client.
         self.interrupted = False
         self.responding = False
+        self.reading = False
         self._deadline = None
         self._idle = PREAUTH_TIMEOUT
         self.request.settimeout(PREAUTH_TIMEOUT)
@@ -482,6 +484,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # the TLS connection's ciphertext) goes through _recv_into.
 
     def _recv_into(self, buf):
+        # Before the check: Handler.interrupt reads it after setting the
+        # flag, so one of the two sees the other.
+        self.reading = True
+        try:
+            if self.interrupted:
+                # Canceled (Context.interrupt): the client's bytes are
+                # not wanted any more.
+                return 0
+            return self._recv_deadline(buf)
+        finally:
+            self.reading = False
+
+    def _recv_deadline(self, buf):
         if self._deadline is None:
             return self.request.recv_into(buf)
         left = self._deadline - time.monotonic()
@@ -511,9 +526,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request.settimeout(self._idle)
 
     def interrupt(self):
-        """See Context.interrupt. Called from another thread."""
+        """
+        See Context.interrupt. Called from another thread.
+
+        A TCP socket's read side is shut down only while the thread is
+        blocked reading it: the kernel then stops the peer's sending
+        without resetting it (seen: a proxy relaying a PUT waited its
+        whole timeout, though the daemon had answered and closed). A
+        thread blocked elsewhere (NBD, which its Interrupt wakes) finds
+        the flag on its next read. A unix socket has no such trouble,
+        and a body may be spliced from it without a read here.
+        """
         self.interrupted = True
-        how = socket.SHUT_RDWR if self.responding else socket.SHUT_RD
+        if self.responding:
+            how = socket.SHUT_RDWR
+        elif self.reading or self.server.address_family == socket.AF_UNIX:
+            how = socket.SHUT_RD
+        else:
+            log.debug("Interrupting connection=%s on its next read",
+                      self.context.id)
+            return
         log.debug("Interrupting connection=%s how=%s", self.context.id,
                   "read+write" if how == socket.SHUT_RDWR else "read")
         _shutdown(self.request, how)
