@@ -352,6 +352,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if not self.parse_request():
             return
+        if self.headers.defects:
+            # A line the stdlib cannot read as a header (no colon, space
+            # before it, a fold first) silently ends the headers: those
+            # after it, Content-Length among them, would be dropped and
+            # the body read as the next request. RFC 9112 5.1: reject.
+            self.send_error(400, "Invalid header line")
+            return
         self._requests += 1
         req = Request(self)
         resp = Response(self)

@@ -1,0 +1,27 @@
+"""Where a request's body ends: a header line the parser cannot read
+must not make the body the next request (RFC 9112 sections 5.1, 6.3)."""
+
+import pytest
+
+import testutil
+
+# Bytes of a second request inside the first one's body.
+INNER = b"OPTIONS /images/* HTTP/1.1\r\n\r\n"
+
+
+@pytest.mark.parametrize("header", [
+    b"Content-Length : %d",
+    b"X-No-Colon\r\nContent-Length: %d",
+    b" folded: x\r\nContent-Length: %d",
+    b": no-name\r\nContent-Length: %d",
+], ids=["space-before-colon", "no-colon", "first-line-folded", "no-name"])
+def test_unreadable_header_line(daemon, header):
+    body = INNER
+    request = (b"PATCH /images/x HTTP/1.1\r\n" + header % len(body) +
+               b"\r\n\r\n" + body)
+    reply = testutil.raw_request(daemon.cfg.local.socket, request)
+    # One answer, 400, and the connection closed: the body was never
+    # served as a request.
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert reply.count(b"HTTP/1.1 ") == 1, reply
+    assert b"connection: close" in reply
