@@ -127,6 +127,11 @@ class Request:
             self.framing_error = Error(
                 400, "Transfer-Encoding is not supported, send "
                      "Content-Length")
+        elif len(set(self.headers.get_all("content-length", ()))) > 1:
+            # Either value would read a body or the next request wrongly
+            # (RFC 9112 6.3).
+            self.framing_error = Error(
+                400, "Conflicting Content-Length headers")
         elif value is not None:
             try:
                 length = int(value)

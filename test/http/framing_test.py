@@ -25,3 +25,30 @@ def test_unreadable_header_line(daemon, header):
     assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
     assert reply.count(b"HTTP/1.1 ") == 1, reply
     assert b"connection: close" in reply
+
+
+@pytest.mark.parametrize("lengths", [
+    (b"0", b"%d"),
+    (b"%d", b"0"),
+    (b"%d", b"%d0"),
+], ids=["zero-first", "zero-last", "longer-last"])
+def test_conflicting_content_lengths(daemon, lengths):
+    # RFC 9112 6.3: Content-Length values that differ are invalid framing;
+    # taking either one serves a body or the next request wrongly.
+    body = INNER
+    first, second = (v % len(body) if b"%" in v else v for v in lengths)
+    request = (b"PATCH /images/x HTTP/1.1\r\nContent-Length: " + first +
+               b"\r\nContent-Length: " + second + b"\r\n\r\n" + body)
+    reply = testutil.raw_request(daemon.cfg.local.socket, request)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert reply.count(b"HTTP/1.1 ") == 1, reply
+    assert b"connection: close" in reply
+
+
+def test_repeated_equal_content_length(daemon):
+    # The same value twice is one length (RFC 9112 6.3 allows it).
+    request = (b"PATCH /images/x HTTP/1.1\r\nContent-Length: 2\r\n"
+               b"Content-Length: 2\r\n\r\n{}")
+    reply = testutil.raw_request(daemon.cfg.local.socket, request)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert b"Missing required value for op" in reply

@@ -4,6 +4,7 @@ a body length is ASCII digits only; anything else is a framing error
 (400), never a length. Settings: test/properties.py.
 """
 
+import email.message
 import types
 
 import pytest
@@ -16,9 +17,10 @@ from ovirt_imageio.http import server
 
 
 def request(value):
+    headers = email.message.Message()
+    headers["content-length"] = value
     handler = types.SimpleNamespace(
-        command="PUT", context=None, path="/images/x",
-        headers={"content-length": value})
+        command="PUT", context=None, path="/images/x", headers=headers)
     return server.Request(handler)
 
 
