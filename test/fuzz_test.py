@@ -68,12 +68,13 @@ class Fuzzed:
         rnd = random.Random()
         # Ticket ids are credentials: unguessable, as in production.
         ids = {name: f"{name}-{rnd.getrandbits(64):016x}"
-               for name in ("ro-file", "ro-nbd", "scratch", "model",
-                            "short")}
+               for name in ("ro-file", "ro-nbd", "ro-named", "scratch",
+                            "model", "short")}
         images = tmp_path / "images"
         images.mkdir()
         self.ro_data = {
-            "ro-file": image_bytes(1), "ro-nbd": image_bytes(2)}
+            "ro-file": image_bytes(1), "ro-nbd": image_bytes(2),
+            "ro-named": image_bytes(2)}
         self.paths = {
             "ro-file": write_image(images / "ro-file.raw",
                                    self.ro_data["ro-file"]),
@@ -103,6 +104,8 @@ class Fuzzed:
             ("ro-file", ["read"], f"file://{self.paths['ro-file']}",
              IMAGE_SIZE),
             ("ro-nbd", ["read"], f"nbd:unix:{ro_nbd.socket}", IMAGE_SIZE),
+            ("ro-named", ["read"], f"nbd:unix:{ro_nbd.socket}",
+             IMAGE_SIZE),
             ("scratch", ["read", "write"],
              f"file://{self.paths['scratch']}", IMAGE_SIZE),
             ("model", ["read", "write"], f"nbd:unix:{model_nbd.socket}",
@@ -111,15 +114,21 @@ class Fuzzed:
              2 * IMAGE_SIZE),
         ]
         for name, ops, url, size in tickets:
-            resp, data = self.daemon.api.put({
+            ticket = {
                 "uuid": ids[name], "size": size, "ops": ops,
-                "timeout": 3600, "url": url, "transfer_id": f"fz-{name}"})
+                "timeout": 3600, "url": url, "transfer_id": f"fz-{name}"}
+            if name == "ro-named":
+                # A name for downloads (Content-Disposition).
+                ticket["filename"] = (
+                    "disk \u20ac.img" if fuzz.enabled("non-latin1-filename")
+                    else "disk \u00e9.img")
+            resp, data = self.daemon.api.put(ticket)
             assert resp.status == 200, data
         self.ids = ids
         missing = tmp_path / "missing.raw"
         self.env = fuzz.Env(
             readonly=[fuzz.Ticket(ids[n], IMAGE_SIZE, self.ro_data[n])
-                      for n in ("ro-file", "ro-nbd")],
+                      for n in ("ro-file", "ro-nbd", "ro-named")],
             scratch=fuzz.Ticket(ids["scratch"], IMAGE_SIZE),
             model=fuzz.Ticket(ids["model"], IMAGE_SIZE),
             short=fuzz.Ticket(ids["short"], 2 * IMAGE_SIZE),
