@@ -18,7 +18,7 @@ from hypothesis import HealthCheck
 from hypothesis import settings
 
 CHECK_EXAMPLES = 200
-STRESS_EXAMPLES = 20000
+STRESS_EXAMPLES = 5000
 
 _common = dict(
     deadline=None,
