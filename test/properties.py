@@ -17,7 +17,7 @@ import os
 from hypothesis import HealthCheck
 from hypothesis import settings
 
-CHECK_EXAMPLES = 200
+CHECK_EXAMPLES = 100
 STRESS_EXAMPLES = 5000
 
 _common = dict(
