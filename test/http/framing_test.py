@@ -14,7 +14,10 @@ INNER = b"OPTIONS /images/* HTTP/1.1\r\n\r\n"
     b"X-No-Colon\r\nContent-Length: %d",
     b" folded: x\r\nContent-Length: %d",
     b": no-name\r\nContent-Length: %d",
-], ids=["space-before-colon", "no-colon", "first-line-folded", "no-name"])
+    b"X-A: 1\r\rContent-Length: %d",
+    b"Range: by\r\n folded\r\n\r\x8d\n x\nContent-Length: %d",
+], ids=["space-before-colon", "no-colon", "first-line-folded", "no-name",
+        "bare-cr", "bare-cr-after-fold"])
 def test_unreadable_header_line(daemon, header):
     body = INNER
     request = (b"PATCH /images/x HTTP/1.1\r\n" + header % len(body) +
