@@ -182,7 +182,9 @@ def parse_responses(data, head_requests=()):
 class Result:
     """What the daemon sent back, and how the connection ended."""
     data: bytes
-    end: str  # eof, reset, tls-close, tls-error, timeout
+    # eof, reset, timeout; through TLS also tls-close (close_notify) and
+    # tls-eof (EOF inside or between records, or an alert)
+    end: str
 
 
 def exchange(address, data, family=socket.AF_UNIX, timeout=30.0):
@@ -199,7 +201,7 @@ def exchange(address, data, family=socket.AF_UNIX, timeout=30.0):
     return Result(got, end)
 
 
-def _pump(s, data, deadline, cut_after_send=True):
+def _pump(s, data, deadline):
     """Send data on s while receiving; return (received, how it ended)."""
     s.setblocking(False)
     out = memoryview(data)
