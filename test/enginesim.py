@@ -498,6 +498,10 @@ class Engine:
         self.pki = pki
         self.users = users or {"admin@internal": "password"}
         self.delay = delay
+        # vdsm's ticket timeout and the engine's extension margin (tests
+        # raise the margin to see an extension without waiting).
+        self.ticket_timeout = TICKET_TIMEOUT
+        self.ticket_extend_margin = TICKET_EXTEND_MARGIN
         self.tokens = set()
         self.lock = threading.RLock()
         self.stopping = threading.Event()
@@ -528,7 +532,8 @@ class Engine:
             context.load_cert_chain(self.pki["cert_file"],
                                     self.pki["key_file"])
         self.server = _Server(("127.0.0.1", 0), _Handler, self, context)
-        t = threading.Thread(target=self.server.serve_forever,
+        # A short poll interval: stop() waits for one.
+        t = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                              name="enginesim", daemon=True)
         t.start()
         self.threads.append(t)
@@ -847,7 +852,7 @@ class Engine:
                 size = self._file_ticket_size(t)
             ticket = {
                 "uuid": t.ticket_id,
-                "timeout": TICKET_TIMEOUT,
+                "timeout": self.ticket_timeout,
                 "inactivity_timeout": t.inactivity_timeout,
                 "size": size,
                 "url": url,
@@ -914,9 +919,9 @@ class Engine:
                 if not t.ticket_id:
                     return
                 status = self.imageio.get(t.ticket_id)
-                if time.monotonic() - t.extended > \
-                        TICKET_TIMEOUT - TICKET_EXTEND_MARGIN:
-                    self.imageio.extend(t.ticket_id, TICKET_TIMEOUT)
+                if time.monotonic() - t.extended >= \
+                        self.ticket_timeout - self.ticket_extend_margin:
+                    self.imageio.extend(t.ticket_id, self.ticket_timeout)
                     t.extended = time.monotonic()
         except Exception as exc:
             log.error("Monitoring transfer %s failed: %s", t.id, exc)

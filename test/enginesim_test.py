@@ -21,6 +21,7 @@ import tempfile
 import pytest
 
 import enginesim
+import testutil
 
 SDK_VERSION = "4.6.3"
 SDK_REQUIREMENT = f"ovirt-engine-sdk-python=={SDK_VERSION}"
@@ -215,16 +216,6 @@ def test_upload_qcow2_to_raw_block_disk(engine, run_example, tmp_path):
     compare(src, disk.path)
 
 
-def test_upload_qcow2_with_backup(engine, run_example, tmp_path):
-    # Preallocated qcow2 is allowed only with incremental backup.
-    src = make_image(tmp_path / "src.raw", "raw")
-    disk = upload(engine, run_example, src, "--sd-name", "nfs",
-                  "--disk-format", "qcow2", "--enable-backup")
-    assert (disk.format, disk.sparse, disk.backup) == \
-        ("cow", False, "incremental")
-    compare(src, disk.path)
-
-
 def test_block_domain_rejects_sparse_raw(engine, run_example, tmp_path):
     src = make_image(tmp_path / "src.raw", "raw")
     p = run_example("upload_disk.py", src, "--sd-name", "fcp",
@@ -232,14 +223,6 @@ def test_block_domain_rejects_sparse_raw(engine, run_example, tmp_path):
     assert p.returncode != 0
     assert "Operation Failed" in p.stderr
     assert "incompatible with the storage domain type" in p.stderr
-    assert not engine.disks
-
-
-def test_preallocated_qcow2_needs_backup(engine, run_example, tmp_path):
-    src = make_image(tmp_path / "src.qcow2", "qcow2")
-    p = run_example("upload_disk.py", src, "--sd-name", "nfs", check=False)
-    assert p.returncode != 0
-    assert "Operation Failed" in p.stderr
     assert not engine.disks
 
 
@@ -311,3 +294,390 @@ def test_backup_full_and_incremental(engine, run_example, tmp_path):
     # cluster, not a copy.
     assert top_data(incr) == 64 * 1024
     assert_no_tickets(engine)
+
+
+# The simulator's state machines and faults through the SDK, in process
+# (no example script, so no one-second polls).
+
+
+@pytest.fixture
+def connection(engine, pki):
+    import ovirtsdk4 as sdk
+    conn = sdk.Connection(url=engine.url + enginesim.API,
+                          username="admin@internal", password="password",
+                          ca_file=pki["ca_file"])
+    yield conn
+    conn.close()
+
+
+def wait_phase(service, *phases):
+    def reached():
+        entity = service.get()
+        return entity if str(entity.phase.value) in phases else None
+    return testutil.wait_for(reached, message=f"phase in {phases}")
+
+
+def new_disk(connection, sd_name="nfs", fmt="cow", sparse=True, size=MiB,
+             backup=None):
+    from ovirtsdk4 import types
+    disks = connection.system_service().disks_service()
+    disk = disks.add(types.Disk(
+        name="test", format=types.DiskFormat(fmt), sparse=sparse,
+        provisioned_size=size, backup=backup,
+        storage_domains=[types.StorageDomain(name=sd_name)]))
+    service = disks.disk_service(disk.id)
+    testutil.wait_for(lambda: service.get().status == types.DiskStatus.OK,
+                      message="disk ok")
+    return service.get()
+
+
+def start_transfer(connection, disk, direction="upload", fmt="raw",
+                   backup=None, inactivity_timeout=None,
+                   timeout_policy=None):
+    from ovirtsdk4 import types
+    transfers = connection.system_service().image_transfers_service()
+    t = transfers.add(types.ImageTransfer(
+        disk=types.Disk(id=disk.id),
+        direction=types.ImageTransferDirection(direction),
+        format=types.DiskFormat(fmt),
+        backup=types.Backup(id=backup.id) if backup else None,
+        inactivity_timeout=inactivity_timeout,
+        timeout_policy=(types.ImageTransferTimeoutPolicy(timeout_policy)
+                        if timeout_policy else None)))
+    assert t.phase == types.ImageTransferPhase.INITIALIZING
+    service = transfers.image_transfer_service(t.id)
+    return service, wait_phase(service, "transferring")
+
+
+def nbd_args(engine, transfer_id):
+    with open(f"/proc/{engine.transfers[transfer_id].nbd.pid}/cmdline") as f:
+        return f.read().rstrip("\0").split("\0")
+
+
+def test_api_root(connection):
+    api = connection.system_service().get()
+    assert api.product_info.name == "oVirt Engine"
+    assert api.product_info.version.major == 4
+
+
+def test_wrong_password(engine, pki):
+    import ovirtsdk4 as sdk
+    conn = sdk.Connection(url=engine.url + enginesim.API,
+                          username="admin@internal", password="wrong",
+                          ca_file=pki["ca_file"])
+    with pytest.raises(sdk.AuthError, match="access_denied"):
+        conn.system_service().disks_service().list()
+    assert not engine.tokens
+
+
+def test_expired_token_logs_in_again(engine, connection):
+    connection.system_service().disks_service().list()
+    old = set(engine.tokens)
+    engine.tokens.clear()
+    # The SDK answers the 401 with a new SSO token and retries.
+    assert connection.system_service().disks_service().list() == []
+    assert engine.tokens and not engine.tokens & old
+
+
+def test_logout_revokes_token(engine, connection):
+    connection.system_service().disks_service().list()
+    assert len(engine.tokens) == 1
+    connection.close()
+    assert not engine.tokens
+
+
+def test_add_disk_incomplete(connection):
+    import ovirtsdk4 as sdk
+    from ovirtsdk4 import types
+    disks = connection.system_service().disks_service()
+    with pytest.raises(sdk.Error, match="Incomplete parameters"):
+        disks.add(types.Disk(name="x", format=types.DiskFormat.COW,
+                             storage_domains=[types.StorageDomain(
+                                 name="nfs")]))
+
+
+# ImagesHandler.checkImageConfiguration: (domain, format, sparse, backup).
+@pytest.mark.parametrize("sd_name,fmt,sparse,backup,allowed", [
+    ("nfs", "raw", True, None, True),
+    ("nfs", "raw", False, None, True),
+    ("nfs", "cow", True, None, True),
+    ("nfs", "cow", False, None, False),
+    ("nfs", "cow", False, "incremental", True),
+    ("nfs", "raw", False, "incremental", False),
+    ("iscsi", "raw", True, None, False),
+    ("fcp", "raw", True, None, False),
+    ("iscsi", "raw", False, None, True),
+    ("iscsi", "cow", True, "incremental", True),
+])
+def test_disk_configuration(engine, connection, sd_name, fmt, sparse,
+                            backup, allowed):
+    import ovirtsdk4 as sdk
+    from ovirtsdk4 import types
+    kind = types.DiskBackup(backup) if backup else None
+    if allowed:
+        disk = new_disk(connection, sd_name, fmt, sparse, backup=kind)
+        info = image_info(engine.disks[disk.id].path)
+        assert info["format"] == ("qcow2" if fmt == "cow" else "raw")
+        assert disk.backup == (kind or types.DiskBackup.NONE)
+    else:
+        with pytest.raises(sdk.Error, match="409"):
+            new_disk(connection, sd_name, fmt, sparse, backup=kind)
+        assert not engine.disks
+
+
+def test_disk_is_locked_until_created(engine, connection):
+    from ovirtsdk4 import types
+    engine.delay = 0.5
+    disks = connection.system_service().disks_service()
+    disk = disks.add(types.Disk(
+        name="x", format=types.DiskFormat.RAW, provisioned_size=MiB,
+        storage_domains=[types.StorageDomain(name="nfs")]))
+    assert disk.status == types.DiskStatus.LOCKED
+    service = disks.disk_service(disk.id)
+    testutil.wait_for(lambda: service.get().status == types.DiskStatus.OK,
+                      message="disk ok")
+    assert image_info(engine.disks[disk.id].path)["virtual-size"] == MiB
+
+
+@pytest.mark.parametrize("sd_name,sparse,discard", [
+    ("nfs", True, True),
+    ("nfs", False, False),
+    ("iscsi", False, False),
+])
+def test_upload_ticket_and_qemu_nbd(engine, connection, sd_name, sparse,
+                                    discard):
+    disk = new_disk(connection, sd_name, fmt="raw", sparse=sparse)
+    service, t = start_transfer(connection, disk)
+    sim = engine.transfers[t.id]
+    ticket = engine.daemon.api.get(sim.ticket_id)
+    assert ticket["transfer_id"] == t.id
+    assert ticket["ops"] == ["write"]
+    assert ticket["size"] == MiB
+    assert ticket["sparse"] is discard
+    assert ticket["dirty"] is False
+    args = nbd_args(engine, t.id)
+    for flag in ("--persistent", "--shared=8", "--export-name="):
+        assert flag in args
+    assert ("--discard=unmap" in args) is discard
+    assert f"--detect-zeroes={'unmap' if discard else 'on'}" in args
+    assert "--read-only" not in args
+    assert t.transfer_url == t.proxy_url
+    assert t.transfer_url.endswith(f"/images/{sim.ticket_id}")
+    assert t.host.id == engine.host.id
+    # The disk stays locked for the transfer.
+    disks = connection.system_service().disks_service()
+    with pytest.raises(Exception, match="locked"):
+        start_transfer(connection, disk)
+    service.finalize()
+    wait_phase(service, "finished_success")
+    assert disks.disk_service(disk.id).get().status.value == "ok"
+    resp, _ = engine.daemon.api.request("GET", f"/tickets/{sim.ticket_id}"
+                                        if sim.ticket_id else "/tickets/x")
+    assert resp.status == 404
+    assert sim.nbd is None
+
+
+def test_poll_extends_ticket(engine, connection):
+    disk = new_disk(connection)
+    # No inactivity timeout: the clock moves past the default one.
+    service, t = start_transfer(connection, disk, inactivity_timeout=0)
+    assert t.inactivity_timeout == 0
+    ticket_id = engine.transfers[t.id].ticket_id
+    expires = engine.daemon.api.get(ticket_id)["expires"]
+    engine.daemon.clock.advance(100)
+    service.get()
+    assert engine.daemon.api.get(ticket_id)["expires"] == expires
+    # Within the margin: the poll extends the ticket by the full timeout.
+    engine.ticket_extend_margin = engine.ticket_timeout
+    assert service.get().phase.value == "transferring"
+    assert engine.daemon.api.get(ticket_id)["expires"] == expires + 100
+    service.cancel()
+    wait_phase(service, "finished_failure")
+
+
+def test_download_is_read_only(engine, connection, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = engine.add_disk_from_image(src)
+    service, t = start_transfer(connection, disk, "download")
+    sim = engine.transfers[t.id]
+    ticket = engine.daemon.api.get(sim.ticket_id)
+    assert ticket["ops"] == ["read"]
+    args = nbd_args(engine, t.id)
+    assert "--read-only" in args
+    assert "--allocation-depth" in args
+    assert json.loads(args[-1][len("json:"):])["driver"] == "qcow2"
+    service.finalize()
+    wait_phase(service, "finished_success")
+    assert disk.status == "ok"
+
+
+def test_cancel_upload_removes_disk(engine, connection):
+    import ovirtsdk4 as sdk
+    disk = new_disk(connection)
+    service, t = start_transfer(connection, disk)
+    ticket_id = engine.transfers[t.id].ticket_id
+    path = engine.disks[disk.id].path
+    service.cancel()
+    wait_phase(service, "finished_failure")
+    with pytest.raises(sdk.NotFoundError):
+        connection.system_service().disks_service().disk_service(
+            disk.id).get()
+    assert not os.path.exists(path)
+    resp, _ = engine.daemon.api.request("GET", f"/tickets/{ticket_id}")
+    assert resp.status == 404
+
+
+def test_cancel_download_keeps_disk(engine, connection, tmp_path):
+    disk = engine.add_disk_from_image(make_image(tmp_path / "s", "raw"),
+                                      fmt="raw")
+    service, t = start_transfer(connection, disk, "download")
+    service.cancel()
+    wait_phase(service, "finished_failure")
+    assert disk.status == "ok" and not disk.removed
+
+
+def test_upload_failing_verification_removes_disk(engine, connection, pki):
+    # format=cow: the file backend writes the volume's bytes as they
+    # come; raw bytes in a qcow2 volume fail vdsm's verification.
+    import http.client
+    import ssl
+    import urllib.parse
+    disk = new_disk(connection, fmt="cow", sparse=True)
+    service, t = start_transfer(connection, disk, fmt="cow")
+    assert engine.transfers[t.id].backend == "file"
+    url = urllib.parse.urlsplit(t.transfer_url)
+    ctx = ssl.create_default_context(cafile=pki["ca_file"])
+    con = http.client.HTTPSConnection(url.netloc, context=ctx, timeout=30)
+    try:
+        con.request("PUT", url.path, body=b"not qcow2" * 1000)
+        resp = con.getresponse()
+        resp.read()
+        assert resp.status == 200
+    finally:
+        con.close()
+    service.finalize()
+    wait_phase(service, "finished_failure")
+    assert disk.id in engine.disks and engine.disks[disk.id].removed
+    assert any("failed" in e["description"] for e in engine.events)
+
+
+def test_inactivity_cancels(engine, connection):
+    disk = new_disk(connection)
+    service, t = start_transfer(connection, disk, inactivity_timeout=10,
+                                timeout_policy="cancel")
+    engine.daemon.clock.advance(11)
+    # The next poll sees the idle ticket.
+    assert service.get().phase.value in ("cancelled_system",
+                                         "finished_failure")
+    wait_phase(service, "finished_failure")
+    assert engine.disks[disk.id].removed
+
+
+def test_inactivity_pauses_upload(engine, connection):
+    disk = new_disk(connection)
+    service, t = start_transfer(connection, disk, inactivity_timeout=10,
+                                timeout_policy="legacy")
+    engine.daemon.clock.advance(11)
+    assert service.get().phase.value == "paused_system"
+    service.cancel()
+    wait_phase(service, "finished_failure")
+
+
+def test_backup_rules(engine, connection, tmp_path):
+    import ovirtsdk4 as sdk
+    from ovirtsdk4 import types
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = engine.add_disk_from_image(src, backup="incremental")
+    vm = engine.add_vm("vm1", [disk.id])
+    backups = connection.system_service().vms_service().vm_service(
+        vm.id).backups_service()
+    b = backups.add(types.Backup(disks=[types.Disk(id=disk.id)]))
+    assert b.phase == types.BackupPhase.INITIALIZING
+    backup_service = backups.backup_service(b.id)
+    b = wait_phase(backup_service, "ready")
+    checkpoint = b.to_checkpoint_id
+    assert checkpoint == vm.checkpoints[0].id
+    assert disk.status == "locked" and disk.backup_mode == "full"
+    # One backup at a time.
+    with pytest.raises(sdk.Error, match="during a backup"):
+        backups.add(types.Backup(disks=[types.Disk(id=disk.id)]))
+    service, t = start_transfer(connection, disk, "download", backup=b)
+    ticket = engine.daemon.api.get(engine.transfers[t.id].ticket_id)
+    assert ticket["dirty"] is False
+    # Not while a transfer of the backup runs.
+    with pytest.raises(sdk.Error, match="in progress"):
+        backup_service.finalize()
+    service.finalize()
+    wait_phase(service, "finished_success")
+    backup_service.finalize()
+    wait_phase(backup_service, "succeeded")
+    assert disk.status == "ok" and disk.backup_mode is None
+
+    # Incremental: qemu-nbd exports the checkpoint's bitmap, the ticket
+    # is dirty.
+    b = backups.add(types.Backup(disks=[types.Disk(id=disk.id)],
+                                 from_checkpoint_id=checkpoint))
+    b = wait_phase(backups.backup_service(b.id), "ready")
+    assert disk.backup_mode == "incremental"
+    service, t = start_transfer(connection, disk, "download", backup=b)
+    assert f"--bitmap={checkpoint}" in nbd_args(engine, t.id)
+    ticket = engine.daemon.api.get(engine.transfers[t.id].ticket_id)
+    assert ticket["dirty"] is True
+    service.finalize()
+    wait_phase(service, "finished_success")
+    backups.backup_service(b.id).finalize()
+    wait_phase(backups.backup_service(b.id), "succeeded")
+
+    # Checkpoints: the oldest goes first, with its bitmap; DELETE is 200.
+    checkpoints = connection.system_service().vms_service().vm_service(
+        vm.id).checkpoints_service()
+    assert [c.id for c in checkpoints.list()] == \
+        [checkpoint, b.to_checkpoint_id]
+    checkpoints.checkpoint_service(checkpoint).remove()
+    with pytest.raises(sdk.NotFoundError):
+        checkpoints.checkpoint_service(checkpoint).get()
+    bitmaps = image_info(disk.path)["format-specific"]["data"]["bitmaps"]
+    assert [x["name"] for x in bitmaps] == [b.to_checkpoint_id]
+
+
+def test_failed_backup_has_event(engine, connection, tmp_path):
+    from ovirtsdk4 import types
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = engine.add_disk_from_image(src, backup="incremental")
+    vm = engine.add_vm("vm1", [disk.id])
+    os.unlink(disk.path)  # qemu-img bitmap --add fails
+    backups = connection.system_service().vms_service().vm_service(
+        vm.id).backups_service()
+    b = backups.add(types.Backup(disks=[types.Disk(id=disk.id)]))
+    wait_phase(backups.backup_service(b.id), "failed")
+    events = connection.system_service().events_service().list(
+        search=b.id)
+    assert events and "failed" in events[0].description
+    assert disk.status == "ok"
+
+
+def test_main(tmp_path, make_daemon, pki):
+    import ovirtsdk4 as sdk
+    daemon = make_daemon()
+    proc = subprocess.Popen(
+        [sys.executable, enginesim.__file__, "--store", tmp_path / "store",
+         "--control-socket", daemon.control.server.address(),
+         "--daemon-port", str(daemon.remote.server.address()[1]),
+         "--pki", os.path.dirname(pki["cert_file"])],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("engine_url = https://127.0.0.1:")
+        conn = sdk.Connection(url=line.split()[-1] + enginesim.API,
+                              username="admin@internal",
+                              password="password", ca_file=pki["ca_file"])
+        try:
+            sds = conn.system_service().storage_domains_service().list()
+            assert sorted((sd.name, sd.storage.type.value) for sd in sds) \
+                == [("fcp", "fcp"), ("iscsi", "iscsi"), ("nfs", "nfs")]
+        finally:
+            conn.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+        proc.stdout.close()
