@@ -1450,7 +1450,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def get_disk(self, _, disk_id):
         with self.engine.lock:
-            self._xml(self.engine._disk(disk_id).xml())
+            out = self.engine._disk(disk_id).xml()
+        self._xml(out)
 
     def delete_disk(self, _, disk_id):
         self.engine.remove_disk(disk_id)
@@ -1519,7 +1520,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def get_vm(self, _, vm_id):
         with self.engine.lock:
-            self._xml(self.engine._vm(vm_id).xml())
+            out = self.engine._vm(vm_id).xml()
+        self._xml(out)
 
     def list_attachments(self, _, vm_id):
         with self.engine.lock:
@@ -1554,9 +1556,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                   [("Location", f"{API}/vms/{vm_id}/backups/{b.id}")])
 
     def get_backup(self, _, vm_id, backup_id):
-        with self.engine.lock:
-            eng = self.engine
-            self._xml(eng._backup(eng._vm(vm_id), backup_id).xml())
+        eng = self.engine
+        with eng.lock:
+            out = eng._backup(eng._vm(vm_id), backup_id).xml()
+        self._xml(out)
 
     def list_backup_disks(self, _, vm_id, backup_id):
         with self.engine.lock:
@@ -1576,9 +1579,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._collection("checkpoints", elems)
 
     def get_checkpoint(self, _, vm_id, checkpoint_id):
-        with self.engine.lock:
-            eng = self.engine
-            self._xml(eng._checkpoint(eng._vm(vm_id), checkpoint_id).xml())
+        eng = self.engine
+        with eng.lock:
+            out = eng._checkpoint(eng._vm(vm_id), checkpoint_id).xml()
+        self._xml(out)
 
     def delete_checkpoint(self, _, vm_id, checkpoint_id):
         self.engine.remove_checkpoint(vm_id, checkpoint_id)

@@ -13,10 +13,12 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 
 import pytest
 
@@ -70,47 +72,20 @@ def examples():
     return path
 
 
-@pytest.fixture
-def engine(tmp_path, make_daemon, pki):
-    daemon = make_daemon()
+def start_engine(store, daemon, pki):
     eng = enginesim.Engine(
-        tmp_path / "store", daemon.control.server.address(),
+        store, daemon.control.server.address(),
         daemon.remote.server.address()[1], pki, delay=0.1)
     eng.start()
     eng.daemon = daemon
-    yield eng
-    eng.stop()
+    return eng
 
 
 @pytest.fixture
-def run_example(tmp_path, engine, examples, pki):
-    """Run an SDK example as a child process, with ~/.config/ovirt.conf
-    pointing at the simulator; return its CompletedProcess."""
-    home = tmp_path / "home"
-    (home / ".config").mkdir(parents=True)
-    (home / ".config" / "ovirt.conf").write_text(
-        "[engine]\n"
-        f"engine_url = {engine.url}\n"
-        "username = admin@internal\n"
-        "password = password\n"
-        f"cafile = {pki['ca_file']}\n")
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    env = dict(os.environ, HOME=str(home))
-
-    def run(name, *args, check=True):
-        p = subprocess.run(
-            [sys.executable, os.path.join(examples, name), "-c", "engine",
-             *map(str, args)],
-            cwd=workdir, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, timeout=EXAMPLE_TIMEOUT)
-        if check and p.returncode != 0:
-            raise AssertionError(
-                f"{name} exited {p.returncode}\nstdout:\n{p.stdout}\n"
-                f"stderr:\n{p.stderr}")
-        return p
-
-    return run
+def engine(tmp_path, make_daemon, pki):
+    eng = start_engine(tmp_path / "store", make_daemon(), pki)
+    yield eng
+    eng.stop()
 
 
 def make_image(path, fmt, size=4 * MiB):
@@ -141,114 +116,6 @@ def image_info(path):
     return json.loads(out)
 
 
-def disk_id(stdout):
-    m = re.search(r"Disk ID: (\S+)", stdout)
-    assert m, stdout
-    return m.group(1)
-
-
-def upload(engine, run_example, src, *args):
-    p = run_example("upload_disk.py", src, *args)
-    assert "Upload completed successfully" in p.stdout
-    disk = engine.disks[disk_id(p.stdout)]
-    assert disk.status == "ok"
-    return disk
-
-
-def assert_no_tickets(engine):
-    assert all(t.ticket_id is None and t.nbd is None
-               for t in engine.transfers.values())
-
-
-def test_upload_download_raw(engine, run_example, tmp_path):
-    src = make_image(tmp_path / "src.raw", "raw")
-    disk = upload(engine, run_example, src, "--sd-name", "nfs",
-                  "--disk-format", "raw", "--disk-sparse")
-    assert (disk.format, disk.sparse, disk.sd.name) == ("raw", True, "nfs")
-    assert image_info(disk.path)["format"] == "raw"
-    compare(src, disk.path)
-    t, = engine.transfers.values()
-    assert (t.direction, t.phase) == ("upload", "finished_success")
-
-    dst = tmp_path / "dst.raw"
-    p = run_example("download_disk.py", disk.id, dst, "--format", "raw")
-    assert "Download completed successfully" in p.stdout
-    assert image_info(dst)["format"] == "raw"
-    compare(src, dst)
-    assert disk.status == "ok"
-    assert_no_tickets(engine)
-    # Logged out: every token the examples got was revoked.
-    assert not engine.tokens
-
-
-def test_upload_qcow2(engine, run_example, tmp_path):
-    src = make_image(tmp_path / "src.qcow2", "qcow2")
-    disk = upload(engine, run_example, src, "--sd-name", "nfs",
-                  "--disk-sparse")
-    assert (disk.format, disk.sparse) == ("cow", True)
-    info = image_info(disk.path)
-    assert info["format"] == "qcow2"
-    assert info["format-specific"]["data"]["compat"] == "1.1"
-    compare(src, disk.path)
-
-
-def test_download_qcow2(engine, run_example, tmp_path):
-    src = make_image(tmp_path / "src.qcow2", "qcow2")
-    disk = engine.add_disk_from_image(src)
-    dst = tmp_path / "dst.qcow2"
-    run_example("download_disk.py", disk.id, dst)
-    assert image_info(dst)["format"] == "qcow2"
-    compare(src, dst)
-    t, = engine.transfers.values()
-    assert (t.direction, t.phase) == ("download", "finished_success")
-    assert disk.status == "ok"
-    assert_no_tickets(engine)
-
-
-def test_upload_qcow2_to_raw_block_disk(engine, run_example, tmp_path):
-    # Format conversion through qemu-nbd; a preallocated raw disk is what
-    # a block domain allows.
-    src = make_image(tmp_path / "src.qcow2", "qcow2")
-    disk = upload(engine, run_example, src, "--sd-name", "iscsi",
-                  "--disk-format", "raw")
-    assert (disk.format, disk.sparse, disk.sd.block) == ("raw", False, True)
-    assert image_info(disk.path)["format"] == "raw"
-    compare(src, disk.path)
-
-
-def test_block_domain_rejects_sparse_raw(engine, run_example, tmp_path):
-    src = make_image(tmp_path / "src.raw", "raw")
-    p = run_example("upload_disk.py", src, "--sd-name", "fcp",
-                    "--disk-format", "raw", "--disk-sparse", check=False)
-    assert p.returncode != 0
-    assert "Operation Failed" in p.stderr
-    assert "incompatible with the storage domain type" in p.stderr
-    assert not engine.disks
-
-
-def test_unknown_storage_domain(engine, run_example, tmp_path):
-    src = make_image(tmp_path / "src.raw", "raw")
-    p = run_example("upload_disk.py", src, "--sd-name", "nosuch",
-                    "--disk-sparse", check=False)
-    assert p.returncode != 0
-    assert "404" in p.stderr
-    assert not engine.disks
-
-
-def test_checksum_disk(engine, run_example, tmp_path):
-    from ovirt_imageio import client
-    src = make_image(tmp_path / "src.qcow2", "qcow2")
-    disk = engine.add_disk_from_image(src)
-    p = run_example("checksum_disk.py", disk.id)
-    assert json.loads(p.stdout) == client.checksum(src)
-    assert disk.status == "ok"
-    assert_no_tickets(engine)
-
-
-def backup_files(backup_dir, mode):
-    return glob.glob(os.path.join(backup_dir, f"*.{mode}.qcow2"))
-
-
 def top_data(path):
     """Bytes of data allocated in the qcow2 image itself (not its
     backing chain)."""
@@ -259,41 +126,273 @@ def top_data(path):
     return sum(e["length"] for e in json.loads(out) if e["data"])
 
 
-def test_backup_full_and_incremental(engine, run_example, tmp_path):
-    src = make_image(tmp_path / "src.qcow2", "qcow2")
-    disk = engine.add_disk_from_image(src, backup="incremental")
-    vm = engine.add_vm("vm1", [disk.id])
-    backup_dir = tmp_path / "backups"
-    backup_dir.mkdir()
+# The SDK's example scripts. Each spends seconds in its own one-second
+# polls, so the scenarios below run at the same time, each in a thread,
+# against one engine and daemon; each test waits for its scenario and
+# checks what it left. Running them together is also a test: concurrent
+# transfers on one engine and daemon.
 
-    p = run_example("backup_vm.py", "full", vm.id, "--backup-dir",
-                    backup_dir)
-    checkpoint, = vm.checkpoints
-    assert f"Created checkpoint '{checkpoint.id}'" in p.stdout
-    full, = backup_files(backup_dir, "full")
-    compare(disk.path, full)
-    # The bitmap of the checkpoint is on the volume; the disk is unlocked.
-    bitmaps = image_info(disk.path)["format-specific"]["data"]["bitmaps"]
-    assert [b["name"] for b in bitmaps] == [checkpoint.id]
-    assert (disk.status, disk.backup_mode) == ("ok", None)
-    backup, = engine.backups.values()
-    assert backup.phase == "succeeded"
 
+class Examples:
+    """The module's engine and daemon, and the example scenarios started
+    on them."""
+
+    def __init__(self, engine, examples, pki, tmp):
+        self.engine = engine
+        self.examples = examples
+        self.tmp = tmp
+        home = os.path.join(tmp, "home")
+        os.makedirs(os.path.join(home, ".config"))
+        with open(os.path.join(home, ".config", "ovirt.conf"), "w") as f:
+            f.write("[engine]\n"
+                    f"engine_url = {engine.url}\n"
+                    "username = admin@internal\n"
+                    "password = password\n"
+                    f"cafile = {pki['ca_file']}\n")
+        self.env = dict(os.environ, HOME=home)
+        self.threads = {}
+        self.results = {}
+
+    def run(self, name, *args, check=True):
+        """Run the example script name; return its CompletedProcess."""
+        p = subprocess.run(
+            [sys.executable, os.path.join(self.examples, name), "-c",
+             "engine", *map(str, args)],
+            cwd=self.tmp, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, timeout=EXAMPLE_TIMEOUT)
+        if check and p.returncode != 0:
+            raise AssertionError(
+                f"{name} exited {p.returncode}\nstdout:\n{p.stdout}\n"
+                f"stderr:\n{p.stderr}")
+        return p
+
+    def upload(self, src, *args):
+        p = self.run("upload_disk.py", src, *args)
+        assert "Upload completed successfully" in p.stdout
+        m = re.search(r"Disk ID: (\S+)", p.stdout)
+        assert m, p.stdout
+        disk = self.engine.disks[m.group(1)]
+        assert disk.status == "ok"
+        return disk
+
+    def start(self, scenario):
+        workdir = os.path.join(self.tmp, scenario.__name__)
+        os.mkdir(workdir)
+
+        def run():
+            try:
+                self.results[scenario.__name__] = (
+                    scenario(self, workdir), None)
+            except BaseException as exc:
+                self.results[scenario.__name__] = (None, exc)
+
+        t = threading.Thread(target=run, name=scenario.__name__,
+                             daemon=True)
+        self.threads[scenario.__name__] = t
+        t.start()
+
+    def result(self, name):
+        self.threads[name].join(EXAMPLE_TIMEOUT * 3)
+        assert not self.threads[name].is_alive(), f"{name} still running"
+        value, exc = self.results[name]
+        if exc is not None:
+            raise exc
+        return value
+
+    def transfers(self, disk):
+        return [t for t in self.engine.transfers.values() if t.disk is disk]
+
+
+def upload_download_raw(ex, workdir):
+    src = make_image(os.path.join(workdir, "src.raw"), "raw")
+    disk = ex.upload(src, "--sd-name", "nfs", "--disk-format", "raw",
+                     "--disk-sparse")
+    compare(src, disk.path)
+    dst = os.path.join(workdir, "dst.raw")
+    p = ex.run("download_disk.py", disk.id, dst, "--format", "raw")
+    assert "Download completed successfully" in p.stdout
+    return src, disk, dst
+
+
+def upload_qcow2(ex, workdir):
+    src = make_image(os.path.join(workdir, "src.qcow2"), "qcow2")
+    return src, ex.upload(src, "--sd-name", "nfs", "--disk-sparse")
+
+
+def upload_qcow2_to_raw_block_disk(ex, workdir):
+    # Format conversion through qemu-nbd; a preallocated raw disk is what
+    # a block domain allows.
+    src = make_image(os.path.join(workdir, "src.qcow2"), "qcow2")
+    return src, ex.upload(src, "--sd-name", "iscsi", "--disk-format", "raw")
+
+
+def download_qcow2(ex, workdir):
+    src = make_image(os.path.join(workdir, "src.qcow2"), "qcow2")
+    disk = ex.engine.add_disk_from_image(src)
+    dst = os.path.join(workdir, "dst.qcow2")
+    ex.run("download_disk.py", disk.id, dst)
+    return src, disk, dst
+
+
+def checksum_disk(ex, workdir):
+    src = make_image(os.path.join(workdir, "src.qcow2"), "qcow2")
+    disk = ex.engine.add_disk_from_image(src)
+    return src, disk, ex.run("checksum_disk.py", disk.id)
+
+
+def failed_uploads(ex, workdir):
+    src = make_image(os.path.join(workdir, "rejected.raw"), "raw")
+    block = ex.run("upload_disk.py", src, "--sd-name", "fcp",
+                   "--disk-format", "raw", "--disk-sparse", check=False)
+    unknown = ex.run("upload_disk.py", src, "--sd-name", "nosuch",
+                     "--disk-sparse", check=False)
+    return block, unknown
+
+
+def backup_full_and_incremental(ex, workdir):
+    src = make_image(os.path.join(workdir, "src.qcow2"), "qcow2")
+    disk = ex.engine.add_disk_from_image(src, backup="incremental")
+    vm = ex.engine.add_vm("vm1", [disk.id])
+    backup_dir = os.path.join(workdir, "backups")
+    os.mkdir(backup_dir)
+    full = ex.run("backup_vm.py", "full", vm.id, "--backup-dir", backup_dir)
+    full_files = glob.glob(os.path.join(backup_dir, "*.full.qcow2"))
+    assert len(full_files) == 1, full_files
+    compare(disk.path, full_files[0])
+    after_full = {
+        "checkpoints": list(vm.checkpoints),
+        "bitmaps": [b["name"] for b in image_info(disk.path)[
+            "format-specific"]["data"].get("bitmaps", [])],
+        "disk": (disk.status, disk.backup_mode),
+        "backups": [b.phase for b in ex.engine.backups.values()
+                    if b.vm is vm],
+    }
     # The guest writes 64 KiB (one bitmap granule) and zeroes 64 KiB.
     qemu_io(disk.path, "qcow2", "write -P 0x55 1m 64k", "write -z 0 64k")
+    incr = ex.run("backup_vm.py", "incremental", vm.id,
+                  "--from-checkpoint-uuid", vm.checkpoints[0].id,
+                  "--backup-dir", backup_dir)
+    return disk, vm, backup_dir, full, after_full, incr
 
-    p = run_example("backup_vm.py", "incremental", vm.id,
-                    "--from-checkpoint-uuid", checkpoint.id,
-                    "--backup-dir", backup_dir)
-    assert len(vm.checkpoints) == 2
-    assert vm.checkpoints[1].parent_id == checkpoint.id
-    incr, = backup_files(backup_dir, "incremental")
-    assert os.path.basename(full) in image_info(incr)["backing-filename"]
-    compare(disk.path, incr)
+
+SCENARIOS = (upload_download_raw, upload_qcow2,
+             upload_qcow2_to_raw_block_disk, download_qcow2, checksum_disk,
+             failed_uploads, backup_full_and_incremental)
+
+
+@pytest.fixture(scope="module")
+def ex(tmp_path_factory, pki, examples):
+    from ovirt_imageio import clock, config, server
+    tmp = str(tmp_path_factory.mktemp("examples"))
+    testutil.write_conf(tmp, testutil.daemon_conf(tmp, pki))
+    cfg = config.load(tmp, vendor_dir=os.path.join(tmp, "vendor"))
+    daemon = server.Daemon(cfg, clock=clock.FakeClock())
+    daemon.start()
+    try:
+        engine = start_engine(os.path.join(tmp, "store"), daemon, pki)
+        try:
+            examples = Examples(engine, examples, pki, tmp)
+            for scenario in SCENARIOS:
+                examples.start(scenario)
+            yield examples
+            for name in examples.threads:
+                examples.threads[name].join(EXAMPLE_TIMEOUT * 3)
+        finally:
+            engine.stop()
+    finally:
+        daemon.stop()
+        shutil.rmtree(cfg.daemon.run_dir, ignore_errors=True)
+
+
+def test_upload_download_raw(ex):
+    src, disk, dst = ex.result("upload_download_raw")
+    assert (disk.format, disk.sparse, disk.sd.name) == ("raw", True, "nfs")
+    assert image_info(disk.path)["format"] == "raw"
+    assert image_info(dst)["format"] == "raw"
+    compare(src, dst)
+    assert disk.status == "ok"
+    up, down = ex.transfers(disk)
+    assert (up.direction, up.phase) == ("upload", "finished_success")
+    assert (down.direction, down.phase) == ("download", "finished_success")
+
+
+def test_upload_qcow2(ex):
+    src, disk = ex.result("upload_qcow2")
+    assert (disk.format, disk.sparse) == ("cow", True)
+    info = image_info(disk.path)
+    assert info["format"] == "qcow2"
+    assert info["format-specific"]["data"]["compat"] == "1.1"
+    compare(src, disk.path)
+
+
+def test_upload_qcow2_to_raw_block_disk(ex):
+    src, disk = ex.result("upload_qcow2_to_raw_block_disk")
+    assert (disk.format, disk.sparse, disk.sd.block) == ("raw", False, True)
+    assert image_info(disk.path)["format"] == "raw"
+    compare(src, disk.path)
+
+
+def test_download_qcow2(ex):
+    src, disk, dst = ex.result("download_qcow2")
+    assert image_info(dst)["format"] == "qcow2"
+    compare(src, dst)
+    t, = ex.transfers(disk)
+    assert (t.direction, t.phase) == ("download", "finished_success")
+    assert disk.status == "ok"
+
+
+def test_checksum_disk(ex):
+    from ovirt_imageio import client
+    src, disk, p = ex.result("checksum_disk")
+    assert json.loads(p.stdout) == client.checksum(src)
+    assert disk.status == "ok"
+
+
+def test_failed_uploads(ex):
+    block, unknown = ex.result("failed_uploads")
+    # The engine's rule for block domains, as the SDK reports it.
+    assert block.returncode != 0
+    assert "Operation Failed" in block.stderr
+    assert "incompatible with the storage domain type" in block.stderr
+    assert unknown.returncode != 0
+    assert "404" in unknown.stderr
+    assert not [d for d in ex.engine.disks.values()
+                if d.name.startswith("rejected.")]
+
+
+def test_backup_full_and_incremental(ex):
+    disk, vm, backup_dir, full, after_full, incr = ex.result(
+        "backup_full_and_incremental")
+    checkpoint, = after_full["checkpoints"]
+    assert f"Created checkpoint '{checkpoint.id}'" in full.stdout
+    # The checkpoint's bitmap is on the volume; the disk was unlocked.
+    assert after_full["bitmaps"] == [checkpoint.id]
+    assert after_full["disk"] == ("ok", None)
+    assert after_full["backups"] == ["succeeded"]
+
+    assert [c.parent_id for c in vm.checkpoints] == [None, checkpoint.id]
+    assert f"Created checkpoint '{vm.checkpoints[1].id}'" in incr.stdout
+    incr_file, = glob.glob(os.path.join(backup_dir, "*.incremental.qcow2"))
+    full_file, = glob.glob(os.path.join(backup_dir, "*.full.qcow2"))
+    assert os.path.basename(full_file) in \
+        image_info(incr_file)["backing-filename"]
+    compare(disk.path, incr_file)
     # Only the dirty granule carries data; the zeroed one is a zero
     # cluster, not a copy.
-    assert top_data(incr) == 64 * 1024
-    assert_no_tickets(engine)
+    assert top_data(incr_file) == 64 * 1024
+    assert (disk.status, disk.backup_mode) == ("ok", None)
+
+
+def test_examples_clean_up(ex):
+    for name in ex.threads:
+        ex.result(name)
+    # Every transfer finished, its ticket removed and qemu-nbd stopped;
+    # every token the examples got was revoked by their logout.
+    for t in ex.engine.transfers.values():
+        assert t.phase in ("finished_success", "finished_failure")
+        assert t.ticket_id is None and t.nbd is None
+    assert len(ex.engine.daemon.store) == 0
+    assert not ex.engine.tokens
 
 
 # The simulator's state machines and faults through the SDK, in process
@@ -493,6 +592,32 @@ def test_poll_extends_ticket(engine, connection):
     assert engine.daemon.api.get(ticket_id)["expires"] == expires + 100
     service.cancel()
     wait_phase(service, "finished_failure")
+
+
+def test_search_local_host(engine, connection):
+    # helpers/imagetransfer.py find_host(), on an oVirt host.
+    system = connection.system_service()
+    dcs = system.data_centers_service().list(search="storage.name=iscsi",
+                                             case_sensitive=True)
+    assert [dc.name for dc in dcs] == ["dc1"]
+    assert system.data_centers_service().list(
+        search="storage.name=nosuch", case_sensitive=True) == []
+    hosts = system.hosts_service()
+    found = hosts.list(search=f"hw_id={engine.host.hw_id} and "
+                       "datacenter=dc1 and status=Up", case_sensitive=True)
+    assert [h.id for h in found] == [engine.host.id]
+    assert hosts.list(search="hw_id=other and datacenter=dc1 and "
+                      "status=Up", case_sensitive=True) == []
+
+
+def test_transfer_of_running_vm_disk(engine, connection, tmp_path):
+    import ovirtsdk4 as sdk
+    disk = engine.add_disk_from_image(make_image(tmp_path / "s", "raw"),
+                                      fmt="raw")
+    engine.add_vm("vm1", [disk.id], status="up")
+    with pytest.raises(sdk.Error, match="running.*409"):
+        start_transfer(connection, disk, "download")
+    assert disk.status == "ok"
 
 
 def test_download_is_read_only(engine, connection, tmp_path):
