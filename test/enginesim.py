@@ -425,7 +425,7 @@ class ImageioControl:
     def remove(self, ticket_id):
         """Return True once removed, False while the daemon answers 409."""
         status, data = self._request("DELETE", ticket_id)
-        if status in (200, 204):
+        if status in (200, 204, 404):
             return True
         if status == 409:
             return False
@@ -448,6 +448,23 @@ def supports_direct_io(path):
         return False
     os.close(fd)
     return True
+
+
+def nbd_greets(sock, timeout=5):
+    """Whether an NBD server on the unix socket sock sends its greeting."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(sock)
+            greeting = b""
+            while len(greeting) < 8:
+                chunk = s.recv(8 - len(greeting))
+                if not chunk:
+                    return False
+                greeting += chunk
+        except OSError:
+            return False
+    return greeting == b"NBDMAGIC"
 
 
 def qemu_nbd_command(sock, path, fmt, readonly, discard, bitmap=None,
@@ -870,10 +887,7 @@ class Engine:
             self._stop_nbd(t)
             with self.lock:
                 t.ticket_id = None
-                t.phase = ("paused_system" if t.direction == "upload"
-                           else "cancelled_system")
-                self.event(1033, f"Transfer {t.id} failed to start: {exc}",
-                           t.id, disk.id)
+                self._system_failure(t, f"failed to start: {exc}")
             return
         with self.lock:
             t.transfer_url = (f"https://{self.host.address}:"
@@ -892,8 +906,11 @@ class Engine:
         return -(-disk.provisioned_size * 11 // 10) + (1 << 20)
 
     def _wait_for_socket(self, proc, sock, timeout=COMMAND_TIMEOUT):
+        """Wait until qemu-nbd greets on sock. The socket alone proves
+        nothing: qemu-nbd creates it before opening the image, and leaves
+        it behind when the image cannot be opened."""
         deadline = time.monotonic() + timeout
-        while not os.path.exists(sock):
+        while not nbd_greets(sock):
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"qemu-nbd exited {proc.returncode}: "
@@ -927,8 +944,7 @@ class Engine:
             log.error("Monitoring transfer %s failed: %s", t.id, exc)
             with self.lock:
                 if t.phase == "transferring":
-                    t.phase = ("paused_system" if t.direction == "upload"
-                               else "cancelled_system")
+                    self._system_failure(t, f"failed: {exc}")
             return
         with self.lock:
             t.active = status.get("active", False)
@@ -937,6 +953,16 @@ class Engine:
             if (t.phase == "transferring" and t.inactivity_timeout
                     and not t.active and idle > t.inactivity_timeout):
                 self._inactive(t)
+
+    def _system_failure(self, t, why):
+        """The engine stops a transfer: an upload pauses (the user may
+        resume or cancel), a download is cancelled and ends."""
+        self.event(1033, f"Transfer {t.id} {why}", t.id, t.disk.id)
+        if t.direction == "upload":
+            t.phase = "paused_system"
+        else:
+            t.phase = "cancelled_system"
+            self.later(self._finish_failed, t)
 
     def _inactive(self, t):
         policy = t.timeout_policy

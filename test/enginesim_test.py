@@ -410,10 +410,16 @@ def connection(engine, pki):
 
 
 def wait_phase(service, *phases):
+    seen = []
+
     def reached():
         entity = service.get()
-        return entity if str(entity.phase.value) in phases else None
-    return testutil.wait_for(reached, message=f"phase in {phases}")
+        seen.append(entity.phase and entity.phase.value)
+        return entity if seen[-1] in phases else None
+    try:
+        return testutil.wait_for(reached, message=f"phase in {phases}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last phase {seen[-1]}") from None
 
 
 def new_disk(connection, sd_name="nfs", fmt="cow", sparse=True, size=MiB,
@@ -659,6 +665,50 @@ def test_cancel_download_keeps_disk(engine, connection, tmp_path):
     service.cancel()
     wait_phase(service, "finished_failure")
     assert disk.status == "ok" and not disk.removed
+
+
+def test_upload_start_failure_pauses(engine, connection):
+    disk = new_disk(connection)
+    os.unlink(engine.disks[disk.id].path)  # qemu-nbd cannot open it
+    transfers = connection.system_service().image_transfers_service()
+    from ovirtsdk4 import types
+    t = transfers.add(types.ImageTransfer(disk=types.Disk(id=disk.id),
+                                          format=types.DiskFormat.RAW))
+    service = transfers.image_transfer_service(t.id)
+    wait_phase(service, "paused_system")
+    assert engine.transfers[t.id].nbd is None
+    assert any("failed to start" in e["description"] for e in engine.events)
+    service.cancel()
+    wait_phase(service, "finished_failure")
+    assert engine.disks[disk.id].removed
+
+
+def test_download_start_failure_ends(engine, connection, tmp_path):
+    disk = engine.add_disk_from_image(make_image(tmp_path / "s", "raw"),
+                                      fmt="raw")
+    os.unlink(disk.path)
+    transfers = connection.system_service().image_transfers_service()
+    from ovirtsdk4 import types
+    t = transfers.add(types.ImageTransfer(
+        disk=types.Disk(id=disk.id), format=types.DiskFormat.RAW,
+        direction=types.ImageTransferDirection.DOWNLOAD))
+    wait_phase(transfers.image_transfer_service(t.id), "finished_failure")
+    assert disk.status == "ok" and not disk.removed
+
+
+def test_lost_ticket_ends_download(engine, connection, tmp_path):
+    disk = engine.add_disk_from_image(make_image(tmp_path / "s", "raw"),
+                                      fmt="raw")
+    service, t = start_transfer(connection, disk, "download")
+    sim = engine.transfers[t.id]
+    resp, _ = engine.daemon.api.delete(sim.ticket_id)
+    assert resp.status == 204
+    # The next poll fails to get the ticket: the engine cancels.
+    assert service.get().phase.value in ("cancelled_system",
+                                         "finished_failure")
+    wait_phase(service, "finished_failure")
+    assert sim.nbd is None
+    assert disk.status == "ok"
 
 
 def test_upload_failing_verification_removes_disk(engine, connection, pki):
