@@ -16,6 +16,31 @@ engine and vdsm do behind each call (/work/shared/ENGINE-SIM.md).
 
 Not the product: this module lives with the tests.
 
+State: everything is in the Engine, under engine.lock: entities by id
+(disks, transfers, VMs with their checkpoints, backups), events, SSO
+tokens. A transfer's ticket calls to the daemon are serialized by its
+own lock. Background steps run in threads started by Engine.later().
+
+Transfer phases (ENGINE-SIM.md 2.8), as this simulator moves them:
+
+    initializing -> transferring         qemu-nbd greets, ticket added
+    initializing -> paused_system        upload that failed to start
+    initializing -> cancelled_system     download that failed to start
+                 -> finished_failure
+    transferring -> finalizing_success   finalize: ticket removed,
+                 -> finished_success     qemu-nbd stopped, upload verified
+    finalizing_success -> finalizing_failure -> finished_failure
+                                         verification failed (disk removed)
+    transferring -> cancelled_user -> finalizing_cleanup
+                 -> finished_cleanup -> finished_failure   (cancel)
+    transferring -> paused_user -> resuming -> transferring
+    transferring -> paused_system | cancelled_system  idle past the
+                                         inactivity timeout (by policy) or
+                                         ticket lost; cancelled ends in
+                                         finished_failure
+
+An upload's disk is removed when its transfer ends in finished_failure.
+
     engine = Engine(store_dir, control_socket, daemon_port, pki)
     engine.start()
     engine.url              # https://127.0.0.1:PORT (the SDK adds the path)
