@@ -4,8 +4,12 @@ example scripts (ovirt-engine-sdk-python 4.6.3, from its sdist on PyPI),
 against our daemon and real qemu-nbd: what they upload, download and back
 up compares equal with qemu-img compare.
 
+Upstream's ovirt-img 2.5.1 (the anchor venv, test/upstream.py) runs the
+same way: the reference for our own ovirt-img.
+
 The examples poll the engine every second (time.sleep(1) in the scripts),
-so each run takes a few seconds however fast the simulator is.
+so each run takes a few seconds however fast the simulator is; they run
+concurrently (see Examples).
 """
 
 import fcntl
@@ -141,6 +145,7 @@ class Examples:
         self.engine = engine
         self.examples = examples
         self.tmp = tmp
+        self.ca_file = pki["ca_file"]
         home = os.path.join(tmp, "home")
         os.makedirs(os.path.join(home, ".config"))
         with open(os.path.join(home, ".config", "ovirt.conf"), "w") as f:
@@ -275,13 +280,54 @@ def backup_full_and_incremental(ex, workdir):
     return disk, vm, backup_dir, full, after_full, incr
 
 
+def upstream_ovirt_img(ex, workdir):
+    """Upstream's ovirt-img 2.5.1 (the anchor venv), the client our own
+    ovirt-img must match, through the same engine and daemon."""
+    src = make_image(os.path.join(workdir, "src.qcow2"), "qcow2", 8 * MiB)
+    password = os.path.join(workdir, "password")
+    with open(password, "w") as f:
+        f.write("password\n")
+    common = ["--engine-url", ex.engine.url, "--username", "admin@internal",
+              "--password-file", password, "--cafile", ex.ca_file,
+              "-o", "json"]
+
+    def run(*args):
+        p = subprocess.run(
+            [ex.ovirt_img, *args], env=ex.upstream_env, cwd=workdir,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            timeout=EXAMPLE_TIMEOUT)
+        assert p.returncode == 0, f"ovirt-img {args[0]}: {p.stderr}"
+        return [json.loads(line) for line in p.stdout.splitlines()]
+
+    up = run("upload-disk", *common, "-s", "nfs", src)
+    disk, = [d for d in ex.engine.disks.values()
+             if d.name == "src" and not d.removed]
+    dst = os.path.join(workdir, "dst.raw")
+    down = run("download-disk", *common, "-f", "raw", disk.id, dst)
+    return src, disk, dst, up, down
+
+
 SCENARIOS = (upload_download_raw, upload_qcow2,
              upload_qcow2_to_raw_block_disk, download_qcow2, checksum_disk,
-             failed_uploads, backup_full_and_incremental)
+             failed_uploads, backup_full_and_incremental, upstream_ovirt_img)
+
+
+def sdk_path(directory):
+    """A directory for PYTHONPATH holding only the SDK and pycurl of this
+    venv: upstream's venv lacks them, and this venv's site-packages would
+    shadow upstream's ovirt_imageio."""
+    import ovirtsdk4
+    site = os.path.dirname(os.path.dirname(ovirtsdk4.__file__))
+    os.makedirs(directory)
+    for name in ("ovirtsdk4", "pycurl", "pycurl.libs", "curl"):
+        if os.path.exists(os.path.join(site, name)):
+            os.symlink(os.path.join(site, name),
+                       os.path.join(directory, name))
+    return directory
 
 
 @pytest.fixture(scope="module")
-def ex(tmp_path_factory, pki, examples):
+def ex(tmp_path_factory, pki, examples, upstream_venv):
     from ovirt_imageio import clock, config, server
     tmp = str(tmp_path_factory.mktemp("examples"))
     testutil.write_conf(tmp, testutil.daemon_conf(tmp, pki))
@@ -292,6 +338,11 @@ def ex(tmp_path_factory, pki, examples):
         engine = start_engine(os.path.join(tmp, "store"), daemon, pki)
         try:
             examples = Examples(engine, examples, pki, tmp)
+            examples.ovirt_img = os.path.join(upstream_venv, "bin",
+                                              "ovirt-img")
+            examples.upstream_env = dict(
+                os.environ, PYTHONSAFEPATH="1",
+                PYTHONPATH=sdk_path(os.path.join(tmp, "sdk")))
             for scenario in SCENARIOS:
                 examples.start(scenario)
             yield examples
@@ -381,6 +432,19 @@ def test_backup_full_and_incremental(ex):
     # cluster, not a copy.
     assert top_data(incr_file) == 64 * 1024
     assert (disk.status, disk.backup_mode) == ("ok", None)
+
+
+def test_upstream_ovirt_img(ex):
+    src, disk, dst, up, down = ex.result("upstream_ovirt_img")
+    # ovirt-img's defaults: a sparse qcow2 disk with incremental backup.
+    assert (disk.format, disk.sparse, disk.backup) == \
+        ("cow", True, "incremental")
+    compare(src, disk.path)
+    compare(src, dst)
+    assert image_info(dst)["format"] == "raw"
+    assert up[-1]["description"] == "upload completed"
+    assert down[-1]["description"] == "download completed"
+    assert up[-1]["transferred"] == down[-1]["transferred"] == 8 * MiB
 
 
 def test_examples_clean_up(ex):
