@@ -365,6 +365,9 @@ class Transfer:
         self.timeout_policy = timeout_policy
         self.shallow = shallow
         self.phase = "initializing"
+        # The ticket's id, kept when the engine adds the ticket again on
+        # resume; ticket_id is set while the ticket is on the daemon.
+        self.ticket_uuid = str(uuid.uuid4())
         self.ticket_id = None
         self.transfer_url = None
         self.active = False
@@ -597,7 +600,10 @@ class Engine:
         with self.lock:
             transfers = list(self.transfers.values())
         for t in transfers:
-            self._teardown(t)
+            try:
+                self._teardown(t)
+            except Exception as exc:
+                log.warning("Cannot tear down transfer %s: %s", t.id, exc)
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -863,15 +869,20 @@ class Engine:
         return t
 
     def _start_transfer(self, t):
+        """Prepare the image, start qemu-nbd and add the ticket; also on
+        resume when the ticket is gone (a system pause)."""
         with self.lock:
-            if t.phase != "initializing":
+            if t.phase not in ("initializing", "resuming"):
+                return
+            if t.ticket_id:
+                t.phase = "transferring"
                 return
             t.host = self.host
         disk = t.disk
         readonly = t.direction == "download"
         file_sd = not disk.sd.block
+        self._stop_nbd(t)
         try:
-            t.ticket_id = str(uuid.uuid4())
             if t.backend == "nbd":
                 sock = os.path.join(self.run_dir, f"{t.id}.sock")
                 bitmap = None
@@ -893,7 +904,7 @@ class Engine:
                 url = f"file://{disk.path}"
                 size = self._file_ticket_size(t)
             ticket = {
-                "uuid": t.ticket_id,
+                "uuid": t.ticket_uuid,
                 "timeout": self.ticket_timeout,
                 "inactivity_timeout": t.inactivity_timeout,
                 "size": size,
@@ -906,6 +917,7 @@ class Engine:
             }
             with t.lock:
                 self.imageio.add(ticket)
+                t.ticket_id = t.ticket_uuid
                 t.extended = time.monotonic()
         except Exception as exc:
             log.error("Starting transfer %s failed: %s", t.id, exc)
@@ -916,8 +928,8 @@ class Engine:
             return
         with self.lock:
             t.transfer_url = (f"https://{self.host.address}:"
-                              f"{self.daemon_port}/images/{t.ticket_id}")
-            if t.phase == "initializing":
+                              f"{self.daemon_port}/images/{t.ticket_uuid}")
+            if t.phase in ("initializing", "resuming"):
                 t.phase = "transferring"
 
     def _file_ticket_size(self, t):
@@ -1028,16 +1040,11 @@ class Engine:
                 if phase not in ("paused_user", "paused_system"):
                     raise conflict("Cannot resume transfer.")
                 t.phase = "resuming"
-                self.later(self._resumed, t)
+                self.later(self._start_transfer, t)
             elif action == "extend":
                 pass
             else:
                 raise not_found("action", action)
-
-    def _resumed(self, t):
-        with self.lock:
-            if t.phase == "resuming":
-                t.phase = "transferring"
 
     def _teardown(self, t):
         """Remove the ticket and stop qemu-nbd; raise if the daemon would

@@ -747,6 +747,42 @@ def test_upload_start_failure_pauses(engine, connection):
     assert engine.disks[disk.id].removed
 
 
+def test_resume_after_system_pause(engine, connection):
+    from ovirtsdk4 import types
+    disk = new_disk(connection, fmt="raw")
+    path = engine.disks[disk.id].path
+    os.rename(path, path + ".away")  # the storage goes away
+    transfers = connection.system_service().image_transfers_service()
+    t = transfers.add(types.ImageTransfer(disk=types.Disk(id=disk.id),
+                                          format=types.DiskFormat.RAW))
+    service = transfers.image_transfer_service(t.id)
+    wait_phase(service, "paused_system")
+    assert engine.transfers[t.id].ticket_id is None
+    os.rename(path + ".away", path)  # and comes back
+    service.resume()
+    t = wait_phase(service, "transferring")
+    sim = engine.transfers[t.id]
+    assert t.transfer_url.endswith(f"/images/{sim.ticket_uuid}")
+    assert engine.daemon.api.get(sim.ticket_id)["transfer_id"] == t.id
+    service.finalize()
+    wait_phase(service, "finished_success")
+    assert engine.disks[disk.id].status == "ok"
+
+
+def test_pause_and_resume_keep_ticket(engine, connection):
+    disk = new_disk(connection)
+    service, t = start_transfer(connection, disk)
+    ticket_id = engine.transfers[t.id].ticket_id
+    service.pause()
+    assert service.get().phase.value == "paused_user"
+    service.resume()
+    wait_phase(service, "transferring")
+    assert engine.transfers[t.id].ticket_id == ticket_id
+    assert engine.daemon.api.get(ticket_id)["transfer_id"] == t.id
+    service.cancel()
+    wait_phase(service, "finished_failure")
+
+
 def test_download_start_failure_ends(engine, connection, tmp_path):
     disk = engine.add_disk_from_image(make_image(tmp_path / "s", "raw"),
                                       fmt="raw")
