@@ -4,8 +4,10 @@
 PYTHON := /usr/bin/python3
 VENV := .venv
 DEV := .dev
+# libxml2-dev: the oVirt SDK (ovirt-engine-sdk-python, an sdist) compiles
+# a small C extension against it; pycurl comes from a wheel.
 SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
-	curl openssl gcc python3-dev rpm
+	curl openssl gcc python3-dev rpm libxml2-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its
