@@ -4,8 +4,10 @@
 PYTHON := /usr/bin/python3
 VENV := .venv
 DEV := .dev
+# libxml2-dev: the oVirt SDK (ovirt-engine-sdk-python, an sdist) compiles
+# a small C extension against it; pycurl comes from a wheel.
 SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
-	curl openssl gcc python3-dev rpm
+	curl openssl gcc python3-dev rpm libxml2-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its
@@ -21,10 +23,25 @@ SDIST := $(DIST)/ovirt_imageio-$(VERSION).tar.gz
 RPM_TOPDIR := $(CURDIR)/build/rpmbuild
 RPMBUILD_ARGS ?= --nodeps
 
-.PHONY: check demo run bench venv system-packages clean dist rpm
+.PHONY: check stress demo run bench venv system-packages clean dist rpm
 
 check: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The long runs, outside make check's time: the property tests with the
+# stress hypothesis profile (test/properties.py), the fuzzer for
+# IMAGEIO_FUZZ_SECONDS and the load test for IMAGEIO_LOAD_SECONDS, each
+# printing its figures. -m overrides pyproject's "not stress".
+STRESS_TESTS := test/fuzz_test.py test/load_test.py \
+	$(wildcard test/*_property_test.py test/*/*_property_test.py)
+IMAGEIO_FUZZ_SECONDS ?= 600
+IMAGEIO_LOAD_SECONDS ?= 120
+
+stress: venv
+	IMAGEIO_STRESS=1 IMAGEIO_FUZZ_SECONDS=$(IMAGEIO_FUZZ_SECONDS) \
+		IMAGEIO_LOAD_SECONDS=$(IMAGEIO_LOAD_SECONDS) \
+		$(VENV)/bin/python -m pytest -m "stress or not stress" \
+		--timeout 0 $(STRESS_TESTS) $(PYTEST_ARGS)
 
 # The main job end to end: a daemon, qemu-nbd, an image uploaded and
 # downloaded over HTTPS with progress, verified by checksum.

@@ -662,6 +662,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # request.
             self.close_connection = True
             return False
+        if self.headers.defects or self.headers.get_payload():
+            # A line the stdlib cannot read as a header (no colon, space
+            # before it, a fold first), or a bare CR (a line end to its
+            # header parser), silently ends the headers: those after it,
+            # Content-Length among them, would be dropped and the body
+            # read as the next request. RFC 9112 5.1, 2.2: reject.
+            self.send_error(400, "Invalid header line")
+            return False
         return True
 
     def _linger(self):

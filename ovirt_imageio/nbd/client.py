@@ -275,12 +275,14 @@ def open(address, *, dirty=False, timeout=None, interrupt=None):
             h.add_meta_context(extents.ALLOCATION_DEPTH)
 
         # libnbd owns (and closes) the duplicate; ours is for shutdown(2).
+        # It owns it from this call on, even when the call fails: the
+        # state machine starts at once, and a socket already shut down by
+        # the Interrupt makes it close the descriptor and fail. Closing it
+        # here too closed a number another thread had just been given
+        # (seen: a test client's socket, and an HTTP client receiving
+        # another connection's bytes).
         fd = os.dup(sock.fileno())
-        try:
-            h.aio_connect_socket(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        h.aio_connect_socket(fd)
         waiter.connecting("connect")
 
         bitmap = None
