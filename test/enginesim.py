@@ -54,7 +54,6 @@ Run as a script for a manual session:
 """
 
 import argparse
-import http.client
 import http.server
 import json
 import logging
@@ -72,6 +71,8 @@ import time
 import urllib.parse
 import uuid
 import xml.etree.ElementTree as ET
+
+from ovirt_imageio import admin
 
 log = logging.getLogger("enginesim")
 
@@ -400,18 +401,6 @@ class Transfer:
 # vdsm's side: the daemon's control socket and qemu-nbd.
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-
-    def __init__(self, path, timeout=30):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
 class ImageioControl:
     """vdsm's imagetickets.py: one connection per call."""
 
@@ -420,7 +409,7 @@ class ImageioControl:
         self.timeout = timeout
 
     def _request(self, method, ticket_id, body=None):
-        conn = UnixHTTPConnection(self.path, self.timeout)
+        conn = admin.UnixHTTPConnection(self.path, self.timeout)
         try:
             headers = {}
             if body is not None:
