@@ -79,6 +79,8 @@ class ProgressBar:
         # Percent drawn last; -1 so that the first update draws 0%.
         self._value = -1
         self._closed = False
+        self._drawn = self._start
+        self._state = None
         self._draw()
 
     @property
@@ -119,6 +121,13 @@ class ProgressBar:
                     self._value = value
                     self._draw()
 
+    def refresh(self, max_age=1.0):
+        """Redraw if nothing was drawn for max_age seconds, so that a
+        long phase (a wait, a slow transfer) shows it is alive."""
+        with self._lock:
+            if not self._closed and self._now() - self._drawn >= max_age:
+                self._draw()
+
     def close(self):
         with self._lock:
             if not self._closed:
@@ -134,8 +143,14 @@ class ProgressBar:
         self.close()
 
     def _draw(self, last=False):
-        elapsed = self._now() - self._start
+        self._drawn = self._now()
+        elapsed = self._drawn - self._start
         if self._format == FORMAT_JSON:
+            # The last record repeats nothing: one line per state.
+            state = (self._phase, self._done, self._size)
+            if last and state == self._state:
+                return
+            self._state = state
             record = {"transferred": self._done, "elapsed": elapsed,
                       "description": self._phase or ""}
             if self._size is not None:
@@ -154,3 +169,32 @@ class ProgressBar:
     def _write(self, line, end):
         self._output.write(line + end)
         self._output.flush()
+
+
+class Ticker:
+    """
+    Refresh a ProgressBar from a thread while the block runs: never
+    silent for more than interval seconds.
+
+        with ProgressBar() as bar, Ticker(bar):
+            ...
+    """
+
+    def __init__(self, bar, interval=1.0):
+        self._bar = bar
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress",
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(self._interval / 4):
+            self._bar.refresh(self._interval)

@@ -1,0 +1,419 @@
+"""
+ovirt-img's side of the oVirt engine, through the oVirt SDK
+(ovirt-engine-sdk-python 4.6.3): the disks, storage domains, hosts and
+image transfers of ENGINE-SIM.md sections 1.1 and 1.2.
+
+Every engine error comes out as Error with one line that says what was
+being done and the engine's fault reason and detail, never the SDK's
+traceback. Every wait has a deadline.
+
+Polling. The engine moves a transfer or a disk forward in the
+background; clients poll. Upstream sleeps 1 s before every poll, which
+costs about a second per wait even when the engine is done at once. Here
+the first poll comes after 50 ms and the interval doubles up to 1 s
+(Poller), so a wait costs what the engine takes, plus at most half of it.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import time
+
+log = logging.getLogger("ovirt")
+
+API_PATH = "/ovirt-engine/api"
+
+# Where vdsm keeps this host's hardware id; ovirt-img runs the transfer
+# on this host when the file names one the engine knows.
+VDSM_ID = "/etc/vdsm/vdsm.id"
+VDSM_ID_ENV = "OVIRT_IMG_VDSM_ID"
+
+# Seconds. One engine request (the SDK's total time per request).
+REQUEST_TIMEOUT = 120
+# Waiting for a transfer to start, to finalize and to be cancelled.
+START_TIMEOUT = 60
+FINALIZE_TIMEOUT = 300
+CANCEL_TIMEOUT = 60
+
+# Poll intervals: the first, then doubling up to the last.
+POLL_FIRST = 0.05
+POLL_MAX = 1.0
+
+# A vdsm hardware id: a UUID or a similar token; nothing that could
+# change the meaning of the engine's search query.
+_HW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+class Error(Exception):
+    """A failure to report in one line."""
+
+
+class Poller:
+    """
+    Intervals for polling something that changes soon: POLL_FIRST, then
+    doubling up to POLL_MAX, until the deadline (time.monotonic()).
+    """
+
+    def __init__(self, timeout, what, sleep=time.sleep,
+                 now=time.monotonic):
+        self.what = what
+        self._sleep = sleep
+        self._now = now
+        self._deadline = now() + timeout
+        self._timeout = timeout
+        self._interval = POLL_FIRST
+
+    def wait(self):
+        """Sleep until the next poll; raise Error past the deadline."""
+        left = self._deadline - self._now()
+        if left <= 0:
+            raise Error(f"Timed out after {self._timeout} seconds waiting "
+                        f"for {self.what}")
+        self._sleep(min(self._interval, left))
+        self._interval = min(self._interval * 2, POLL_MAX)
+
+
+def _sdk():
+    try:
+        import ovirtsdk4
+        import ovirtsdk4.types
+    except ImportError as e:
+        raise Error(
+            f"ovirt-img needs the oVirt engine SDK (ovirt-engine-sdk-python"
+            f"; pip install 'ovirt-imageio[sdk]'): {e}") from None
+    return ovirtsdk4
+
+
+def describe(e):
+    """One line for an SDK error: the engine's fault reason and detail
+    and the HTTP status, or the SDK's message."""
+    fault = getattr(e, "fault", None)
+    if fault is not None and (fault.reason or fault.detail):
+        parts = [p for p in (fault.reason, fault.detail) if p]
+        msg = ": ".join(parts)
+        code = getattr(e, "code", None)
+        return f"{msg} (HTTP {code})" if code else msg
+    msg = " ".join(str(e).split())
+    return msg or type(e).__name__
+
+
+class Engine:
+    """
+    A connection to the engine: log in with the first request, log out
+    on close().
+    """
+
+    def __init__(self, engine_url, username, password, cafile=None,
+                 secure=True, debug=False, timeout=REQUEST_TIMEOUT):
+        self.sdk = _sdk()
+        self.types = self.sdk.types
+        if secure and cafile is not None and not os.path.isfile(cafile):
+            raise Error(f"CA file {cafile} does not exist")
+        self.url = engine_url
+        with self.step(f"Cannot connect to {engine_url}"):
+            self.connection = self.sdk.Connection(
+                url=engine_url + API_PATH,
+                username=username,
+                password=password,
+                ca_file=cafile,
+                insecure=not secure,
+                debug=debug,
+                log=logging.getLogger("ovirtsdk") if debug else None,
+                timeout=timeout)
+        self.system = self.connection.system_service()
+
+    def close(self):
+        # Log out. The transfer is done (or failed) by now: a failed
+        # logout is not the command's failure.
+        try:
+            self.connection.close()
+        except self.sdk.Error as e:
+            log.warning("Cannot log out of %s: %s", self.url, describe(e))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def step(self, what):
+        """Turn the SDK's errors in the block into Error("what: why")."""
+        try:
+            yield
+        except self.sdk.Error as e:
+            raise Error(f"{what}: {describe(e)}") from e
+
+    def _not_found(self, e):
+        return isinstance(e, self.sdk.NotFoundError)
+
+    # Storage domains, hosts.
+
+    def storage_domain(self, name):
+        """The storage domain named name; Error if there is none."""
+        with self.step("Cannot list storage domains"):
+            sds = self.system.storage_domains_service().list()
+        for sd in sds:
+            if sd.name == name:
+                return sd
+        names = ", ".join(sorted(sd.name for sd in sds if sd.name))
+        raise Error(f"No storage domain named {name!r} (there are: "
+                    f"{names or 'none'})")
+
+    def storage_domain_by_id(self, sd_id):
+        with self.step(f"Cannot get storage domain {sd_id}"):
+            return self.system.storage_domains_service().storage_domain_service(
+                sd_id).get()
+
+    def is_block(self, sd):
+        """True for a block storage domain (iscsi, fcp): its volumes are
+        logical volumes, allocated up front."""
+        storage = sd.storage
+        kind = storage.type if storage is not None else None
+        return kind is not None and kind.value in ("iscsi", "fcp")
+
+    def this_host(self, sd_name, vdsm_id=None):
+        """
+        The host this command runs on, if it is an oVirt host the engine
+        has Up in the storage domain's data center, else None.
+        """
+        hw_id = read_vdsm_id(vdsm_id)
+        if hw_id is None:
+            return None
+        with self.step(f"Cannot find the data center of storage domain "
+                       f"{sd_name}"):
+            dcs = self.system.data_centers_service().list(
+                search=f"storage.name={_search_value(sd_name)}",
+                case_sensitive=True)
+        if not dcs:
+            raise Error(f"Storage domain {sd_name} is not attached to a "
+                        f"data center")
+        with self.step("Cannot look up this host"):
+            hosts = self.system.hosts_service().list(
+                search=(f"hw_id={hw_id} and "
+                        f"datacenter={_search_value(dcs[0].name)} "
+                        f"and status=Up"),
+                case_sensitive=True)
+        if not hosts:
+            log.info("This host (hardware id %s) is not an Up host of data "
+                     "center %s", hw_id, dcs[0].name)
+            return None
+        log.info("Transferring on this host: %s", hosts[0].name)
+        return hosts[0]
+
+    # Disks.
+
+    def disk_service(self, disk_id):
+        return self.system.disks_service().disk_service(disk_id)
+
+    def get_disk(self, disk_id):
+        with self.step(f"Cannot get disk {disk_id}"):
+            return self.disk_service(disk_id).get()
+
+    def add_disk(self, **params):
+        """Create a disk: params as types.Disk's, with storage_domain the
+        storage domain's name."""
+        types = self.types
+        sd_name = params.pop("storage_domain")
+        disk = types.Disk(
+            storage_domains=[types.StorageDomain(name=sd_name)], **params)
+        with self.step("Cannot create disk"):
+            return self.system.disks_service().add(disk)
+
+    def wait_for_disk(self, disk_id, timeout, on_poll=None):
+        """Wait until the new disk is ok; Error if it becomes illegal,
+        disappears or stays locked past timeout."""
+        status = self.types.DiskStatus
+        poller = Poller(timeout, f"disk {disk_id} to be created")
+        while True:
+            poller.wait()
+            try:
+                disk = self.disk_service(disk_id).get()
+            except self.sdk.NotFoundError:
+                raise Error(f"Disk {disk_id} was removed while it was "
+                            f"created") from None
+            except self.sdk.Error as e:
+                raise Error(f"Cannot get disk {disk_id}: "
+                            f"{describe(e)}") from e
+            if disk.status == status.OK:
+                return disk
+            if disk.status == status.ILLEGAL:
+                raise Error(f"Disk {disk_id} became ILLEGAL")
+
+    def remove_disk(self, disk_id, timeout=CANCEL_TIMEOUT):
+        """
+        Remove a disk this command created. A disk that is still locked
+        (being created) cannot be removed yet: wait for it.
+        """
+        status = self.types.DiskStatus
+        poller = Poller(timeout, f"disk {disk_id} to be unlocked")
+        while True:
+            try:
+                disk = self.disk_service(disk_id).get()
+            except self.sdk.NotFoundError:
+                return
+            except self.sdk.Error as e:
+                raise Error(f"Cannot remove disk {disk_id}: "
+                            f"{describe(e)}") from e
+            if disk.status != status.LOCKED:
+                break
+            poller.wait()
+        with self.step(f"Cannot remove disk {disk_id}"):
+            try:
+                self.disk_service(disk_id).remove()
+            except self.sdk.NotFoundError:
+                pass
+
+    # Image transfers.
+
+    def transfer_service(self, transfer_id):
+        return self.system.image_transfers_service().image_transfer_service(
+            transfer_id)
+
+    def add_transfer(self, disk, direction, host=None):
+        """Create an image transfer of disk (raw: the guest's view, over
+        NBD), cancelled by the engine if the client goes away."""
+        types = self.types
+        transfer = types.ImageTransfer(
+            disk=types.Disk(id=disk.id),
+            host=types.Host(id=host.id) if host is not None else None,
+            direction=types.ImageTransferDirection(direction),
+            format=types.DiskFormat.RAW,
+            timeout_policy=types.ImageTransferTimeoutPolicy.CANCEL)
+        with self.step(f"Cannot create {direction} transfer for disk "
+                       f"{disk.id}"):
+            return self.system.image_transfers_service().add(transfer)
+
+    def wait_for_transfer(self, transfer, timeout=START_TIMEOUT):
+        """
+        Wait until the transfer is transferring and return it. Any other
+        outcome raises Error; the caller cancels (upload) or finalizes
+        (download).
+        """
+        phase = self.types.ImageTransferPhase
+        service = self.transfer_service(transfer.id)
+        poller = Poller(timeout, f"transfer {transfer.id} to start")
+        current = transfer
+        while True:
+            if current.phase == phase.TRANSFERRING:
+                return current
+            if current.phase not in (phase.INITIALIZING, phase.RESUMING,
+                                     phase.UNKNOWN):
+                name = current.phase.value if current.phase else "unknown"
+                raise Error(f"Transfer {transfer.id} did not start: phase "
+                            f"is {name}")
+            poller.wait()
+            try:
+                current = service.get()
+            except self.sdk.NotFoundError:
+                raise Error(f"Transfer {transfer.id} was removed") from None
+            except self.sdk.Error as e:
+                raise Error(f"Cannot get transfer {transfer.id}: "
+                            f"{describe(e)}") from e
+
+    def finalize_transfer(self, transfer, disk_id,
+                          timeout=FINALIZE_TIMEOUT):
+        """
+        Finalize the transfer and wait until the engine says it
+        succeeded (for an upload: the disk is verified and ok).
+        """
+        phase = self.types.ImageTransferPhase
+        service = self.transfer_service(transfer.id)
+        with self.step(f"Cannot finalize transfer {transfer.id}"):
+            service.finalize()
+        poller = Poller(timeout, f"transfer {transfer.id} to finalize")
+        while True:
+            poller.wait()
+            try:
+                current = service.get()
+            except self.sdk.NotFoundError:
+                # Older engines remove the transfer at once; the disk
+                # tells how it ended.
+                return self._check_disk_after(transfer, disk_id)
+            except self.sdk.Error as e:
+                raise Error(f"Cannot get transfer {transfer.id}: "
+                            f"{describe(e)}") from e
+            if current.phase == phase.FINISHED_SUCCESS:
+                return
+            if current.phase in (phase.FINISHED_FAILURE,
+                                 phase.FINISHED_CLEANUP,
+                                 phase.FINALIZING_FAILURE):
+                raise Error(f"Transfer {transfer.id} failed: the engine "
+                            f"could not finalize it (phase "
+                            f"{current.phase.value})")
+
+    def _check_disk_after(self, transfer, disk_id):
+        try:
+            disk = self.disk_service(disk_id).get()
+        except self.sdk.NotFoundError:
+            raise Error(f"Transfer {transfer.id} failed: disk {disk_id} "
+                        f"was removed") from None
+        except self.sdk.Error as e:
+            raise Error(f"Cannot get disk {disk_id}: {describe(e)}") from e
+        if disk.status != self.types.DiskStatus.OK:
+            raise Error(f"Transfer {transfer.id} failed: disk {disk_id} is "
+                        f"{disk.status.value if disk.status else 'unknown'}")
+
+    def cancel_transfer(self, transfer, timeout=CANCEL_TIMEOUT):
+        """
+        Cancel the transfer and wait until the engine has cleaned up
+        (for an upload, the engine then removes the new disk). Errors
+        are logged: this runs while another error is on its way out.
+        """
+        phase = self.types.ImageTransferPhase
+        service = self.transfer_service(transfer.id)
+        try:
+            service.cancel()
+        except self.sdk.NotFoundError:
+            return
+        except self.sdk.Error as e:
+            log.error("Cannot cancel transfer %s: %s", transfer.id,
+                      describe(e))
+            return
+        poller = Poller(timeout, f"transfer {transfer.id} to be cancelled")
+        try:
+            while True:
+                poller.wait()
+                try:
+                    current = service.get()
+                except self.sdk.NotFoundError:
+                    return
+                if current.phase in (phase.FINISHED_FAILURE,
+                                     phase.FINISHED_CLEANUP,
+                                     phase.FINISHED_SUCCESS):
+                    return
+        except (Error, self.sdk.Error) as e:
+            log.error("Transfer %s was cancelled, but: %s", transfer.id,
+                      e if isinstance(e, Error) else describe(e))
+
+
+def read_vdsm_id(path=None):
+    """
+    This host's vdsm hardware id, or None if this is not an oVirt host.
+    The file is VDSM_ID, or $OVIRT_IMG_VDSM_ID if set.
+    """
+    if path is None:
+        path = os.environ.get(VDSM_ID_ENV) or VDSM_ID
+    try:
+        with open(path, encoding="utf-8") as f:
+            hw_id = f.read(4096).strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("Cannot read %s: %s; not using this host", path, e)
+        return None
+    if not _HW_ID.fullmatch(hw_id):
+        log.warning("Ignoring %s: %r is not a hardware id", path,
+                    hw_id[:64])
+        return None
+    return hw_id
+
+
+def _search_value(value):
+    """A value for the engine's search language: quoted when it holds
+    anything but a plain word."""
+    if re.fullmatch(r"[\w.-]+", value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,479 @@
+"""
+ovirt-img: upload a disk image to an oVirt storage domain, or download
+an oVirt disk, in one command, with upstream ovirt-img 2.5.1's options,
+output and exit codes (ENGINE-SIM.md section 4).
+
+    ovirt-img upload-disk -c engine1 -s nfs-01 fedora.qcow2
+    ovirt-img download-disk -c engine1 DISK_ID fedora.qcow2
+
+Upload: inspect the image with qemu-img, create a disk of the right
+format, allocation and initial size for the storage domain, wait for it,
+start an upload transfer (on this host when it is an oVirt host), copy
+the guest data with the client library (over the unix socket when the
+server is local, the proxy if the host cannot be reached), check the
+server's checksum against the image's, finalize. A failure once the
+transfer exists cancels it, and the engine removes the new disk; a
+failure before that removes the disk here.
+
+Download: start a download transfer of the disk, download it as raw or
+qcow2 into a file or onto a block device, verify, and always finalize
+(a download cannot harm the disk).
+
+Exit codes: 0 done, 1 failed (one line on stderr; the traceback in the
+debug log), 2 usage, 128+N killed by signal N (SIGINT, SIGTERM), after
+cleaning up.
+"""
+
+import getpass
+import logging
+import os
+import re
+import signal
+import stat
+import sys
+
+from . import _api as client
+from . import _options as opts
+from . import _ovirt
+from . import progress as _progress
+
+log = logging.getLogger("ovirt-img")
+
+LOG_FORMAT = ("%(asctime)s %(levelname)-7s (%(threadName)s) [%(name)s] "
+              "%(message)s")
+
+# An ISO 9660 image: the primary volume descriptor at 32 KiB.
+ISO_OFFSET = 0x8000
+ISO_MAGIC = b"\x01CD001\x01\x00"
+
+# Tar (OVA) members that are not disks.
+_NOT_DISKS = (".ovf", ".mf", ".cert", ".nvram")
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM, as SIGINT raises
+    KeyboardInterrupt: everything started is stopped on the way out."""
+
+    def __init__(self, signo):
+        super().__init__(signo)
+        self.signo = signo
+
+
+# Upload.
+
+def upload_disk(args):
+    with progress_bar(args, "inspecting image") as bar:
+        image = inspect_image(args)
+        with connect(args) as engine:
+            sd = engine.storage_domain(args.storage_domain)
+            params = disk_params(args, image, engine.is_block(sd))
+            bar.phase = "creating disk"
+            disk = engine.add_disk(storage_domain=sd.name, **params)
+            log.info("Created disk %s", disk.id)
+            try:
+                disk = engine.wait_for_disk(disk.id, args.disk_timeout)
+                host = engine.this_host(sd.name)
+                bar.phase = "creating transfer"
+                transfer = engine.add_transfer(disk, "upload", host)
+            except BaseException:
+                # No transfer: nothing will remove the disk but us.
+                bar.phase = "removing disk"
+                _cleanup(engine.remove_disk, disk.id)
+                raise
+            try:
+                transfer = engine.wait_for_transfer(transfer)
+                bar.phase = "uploading image"
+                url, proxy_url = transfer_urls(transfer)
+                client.upload(
+                    args.filename, url, args.cafile,
+                    proxy_url=proxy_url,
+                    secure=args.secure,
+                    buffer_size=args.buffer_size,
+                    max_workers=args.max_workers,
+                    member=image.member,
+                    # A new disk reads zeros: zero extents are skipped.
+                    disk_is_zero=True,
+                    verify=args.verify,
+                    progress=bar)
+            except BaseException:
+                # The engine removes the disk of a cancelled upload.
+                bar.phase = "cancelling transfer"
+                _cleanup(engine.cancel_transfer, transfer)
+                raise
+            bar.phase = "finalizing transfer"
+            engine.finalize_transfer(transfer, disk.id)
+            bar.phase = "upload completed"
+
+
+class Image:
+    """What inspect_image() found: format, virtual size, tar member,
+    whether it is an ISO, qcow2 measure."""
+
+    def __init__(self, fmt, size, member=None, iso=False):
+        self.format = fmt
+        self.size = size
+        self.member = member
+        self.iso = iso
+        self.required = None
+
+
+def inspect_image(args):
+    filename = args.filename
+    member = args.member
+    if member is None and _is_tar(filename):
+        member = _pick_member(filename)
+    info = client.info(filename, member=member)
+    image = Image(info["format"], info["virtual-size"], member=member)
+    if image.format == "raw":
+        image.iso = _is_iso(filename, info.get("member-offset", 0))
+    if info.get("backing-filename"):
+        log.info("Uploading %s with its backing chain (%s)", filename,
+                 info["backing-filename"])
+    if args.format == "qcow2" and not args.preallocated and not image.iso:
+        image.required = client.measure(
+            filename, "qcow2", member=member)["required"]
+    log.info("Image %s%s: format %s, virtual size %d%s", filename,
+             f" member {member}" if member else "", image.format,
+             image.size, ", ISO" if image.iso else "")
+    return image
+
+
+def disk_params(args, image, block):
+    """The new disk's attributes, by the engine's rules for the storage
+    domain (ENGINE-SIM.md 3.1)."""
+    types = _sdk_types()
+    name = args.name
+    if name is None:
+        name = os.path.splitext(os.path.basename(
+            image.member or args.filename))[0]
+    if image.iso:
+        # An ISO is a read-only raw disk: preallocated, no backup.
+        fmt, sparse, content = "raw", False, types.DiskContentType.ISO
+    else:
+        fmt, sparse = args.format, not args.preallocated
+        content = types.DiskContentType.DATA
+        if fmt == "raw" and sparse and block:
+            # A raw volume on block storage is a logical volume of the
+            # whole size: it cannot be sparse.
+            log.info("Raw disks on block storage are preallocated")
+            sparse = False
+    params = dict(
+        name=name,
+        description=args.description,
+        format=types.DiskFormat.COW if fmt == "qcow2" else types.DiskFormat.RAW,
+        provisioned_size=image.size,
+        sparse=sparse,
+        content_type=content)
+    if fmt == "qcow2":
+        # Every qcow2 disk can be backed up incrementally.
+        params["backup"] = types.DiskBackup.INCREMENTAL
+        if sparse:
+            # A sparse qcow2 volume on block storage starts as a logical
+            # volume of this size (file storage ignores it).
+            params["initial_size"] = image.required
+    if args.disk_id:
+        params["id"] = args.disk_id
+    return params
+
+
+def _is_iso(filename, offset):
+    try:
+        with open(filename, "rb") as f:
+            f.seek(offset + ISO_OFFSET)
+            return f.read(len(ISO_MAGIC)) == ISO_MAGIC
+    except OSError:
+        return False
+
+
+def _is_tar(filename):
+    """A POSIX or GNU tar file (an OVA), by the magic at offset 257."""
+    try:
+        with open(filename, "rb") as f:
+            f.seek(257)
+            return f.read(5) == b"ustar"
+    except OSError:
+        return False
+
+
+def _pick_member(filename):
+    import tarfile
+
+    with tarfile.open(filename) as tar:
+        disks = [m.name for m in tar.getmembers()
+                 if m.isfile() and not m.name.lower().endswith(_NOT_DISKS)]
+    if len(disks) == 1:
+        return disks[0]
+    if not disks:
+        raise _ovirt.Error(f"{filename} is a tar file without a disk")
+    raise _ovirt.Error(
+        f"{filename} holds {len(disks)} disks ({', '.join(disks)}); choose "
+        f"one with --member")
+
+
+# Download.
+
+def download_disk(args):
+    with progress_bar(args, "creating transfer") as bar:
+        with connect(args) as engine:
+            disk = engine.get_disk(args.disk_id)
+            host = None
+            if _ovirt.read_vdsm_id() is not None:
+                sd = engine.storage_domain_by_id(disk.storage_domains[0].id)
+                host = engine.this_host(sd.name)
+            transfer = engine.add_transfer(disk, "download", host)
+            try:
+                transfer = engine.wait_for_transfer(transfer)
+                bar.phase = "downloading image"
+                url, proxy_url = transfer_urls(transfer)
+                client.download(
+                    url, args.filename, args.cafile,
+                    proxy_url=proxy_url,
+                    fmt=args.format,
+                    secure=args.secure,
+                    buffer_size=args.buffer_size,
+                    max_workers=args.max_workers,
+                    verify=args.verify,
+                    progress=bar)
+            except BaseException:
+                # A download cannot harm the disk: finalize, also now.
+                bar.phase = "finalizing transfer"
+                _cleanup(engine.finalize_transfer, transfer, disk.id)
+                raise
+            bar.phase = "finalizing transfer"
+            engine.finalize_transfer(transfer, disk.id)
+            bar.phase = "download completed"
+
+
+def _existing_target(path):
+    """download-disk's FILE: a new or regular file, or a block device."""
+    path = opts.text(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise opts.Invalid(str(e))
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise opts.Invalid("not a regular file or a block device")
+    return path
+
+
+def _source(path):
+    """upload-disk's FILE: a regular file or a block device."""
+    path = opts.text(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise opts.Invalid(e.strerror or str(e))
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise opts.Invalid("not a regular file or a block device")
+    return path
+
+
+# Common parts.
+
+def transfer_urls(transfer):
+    """(transfer_url, proxy_url): the host's URL, the proxy's as the
+    fallback."""
+    url = transfer.transfer_url or transfer.proxy_url
+    if not url:
+        raise _ovirt.Error(f"Transfer {transfer.id} has no transfer URL")
+    proxy = transfer.proxy_url if transfer.proxy_url != url else None
+    return url, proxy
+
+
+def connect(args):
+    return _ovirt.Engine(
+        args.engine_url, args.username, password(args),
+        cafile=args.cafile, secure=args.secure,
+        debug=args.log_level == "debug")
+
+
+def password(args):
+    if args.password_file is not None:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                value = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise _ovirt.Error(
+                f"Cannot read password file {args.password_file}: {e}")
+        return value[:-1] if value.endswith("\n") else value
+    if args.password is not None:
+        return args.password
+    try:
+        return getpass.getpass(f"Password for {args.username}: ")
+    except EOFError:
+        raise _ovirt.Error("No password: give --password-file, a password "
+                           "in the config file, or type it") from None
+
+
+def progress_bar(args, phase):
+    return _Progress(args.output, phase)
+
+
+class _Progress:
+    """A ProgressBar and its Ticker, as one context manager."""
+
+    def __init__(self, output, phase):
+        self.bar = _progress.ProgressBar(phase=phase, output=sys.stdout,
+                                         format=output)
+        self.ticker = _progress.Ticker(self.bar)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        self.ticker.__enter__()
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.ticker.__exit__(*exc)
+        return self.bar.__exit__(*exc)
+
+
+def _cleanup(func, *args):
+    """Clean up while an error is on its way out: log what fails, so the
+    first error is the one reported."""
+    try:
+        func(*args)
+    except Exception as e:
+        log.error("%s", e)
+
+
+def _sdk_types():
+    return _ovirt._sdk().types
+
+
+def error_message(e):
+    """One line: the error's own words (they say what failed), or its
+    type when it has none."""
+    msg = " ".join(str(e).split())
+    return msg or type(e).__name__
+
+
+class _Redact(logging.Filter):
+    """Keep credentials out of the log: passwords, tokens and ticket ids
+    (in transfer URLs), also in the SDK's wire log (--log-level debug)."""
+
+    PATTERNS = (
+        (re.compile(r"(password=)[^&\s'\"]*", re.I), r"\1***"),
+        (re.compile(r"(token=)[^&\s'\"]*", re.I), r"\1***"),
+        (re.compile(r"(Bearer\s+)\S+", re.I), r"\1***"),
+        (re.compile(r"(\"access_token\"\s*:\s*\")[^\"]*"), r"\1***"),
+        (re.compile(r"(/images/)[^/\s<\"'?]+"), r"\1***"),
+    )
+
+    def filter(self, record):
+        msg = record.getMessage()
+        for pattern, repl in self.PATTERNS:
+            msg = pattern.sub(repl, msg)
+        record.msg = msg
+        record.args = None
+        return True
+
+
+def setup_logging(args):
+    if args.log_file:
+        handler = logging.FileHandler(args.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_Redact())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, args.log_level.upper()))
+
+
+def parser():
+    p = opts.parser()
+    opts.Command(
+        p, "upload-disk", upload_disk,
+        "Create a disk from an image and upload the image into it.",
+        options=(
+            opts.Option("-s", "--storage-domain", required=True,
+                        config=False, help="the storage domain's name"),
+            opts.Option("-f", "--format", choices=("raw", "qcow2"),
+                        type=opts.choice("raw", "qcow2"), config=False,
+                        default="qcow2",
+                        help="the disk's format (default qcow2; an ISO is "
+                             "always raw)"),
+            opts.Flag("--preallocated", config=False, default=False,
+                      help="allocate the whole disk (default: sparse)"),
+            opts.Option("--disk-id", type=opts.disk_id, config=False,
+                        help="the new disk's id (default: a new UUID)"),
+            opts.Option("--name", config=False,
+                        help="the disk's name (default: the file name "
+                             "without its extension)"),
+            opts.Option("--member", config=False,
+                        help="upload this disk of an OVA (tar) file; "
+                             "needed only when it holds several"),
+            opts.Flag("--verify", negate=True, default=True,
+                      help="compare the server's checksum with the "
+                           "image's before finalizing (default: on)"),
+        ),
+        positionals=[(("filename",), dict(
+            metavar="FILE", type=_argtype(_source),
+            help="the image: raw, qcow2, ISO, vmdk, vhdx, vdi, or an "
+                 "OVA"))])
+    opts.Command(
+        p, "download-disk", download_disk,
+        "Download a disk into an image file or a block device.",
+        options=(
+            opts.Option("-f", "--format", choices=("raw", "qcow2"),
+                        type=opts.choice("raw", "qcow2"), config=False,
+                        default="qcow2",
+                        help="the image's format (default qcow2)"),
+            opts.Flag("--verify", negate=True, default=True,
+                      help="compare the server's checksum with the "
+                           "image's before finalizing (default: on)"),
+        ),
+        positionals=[
+            (("disk_id",), dict(metavar="DISK_ID", type=_argtype(
+                opts.disk_id), help="the disk's id")),
+            (("filename",), dict(metavar="FILE", type=_argtype(
+                _existing_target),
+                help="the image to write (replaced), or a block device")),
+        ])
+    return p
+
+
+def _argtype(parse):
+    """An argparse type from an options parser (Invalid -> usage)."""
+    import argparse
+
+    def convert(value):
+        try:
+            return parse(value)
+        except opts.Invalid as e:
+            raise argparse.ArgumentTypeError(f"{value!r}: {e}")
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    setup_logging(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        args.func(args)
+        return 0
+    except Terminated as e:
+        log.debug("Terminated", exc_info=True)
+        print(f"ovirt-img: terminated by {signal.Signals(e.signo).name}",
+              file=sys.stderr)
+        return 128 + e.signo
+    except KeyboardInterrupt:
+        log.debug("Interrupted", exc_info=True)
+        print("ovirt-img: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as e:
+        log.debug("Command failed", exc_info=True)
+        message = error_message(e)
+        if args.log_file:
+            log.error("Command failed: %s", message)
+        print(f"ovirt-img: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signo, frame):
+    raise Terminated(signo)
