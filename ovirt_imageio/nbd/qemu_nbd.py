@@ -335,6 +335,11 @@ def _child_setup(parent_pid):
     # The parent may have died before prctl; then no signal will come.
     if os.getppid() != parent_pid:
         os._exit(1)
+    # Its own process group: a Ctrl-C on the terminal (SIGINT to the
+    # foreground group) reaches the command that started qemu-nbd, which
+    # stops it after using it cleanly (flush), and not qemu-nbd itself
+    # in the middle of a transfer.
+    os.setpgid(0, 0)
 
 
 def _terminate(proc, timeout):

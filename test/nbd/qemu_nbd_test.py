@@ -51,6 +51,17 @@ def test_start_stop(make_image, sock_dir, assert_nothing_left, pid_alive):
     assert not pid_alive(server.pid)
 
 
+def test_own_process_group(make_image, sock_dir):
+    # A terminal's Ctrl-C goes to the foreground process group; qemu-nbd
+    # must not get it (its parent stops it).
+    sock = os.path.join(sock_dir, "sock")
+    with qemu_nbd.start(make_image(size=M), sock) as server:
+        assert os.getpgid(server.pid) == server.pid
+        assert os.getpgid(server.pid) != os.getpgid(0)
+        with client.open(server.address) as c:
+            assert c.size == M
+
+
 def test_stop_twice_and_concurrently(make_image, sock_dir,
                                      assert_nothing_left):
     sock = os.path.join(sock_dir, "sock")
