@@ -349,9 +349,12 @@ def error_message(e):
     return msg or type(e).__name__
 
 
-class _Redact(logging.Filter):
-    """Keep credentials out of the log: passwords, tokens and ticket ids
-    (in transfer URLs), also in the SDK's wire log (--log-level debug)."""
+class _RedactingFormatter(logging.Formatter):
+    """
+    Keep credentials out of the log: passwords, tokens and ticket ids
+    (the last part of a transfer URL), in messages, tracebacks and the
+    SDK's wire log (--log-level debug) alike.
+    """
 
     PATTERNS = (
         (re.compile(r"(password=)[^&\s'\"]*", re.I), r"\1***"),
@@ -361,13 +364,14 @@ class _Redact(logging.Filter):
         (re.compile(r"(/images/)[^/\s<\"'?]+"), r"\1***"),
     )
 
-    def filter(self, record):
-        msg = record.getMessage()
-        for pattern, repl in self.PATTERNS:
-            msg = pattern.sub(repl, msg)
-        record.msg = msg
-        record.args = None
-        return True
+    def format(self, record):
+        return redact(super().format(record))
+
+
+def redact(text):
+    for pattern, repl in _RedactingFormatter.PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
 
 
 def setup_logging(args):
@@ -375,8 +379,7 @@ def setup_logging(args):
         handler = logging.FileHandler(args.log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(_Redact())
+    handler.setFormatter(_RedactingFormatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(getattr(logging, args.log_level.upper()))
@@ -466,7 +469,7 @@ def main(argv=None):
         return 128 + signal.SIGINT
     except Exception as e:
         log.debug("Command failed", exc_info=True)
-        message = error_message(e)
+        message = redact(error_message(e))
         if args.log_file:
             log.error("Command failed: %s", message)
         print(f"ovirt-img: error: {message}", file=sys.stderr)
