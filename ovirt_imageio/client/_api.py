@@ -104,6 +104,7 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 hole=backing_chain,
                 progress=progress)
             if verify:
+                _set_phase(progress, "verifying upload")
                 with src.connect() as image:
                     transfer.verify(image, dst, "upload")
 
@@ -188,6 +189,7 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     buffer_size=buffer_size,
                     progress=progress)
                 if verify:
+                    _set_phase(progress, "verifying download")
                     with dst.connect() as image:
                         transfer.verify(image, src, "download")
         except transfer.ChecksumMismatch:
@@ -520,6 +522,12 @@ def _probe_backing_format(filename, backing_file):
     if not os.path.isabs(path):
         path = os.path.join(os.path.dirname(os.path.abspath(filename)), path)
     return qemu_img.info(path)["format"]
+
+
+def _set_phase(progress, phase):
+    """Show the phase on a progress object that has one (ProgressBar)."""
+    if progress is not None and hasattr(progress, "phase"):
+        progress.phase = phase
 
 
 def _remove(path):

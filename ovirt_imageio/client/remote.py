@@ -432,6 +432,20 @@ class RemoteImage:
 
     # Closing
 
+    def abort(self):
+        """
+        End a request another thread waits for on this connection: shut
+        the socket down (the waiting thread gets an error); close() then
+        releases it.
+        """
+        con = self._con
+        sock = con.sock if con is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self):
         """Close the connection. Safe to call more than once."""
         con, self._con = self._con, None

@@ -430,15 +430,19 @@ def verify(local, remote, name):
     local image (local: an NBD connection, so guest data). A local image
     smaller than the remote one is compared as if padded with zeros.
 
+    Both sides read their whole image, so they work at the same time:
+    the server's checksum is asked for on a second connection with the
+    algorithm and block size computed here, while this thread computes
+    the local one. If the server answers with others (it ignored them),
+    the local checksum is computed again with its.
+
     Raises ChecksumMismatch.
     """
     # Imported here, as only verification needs it (hashlib: 1 ms of
     # every client command's start and exit).
     from ovirt_imageio import checksum as blkhash
 
-    try:
-        theirs = remote.checksum(timeout=None)
-    except errors.Unsupported:
+    if not remote.can_checksum:
         raise ChecksumMismatch(
             f"Cannot verify {name}: the server does not support checksums")
     size = remote.size
@@ -446,8 +450,16 @@ def verify(local, remote, name):
         raise ChecksumMismatch(
             f"{name} verification failed: local image size {local.size} "
             f"is larger than the server's image size {size}")
-    ours = blkhash.compute(_Padded(local, size), theirs["algorithm"],
-                           theirs["block_size"])
+    image = _Padded(local, size)
+    algorithm = blkhash.DEFAULT_ALGORITHM
+    block_size = blkhash.DEFAULT_BLOCK_SIZE
+    with _RemoteChecksum(remote, algorithm, block_size) as request:
+        ours = blkhash.compute(image, algorithm, block_size)
+        theirs = request.result()
+    if (theirs["algorithm"], theirs["block_size"]) != (algorithm,
+                                                       block_size):
+        ours = blkhash.compute(image, theirs["algorithm"],
+                               theirs["block_size"])
     if ours["checksum"] != theirs["checksum"]:
         raise ChecksumMismatch(
             f"{name} verification failed: local checksum "
@@ -455,6 +467,55 @@ def verify(local, remote, name):
             f"(algorithm={theirs['algorithm']}, "
             f"block_size={theirs['block_size']})")
     log.debug("%s verified: %s", name, ours)
+
+
+class _RemoteChecksum:
+    """
+    The server's checksum, asked for in a thread on a connection of its
+    own. Leaving the block early (an error, KeyboardInterrupt) closes
+    that connection, which ends the wait.
+    """
+
+    def __init__(self, remote, algorithm, block_size):
+        self._remote = remote.clone()
+        self._algorithm = algorithm
+        self._block_size = block_size
+        self._done = threading.Event()
+        self._value = None
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="checksum",
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None:
+            self._remote.abort()
+        self._done.wait()
+        self._remote.close()
+
+    def _run(self):
+        try:
+            self._value = self._remote.checksum(
+                algorithm=self._algorithm, block_size=self._block_size,
+                timeout=None)
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        # Event.wait(), not Thread.join(): KeyboardInterrupt gets through.
+        self._done.wait()
+        if self._error is not None:
+            if isinstance(self._error, errors.Unsupported):
+                raise ChecksumMismatch(
+                    f"Cannot verify: the server does not support "
+                    f"checksums: {self._error}")
+            raise self._error
+        return self._value
 
 
 def _skip_remote_zeros(requests, dst):
