@@ -43,8 +43,10 @@ stress: venv
 		$(VENV)/bin/python -m pytest -m "stress or not stress" \
 		--timeout 0 $(STRESS_TESTS) $(PYTEST_ARGS)
 
-# The main job end to end: a daemon, qemu-nbd, an image uploaded and
-# downloaded over HTTPS with progress, verified by checksum.
+# The main job end to end, through ovirt-img: the daemon and the engine
+# simulator start, a sample qcow2 goes up with ovirt-img upload-disk and
+# comes back with download-disk (checksums verified, qemu-img compare),
+# and everything stops.
 demo: venv
 	$(VENV)/bin/python dev/demo $(DEV)
 

@@ -197,12 +197,37 @@ def test_client_files(build):
                         if name not in DAEMON_COMMANDS}
 
 
-def packaged_command(build, name, *args):
+def test_client_installs_ovirt_img(build):
+    listed = run("rpm", "-qpl", build.rpm("client")).splitlines()
+    assert "/usr/bin/ovirt-img" in listed
+    assert build.files("client")["/usr/bin/ovirt-img"][0] == "-rwxr-xr-x"
+    # Nobody else ships it.
+    for name in ("common", "daemon"):
+        assert "/usr/bin/ovirt-img" not in run(
+            "rpm", "-qpl", build.rpm(name)).splitlines()
+
+
+def test_client_requires_sdk(build):
+    # ovirt-img talks to the engine through the oVirt SDK: Fedora's and
+    # EL's package of it (pip: the sdk extra).
+    requires = [r.strip() for r in run(
+        "rpm", "-qp", "--requires", build.rpm("client")).splitlines()]
+    assert "python3-ovirt-engine-sdk4" in requires
+    assert "qemu-img" in requires
+    # Only the client needs it.
+    for name in ("common", "daemon"):
+        assert not [r for r in run("rpm", "-qp", "--requires",
+                                   build.rpm(name)).splitlines()
+                    if "ovirt-engine-sdk" in r]
+
+
+def packaged_command(build, name, *args, package="daemon"):
     """
-    Run a command of the daemon RPM with the common RPM's modules, and
-    nothing else of ours: the daemon needs only these two packages.
+    Run a command of an RPM (the daemon's by default) with the common
+    RPM's modules, and nothing else of ours: a command needs only its
+    package and common.
     """
-    root = build.extract("daemon")
+    root = build.extract(package)
     common = build.extract("common")
     path = os.path.join(root, "usr/bin", name)
     with open(path) as f:
@@ -217,6 +242,13 @@ def test_packaged_commands(build):
                                                "--help")
     assert "add-ticket" in packaged_command(build, "ovirt-imageioctl",
                                             "--help")
+    # The SDK is imported when a command talks to the engine, not for
+    # --help.
+    usage = packaged_command(build, "ovirt-img", "--help", package="client")
+    assert "upload-disk" in usage and "download-disk" in usage
+    usage = packaged_command(build, "ovirt-img", "download-disk", "--help",
+                             package="client")
+    assert "--no-verify" in usage
 
 
 def test_packaged_default_conf(build, tmp_path):
