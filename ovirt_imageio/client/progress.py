@@ -145,12 +145,14 @@ class ProgressBar:
     def _draw(self, last=False):
         self._drawn = self._now()
         elapsed = self._drawn - self._start
+        # The last JSON record repeats nothing: one record per state. A
+        # text line is drawn again with its "\n", as upstream does.
+        state = (self._phase, self._done, self._size)
+        repeat = last and state == self._state
+        self._state = state
         if self._format == FORMAT_JSON:
-            # The last record repeats nothing: one line per state.
-            state = (self._phase, self._done, self._size)
-            if last and state == self._state:
+            if repeat:
                 return
-            self._state = state
             record = {"transferred": self._done, "elapsed": elapsed,
                       "description": self._phase or ""}
             if self._size is not None:

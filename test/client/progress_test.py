@@ -85,3 +85,40 @@ def test_wrap():
     (1536 * 1024**2, "1.50 GiB"), (1024**6, "1024.00 PiB")])
 def test_humansize(n, text):
     assert progress.humansize(n) == text
+
+
+def test_refresh_draws_only_when_idle():
+    out = io.StringIO()
+    clock = Clock()
+    pb = progress.ProgressBar(phase="waiting", output=out, format="json",
+                              now=clock)
+    clock.now = 0.5
+    pb.refresh(1.0)
+    assert len(out.getvalue().splitlines()) == 1
+    clock.now = 1.0
+    pb.refresh(1.0)
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert records[-1] == {"transferred": 0, "elapsed": 1.0,
+                           "description": "waiting"}
+    pb.close()
+    # Closing repeats no record: nothing changed since the last one.
+    assert len(out.getvalue().splitlines()) == 2
+    pb.refresh(0)
+    assert len(out.getvalue().splitlines()) == 2
+
+
+def test_ticker_keeps_a_long_phase_alive():
+    import threading
+    import time
+
+    out = io.StringIO()
+    clock = Clock()
+    with progress.ProgressBar(phase="waiting", output=out, format="json",
+                              now=clock) as pb:
+        with progress.Ticker(pb, interval=0.02):
+            clock.now = 7.0
+            deadline = time.monotonic() + 30
+            while '"elapsed": 7.0' not in out.getvalue():
+                assert time.monotonic() < deadline, "no refresh"
+                threading.Event().wait(0.01)
+    assert not any(t.name == "progress" for t in threading.enumerate())
