@@ -10,6 +10,16 @@ Nothing they start outlives the call: qemu-nbd, worker
 threads and connections are closed on success, error and
 KeyboardInterrupt alike.
 
+A download may write to a block device (Forklift/MTV runs `ovirt-img
+download-disk -f raw DISK /dev/xxx`). The device is the user's, not
+ours: it is never created, truncated or removed, even on failure. Raw:
+written directly (rawfile.py) after checking that it is large enough,
+and every zero extent is zeroed on it, as its old contents would show
+through (the kernel zeroes the device; no zeros cross the network).
+qcow2: `qemu-img create -f qcow2` formats the device (on a host_device it
+writes the new image's metadata only), and qemu-nbd serves it; zero and
+unallocated areas stay unallocated, as in a file.
+
 Start-up time. A client command pays for every module imported, once
 when it starts and again when it exits; a download of an empty image is
 over in ~25 ms, less than the imports. So modules only some calls need
@@ -142,8 +152,14 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
             with the local image's (through its backing chain); raise
             ChecksumMismatch if they differ.
 
+    filename may be a block device (or a link to one): raw writes the
+    image's size bytes at its start, zeros included, and fails before
+    writing anything if the device is smaller than the image or in use
+    (mounted); qcow2 formats it. The device may be larger than the image.
+
     If the download fails, the partly written filename is removed (but
-    not after a checksum mismatch, to let you look at it).
+    not after a checksum mismatch, to let you look at it); a block device
+    is never removed.
     """
     if incremental and fmt != "qcow2":
         raise ValueError(
@@ -166,7 +182,15 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
 
         if backing_file is not None and backing_format is None:
             backing_format = _probe_backing_format(filename, backing_file)
-        if backing_file is None and rawfile.usable(filename, fmt):
+        device = rawfile.is_block_device(filename)
+        raw_device = device and fmt == "raw"
+        if device:
+            # A qcow2 needs no more than its data; a raw image its size.
+            rawfile.check_device(filename, size if raw_device else None)
+        if raw_device:
+            # Written directly, zeros included (rawfile.py).
+            dst = rawfile.Export(filename, size, read_only=False)
+        elif backing_file is None and rawfile.usable(filename, fmt):
             # Written directly, without a qemu-nbd (rawfile.py).
             rawfile.create(filename, size)
             dst = rawfile.Export(filename, size, read_only=False)
@@ -182,9 +206,11 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                 transfer.download(
                     src, dst,
                     dirty=incremental,
-                    # Only a backing file can show through; a new image
-                    # without one reads zeros where nothing is written.
-                    zero=backing_file is not None,
+                    # Only a backing file (or a raw device's old
+                    # contents, also under its holes) can show through;
+                    # a new image reads zeros where nothing is written.
+                    zero=raw_device or backing_file is not None,
+                    hole=raw_device,
                     max_workers=workers,
                     buffer_size=buffer_size,
                     progress=progress)
@@ -195,7 +221,8 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
         except transfer.ChecksumMismatch:
             raise
         except BaseException:
-            _remove(filename)
+            if not device:
+                _remove(filename)
             raise
 
 

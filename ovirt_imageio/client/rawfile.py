@@ -28,10 +28,24 @@ serve, is kept exactly:
 - a new image is created as qemu-img create would: a sparse file whose
   size is rounded up to 512 bytes.
 
-Used for raw images in regular files only; anything else (qcow2, a tar
-member, a block device) goes through qemu-nbd (local.py). Each connect()
-opens the file again, so every worker has its own descriptor, as it
-would have its own NBD connection.
+Used for raw images in regular files, and for a raw download to a block
+device (a Forklift/MTV volume: `ovirt-img download-disk -f raw DISK
+/dev/xxx`); anything else (qcow2, a tar member, reading a block device)
+goes through qemu-nbd (local.py). Each connect() opens the file again, so
+every worker has its own descriptor, as it would have its own NBD
+connection.
+
+A block device is never created, truncated or removed here:
+check_device() only checks that it is not in use and large enough. Its
+old contents are garbage, so the download zeroes every zero extent
+(transfer.download() with zero and hole), and zero() makes the kernel
+zero the device (fallocate(2) on a block device: WRITE ZEROES or a
+discard where the device zeroes that way, else the kernel writes zeros
+itself); zeros are written from here only for the parts of a range that
+are not page aligned, or if the kernel cannot. The device may be larger
+than the image: only the image's size bytes are written, read and
+checksummed (File.size). Its length is found with lseek(SEEK_END), as a
+block device's st_size is 0, and it is all data (no SEEK_DATA there).
 """
 
 import errno
@@ -52,6 +66,12 @@ PIPE_SIZE = 1024**2
 
 SECTOR = 512
 
+# What a block device's range is aligned to before fallocate() zeroes it:
+# a page, so the kernel drops only whole pages of the device's page cache
+# (File._zero_device()); a multiple of every logical block size Linux
+# supports (512 to the page size).
+DEVICE_ALIGNMENT = os.sysconf("SC_PAGESIZE")
+
 
 def usable(filename, fmt):
     """
@@ -66,6 +86,35 @@ def usable(filename, fmt):
     except FileNotFoundError:
         return True
     return stat.S_ISREG(st.st_mode)
+
+
+def is_block_device(filename):
+    """True if filename is (or links to) a block device."""
+    try:
+        return stat.S_ISBLK(os.stat(filename).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def check_device(filename, size=None):
+    """
+    Check that the block device filename can be written: not in use, and
+    (unless size is None) holding at least size bytes; raise OSError
+    (EBUSY) or ValueError naming both sizes if not. Nothing is written.
+
+    Opened exclusively (O_EXCL on a block device): a device that is
+    mounted or held by another exclusive user (a device mapper table, an
+    md array) fails here with EBUSY, before anything is written to it.
+    """
+    fd = os.open(filename, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    try:
+        device_size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if size is not None and device_size < size:
+        raise ValueError(
+            f"Block device {filename} is too small for the image: "
+            f"{device_size} bytes, the image needs {size}")
 
 
 def create(filename, size):
@@ -128,14 +177,22 @@ class File:
         self.size = size
         self.read_only = read_only
         self._pipe = None
+        try:
+            self._block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def __repr__(self):
         return f"<rawfile.File {self.filename!r} size={self.size}>"
 
-    # What the file holds: its length, which may be less than size.
+    # What the file holds: its length, which may be less than size (or,
+    # for a block device, more). lseek, not fstat: a block device's
+    # st_size is 0. Every read and write takes its offset, so moving the
+    # descriptor's position harms nothing.
 
     def _file_size(self):
-        return os.fstat(self._fd).st_size
+        return os.lseek(self._fd, 0, os.SEEK_END)
 
     # Extents.
 
@@ -144,7 +201,9 @@ class File:
         Zero extents from offset, covering length bytes (the rest of the
         image if None): the file's holes read as zeros, and so does the
         part of the image past the end of the file. None is a hole: a
-        raw image has no backing chain to show through.
+        raw image has no backing chain to show through. A block device
+        is all data, as qemu's host_device reports it (lseek(SEEK_DATA)
+        fails there with EINVAL).
         """
         self._check_open()
         if context != "zero":
@@ -152,6 +211,9 @@ class File:
                 f"A raw file has no {context!r} extents")
         end = self.size if length is None else min(offset + length,
                                                    self.size)
+        if self._block:
+            return [nbd_extents.ZeroExtent(
+                offset, end - offset, zero=False, hole=False)]
         data_end = min(self._file_size(), end)
         result = []
         pos = offset
@@ -208,11 +270,15 @@ class File:
         Make length bytes at offset read as zeros: punch a hole (the file
         keeps its size), or, where the file system cannot, write zeros.
         punch_hole is accepted for NBD compatibility: a raw file's zeros
-        are always best kept as holes.
+        are always best kept as holes. A block device is zeroed by the
+        kernel (_zero_device()).
         """
         self._check_open()
         self._check_range(offset, length)
         if length == 0:
+            return
+        if self._block:
+            self._zero_device(offset, length)
             return
         try:
             _punch_hole(self._fd, offset, length)
@@ -221,7 +287,41 @@ class File:
                 raise
             self._write_zeros(offset, length)
 
+    def _zero_device(self, offset, length):
+        """
+        Zero a block device's range: PUNCH_HOLE (the kernel's zeroout
+        without fallback: WRITE ZEROES, or a discard that zeroes, freeing
+        thin storage), else ZERO_RANGE (the kernel writes zeros itself if
+        the device cannot), else zeros written from here.
+
+        fallocate() on a block device needs ranges aligned to its logical
+        block size and drops the page cache of the range, so it gets only
+        whole pages: a page shared with data another worker writes
+        through the page cache is never dropped under it. The unaligned
+        head and tail are written as zeros through the page cache too.
+        """
+        start = _round_up(offset, DEVICE_ALIGNMENT)
+        end = (offset + length) // DEVICE_ALIGNMENT * DEVICE_ALIGNMENT
+        if end <= start:
+            self._write_zeros(offset, length)
+            return
+        for mode in (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                     FALLOC_FL_ZERO_RANGE):
+            try:
+                _fallocate(self._fd, mode, start, end - start)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS,
+                                   errno.ENODEV, errno.EINVAL):
+                    raise
+        else:
+            start = end = offset + length
+        self._write_zeros(offset, start - offset)
+        self._write_zeros(end, offset + length - end)
+
     def _write_zeros(self, offset, length):
+        if length <= 0:
+            return
         zeros = memoryview(bytes(min(length, STEP)))
         end = offset + length
         while offset < end:
@@ -370,15 +470,25 @@ class File:
         self.close()
 
 
-def _round_up(n):
-    return (n + SECTOR - 1) // SECTOR * SECTOR
+def _round_up(n, alignment=SECTOR):
+    return (n + alignment - 1) // alignment * alignment
 
 
 _libc = None
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
 
 def _punch_hole(fd, offset, length):
-    """fallocate(PUNCH_HOLE | KEEP_SIZE); Python has no fallocate."""
+    """fallocate(PUNCH_HOLE | KEEP_SIZE)."""
+    _fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset,
+               length)
+
+
+def _fallocate(fd, mode, offset, length):
+    """fallocate(2); Python has no fallocate with a mode."""
     global _libc
     import ctypes
 
@@ -386,9 +496,6 @@ def _punch_hole(fd, offset, length):
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
                                     ctypes.c_int64, ctypes.c_int64]
-    FALLOC_FL_KEEP_SIZE = 0x01
-    FALLOC_FL_PUNCH_HOLE = 0x02
-    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
-                       offset, length) != 0:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

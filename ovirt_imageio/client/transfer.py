@@ -296,15 +296,17 @@ def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
         primary.close()
 
 
-def download(src, export, *, dirty=False, zero=False,
+def download(src, export, *, dirty=False, zero=False, hole=False,
              max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
              progress=None):
     """
     Copy src (a RemoteImage) to the local export, a new empty image, with
     up to max_workers connections. dirty: copy only dirty extents. zero:
     zero the zero extents that are not holes (a new image with a backing
-    file). export.connect() is called only if there is something to copy
-    or zero.
+    file); with hole too, zero the holes as well (a raw block device,
+    whose old contents show wherever nothing is written).
+    export.connect() is called only if there is something to copy or
+    zero.
 
     Blocks of zeros in the data received are not written: they are
     zeroed when zero or dirty (what lies below must not show through: a
@@ -314,7 +316,7 @@ def download(src, export, *, dirty=False, zero=False,
     if dirty:
         requests = plan_dirty(src.extents("dirty"))
     else:
-        requests = plan_zero(src.extents("zero"), zero=zero, hole=False)
+        requests = plan_zero(src.extents("zero"), zero=zero, hole=hole)
     if progress is not None:
         progress.size = src.size
     zero_found = zero or dirty

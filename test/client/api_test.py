@@ -5,12 +5,14 @@ images, failures and cleanup.
 """
 
 import contextlib
+import errno
 import filecmp
 import io
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -1078,3 +1080,217 @@ def test_download_requests(stub_server, raw_source, tmp_path):
               for r in reqs[2:]]
     assert sum(last - first + 1 for first, last in ranges) == length
     assert stub.connections <= 2
+
+
+# Block devices: Forklift/MTV downloads to a volume that is a block device
+# (`ovirt-img download-disk -f raw DISK /dev/xxx`). The device is a real
+# loop device, prefilled with a pattern: its old contents are garbage that
+# must never show through the downloaded image.
+
+PATTERN = 0x55
+
+
+@pytest.fixture
+def block_device(tmp_path):
+    """
+    block_device(size) -> path of a loop device of size bytes, all PATTERN;
+    detached at teardown.
+    """
+    attached = []
+
+    def attach(size, name="backing"):
+        backing = tmp_path / f"{name}.img"
+        with open(backing, "wb") as f:
+            f.write(bytes([PATTERN]) * size)
+        try:
+            r = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                               capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"Cannot attach a loop device: {e}")
+        if r.returncode != 0:
+            pytest.skip(f"Cannot attach a loop device: {r.stderr.strip()}")
+        device = r.stdout.strip()
+        attached.append(device)
+        return device
+
+    yield attach
+    for device in attached:
+        subprocess.run(["losetup", "--detach", device], check=True,
+                       capture_output=True, timeout=20)
+
+
+def device_spec(device, size):
+    """The first size bytes of device, as a raw image."""
+    return "json:" + json.dumps({
+        "driver": "raw", "size": size,
+        "file": {"driver": "host_device", "filename": device}})
+
+
+def read_device(device, offset, length):
+    with open(device, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
+
+
+def assert_is_block_device(path):
+    assert os.path.exists(path)
+    assert stat.S_ISBLK(os.stat(path).st_mode)
+
+
+def allocated_backing(device):
+    """Bytes allocated in the loop device's backing file."""
+    name = os.path.basename(device)
+    with open(f"/sys/block/{name}/loop/backing_file") as f:
+        return allocated_bytes(f.read().strip())
+
+
+def can_discard(device):
+    name = os.path.basename(device)
+    with open(f"/sys/block/{name}/queue/discard_max_bytes") as f:
+        return int(f.read()) > 0
+
+
+def test_download_raw_to_block_device(daemon, pki, qemu_nbd, qcow2_source,
+                                      block_device):
+    # The source has data, zero clusters and holes; the device is larger
+    # than the image.
+    device = block_device(2 * SIZE)
+    srv = qemu_nbd(qcow2_source, fmt="qcow2", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    progress = Progress()
+    # Not verified here: the server's checksum counts as transferred.
+    client.download(https_url(daemon), device, pki["ca_file"], fmt="raw",
+                    buffer_size=BUFFER_SIZE, progress=progress)
+    compare(qcow2_source, device_spec(device, SIZE), "qcow2", "raw")
+    # Past the image's size the device is as it was.
+    assert read_device(device, SIZE, SIZE) == bytes([PATTERN]) * SIZE
+    assert_is_block_device(device)
+    assert progress.size == progress.done == SIZE
+    # Only data went over the wire: the zeros were made on the device.
+    testutil.wait_for_ticket(
+        daemon.api, "api-secret", transferred=data_length(qcow2_source))
+    if can_discard(device):
+        # By the kernel (fallocate), not written: the loop device punched
+        # holes in its backing file where the image reads zeros.
+        zeros = SIZE - data_length(qcow2_source)
+        assert allocated_backing(device) <= 2 * SIZE - zeros + MiB
+
+
+def test_download_raw_to_block_device_unaligned(daemon, pki, qemu_nbd,
+                                                tmp_path, block_device):
+    # 512 byte clusters: extents that do not start or end on a page, data
+    # with blocks of zeros written as data, and a size that is not a
+    # multiple of a page. Verified: the checksum covers the image's size,
+    # not the device's.
+    size = SIZE + 1536
+    src = str(tmp_path / "src.qcow2")
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512", src,
+             str(size))
+    run_qemu_io(src, "qcow2",
+                "write -P 0x41 512 1536", "write -z 2560 512",
+                "write -P 0x42 3584 1M", "write -P 0 1200k 200k",
+                "write -P 0x43 1400k 512", "write -z 1M 1536",
+                f"write -P 0x44 {size - 1024} 512")
+    device = block_device(size + 2048)
+    srv = qemu_nbd(src, fmt="qcow2", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"], size=size)
+    client.download(https_url(daemon), device, pki["ca_file"], fmt="raw",
+                    buffer_size=BUFFER_SIZE, verify=True)
+    compare(src, device_spec(device, size), "qcow2", "raw")
+    assert read_device(device, size, 2048) == bytes([PATTERN]) * 2048
+
+
+def test_download_qcow2_to_block_device(daemon, pki, qemu_nbd, qcow2_source,
+                                        block_device):
+    device = block_device(2 * SIZE)
+    srv = qemu_nbd(qcow2_source, fmt="qcow2", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    running = len(qemu_nbd_running())
+    client.download(https_url(daemon), device, pki["ca_file"],
+                    fmt="qcow2", buffer_size=BUFFER_SIZE, verify=True)
+    assert len(qemu_nbd_running()) == running
+    info = json.loads(qemu_img("info", "--output=json", "-f", "qcow2",
+                               device))
+    assert info["virtual-size"] == SIZE
+    compare(qcow2_source, device, "qcow2", "qcow2")
+    assert_is_block_device(device)
+    # Unallocated stays unallocated: only the data was written.
+    allocated = [e for e in json.loads(qemu_img(
+        "map", "--output=json", "-f", "qcow2", device)) if e["data"]]
+    assert sum(e["length"] for e in allocated) <= 5 * MiB
+
+
+def test_download_to_small_block_device(daemon, pki, qemu_nbd, qcow2_source,
+                                        block_device):
+    device = block_device(SIZE // 2)
+    srv = qemu_nbd(qcow2_source, fmt="qcow2", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    with pytest.raises(ValueError) as e:
+        client.download(https_url(daemon), device, pki["ca_file"],
+                        fmt="raw")
+    assert f"{SIZE // 2} bytes, the image needs {SIZE}" in str(e.value)
+    # Nothing was written, nothing removed.
+    assert read_device(device, 0, SIZE // 2) == bytes([PATTERN]) * (SIZE // 2)
+    assert_is_block_device(device)
+    testutil.wait_for_ticket(daemon.api, "api-secret", transferred=0)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_download_to_busy_block_device(daemon, pki, qemu_nbd, qcow2_source,
+                                       block_device, fmt):
+    # Held exclusively, as a mounted file system holds its device.
+    device = block_device(2 * SIZE)
+    srv = qemu_nbd(qcow2_source, fmt="qcow2", read_only=True, shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read"])
+    fd = os.open(device, os.O_RDONLY | os.O_EXCL)
+    try:
+        with pytest.raises(OSError) as e:
+            client.download(https_url(daemon), device, pki["ca_file"],
+                            fmt=fmt)
+        assert e.value.errno == errno.EBUSY
+    finally:
+        os.close(fd)
+    assert read_device(device, 0, 2 * SIZE) == bytes([PATTERN]) * 2 * SIZE
+
+
+@pytest.mark.parametrize("target", ["device", "link"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_download_failure_keeps_block_device(daemon, pki, nbdkit, tmp_path,
+                                             block_device, fmt, target):
+    # As test_download_failure_removes_file, to a device or a link to one
+    # (/dev/disk/by-id/...): neither is removed.
+    srv = nbdkit("memory", f"size={SIZE}", "error-pread=EIO",
+                 "error-pread-rate=1", "error-file=" + str(tmp_path / "err"),
+                 filters=["error"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read", "write"])
+    with client.ImageioClient(https_url(daemon), pki["ca_file"]) as c:
+        c.write(0, b"x" * MiB)
+    (tmp_path / "err").write_text("")
+    device = block_device(SIZE)
+    out = device
+    if target == "link":
+        out = str(tmp_path / "disk")
+        os.symlink(device, out)
+    with pytest.raises(client.TransferError) as e:
+        client.download(https_url(daemon), out, pki["ca_file"], fmt=fmt)
+    assert e.value.op == "read"
+    assert_is_block_device(out)
+    assert os.path.realpath(out) == device
+    assert not worker_threads()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_keyboard_interrupt_download_block_device(daemon, pki, nbdkit,
+                                                  block_device, fmt):
+    srv = nbdkit("memory", f"size={SIZE}", "rdelay=500ms",
+                 filters=["delay"])
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["read", "write"])
+    with client.ImageioClient(https_url(daemon), pki["ca_file"]) as c:
+        c.write(0, b"x" * SIZE)
+    device = block_device(SIZE)
+    running = len(qemu_nbd_running())
+    with sigint_after(0.5), pytest.raises(KeyboardInterrupt):
+        client.download(https_url(daemon), device, pki["ca_file"], fmt=fmt,
+                        buffer_size=BUFFER_SIZE)
+    assert_is_block_device(device)
+    assert len(qemu_nbd_running()) == running
+    assert not worker_threads()
