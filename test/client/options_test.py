@@ -6,6 +6,7 @@ the real parser of the command (_tool.parser()).
 import pytest
 
 from ovirt_imageio.client import _options as opts
+from ovirt_imageio.client import _ovirt
 from ovirt_imageio.client import _tool
 
 KiB = 1024
@@ -509,3 +510,52 @@ def test_main_usage_error_exits_2(config, capsys):
         _tool.main(["upload-disk", "-s", "nfs", "/no/such/image"])
     assert e.value.code == 2
 
+
+
+# The password (_tool.password): the file, else the config, else asked.
+
+def password_args(config, tmp_path, password_file=None, conf_password=None):
+    text = ENGINE1.replace("password = secret\n", "")
+    if conf_password is not None:
+        text += f"password = {conf_password}\n"
+    config.write(text)
+    argv = ["download-disk", "-c", "engine1", DISK_ID, tmp_path / "out"]
+    if password_file is not None:
+        argv[1:1] = ["--password-file", password_file]
+    return parse(argv, config.environ)
+
+
+@pytest.mark.parametrize("text,password", [
+    ("secret", "secret"),
+    ("secret\n", "secret"),
+    ("secret\n\n", "secret\n"),
+    (" spaced out \n", " spaced out "),
+    ("", ""),
+])
+def test_password_file(config, tmp_path, text, password):
+    path = tmp_path / "password"
+    path.write_text(text)
+    args = password_args(config, tmp_path, password_file=path)
+    assert _tool.password(args) == password
+
+
+def test_password_file_beats_config(config, tmp_path):
+    path = tmp_path / "password"
+    path.write_text("from-file\n")
+    args = password_args(config, tmp_path, password_file=path,
+                         conf_password="from-config")
+    assert _tool.password(args) == "from-file"
+
+
+def test_password_from_config(config, tmp_path):
+    args = password_args(config, tmp_path, conf_password="from-config")
+    assert _tool.password(args) == "from-config"
+
+
+def test_password_file_unreadable(config, tmp_path):
+    path = tmp_path / "password"
+    path.write_bytes(b"\xff\xfe")
+    args = password_args(config, tmp_path, password_file=path)
+    with pytest.raises(_ovirt.Error) as e:
+        _tool.password(args)
+    assert str(e.value).startswith(f"Cannot read password file {path}: ")
