@@ -311,25 +311,29 @@ def password(args):
 
 def _ask(prompt):
     """
-    Ask on the terminal, without echo (getpass). Without a terminal (a
-    script, a service), read a line from stdin as getpass would, but
-    without its warnings and prompt on stderr: stderr is for the one
-    line of an error.
+    Ask on the terminal, without echo (getpass: /dev/tty, else stdin if
+    it is a terminal). Without a terminal (a script, a service), read a
+    line from stdin as getpass would, but without its warnings and
+    prompt on stderr: stderr is for the one line of an error.
     """
     try:
         tty = os.fdopen(os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY), "w")
     except OSError:
+        tty = None
+    if tty is None and not (sys.stdin and sys.stdin.isatty()):
         line = sys.stdin.readline() if sys.stdin else ""
         if not line:
             raise EOFError
         return line[:-1] if line.endswith("\n") else line
-    with tty:
-        try:
-            return getpass.getpass(prompt)
-        except (EOFError, KeyboardInterrupt):
-            # End the prompt's line: the error goes on a line of its own.
-            tty.write("\n")
-            raise
+    try:
+        return getpass.getpass(prompt)
+    except (EOFError, KeyboardInterrupt):
+        # End the prompt's line: the error goes on a line of its own.
+        print(file=tty or sys.stderr)
+        raise
+    finally:
+        if tty is not None:
+            tty.close()
 
 
 def progress_bar(args, phase):
@@ -478,7 +482,12 @@ def _argtype(parse):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    setup_logging(args)
+    try:
+        setup_logging(args)
+    except OSError as e:
+        print(f"ovirt-img: error: Cannot open log file {args.log_file}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 1
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         # Before the progress line, which would be drawn over the prompt.

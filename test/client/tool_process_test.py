@@ -122,11 +122,13 @@ class Terminal:
     """A command on a pty: stdin, stdout and stderr, its controlling
     terminal."""
 
-    def __init__(self, argv, environ, cwd):
+    def __init__(self, argv, environ, cwd, ctty=True):
         self.fd, slave = os.openpty()
+        if ctty:
+            argv = [sys.executable, "-c", WITH_CTTY, *argv]
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", WITH_CTTY, *argv], env=environ,
+                argv, env=environ,
                 cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
                 start_new_session=True)
         finally:
@@ -178,8 +180,8 @@ class Terminal:
 def terminal():
     started = []
 
-    def start(argv, env):
-        t = Terminal(argv, env.environ, env.tmp)
+    def start(argv, env, ctty=True):
+        t = Terminal(argv, env.environ, env.tmp, ctty=ctty)
         started.append(t)
         return t
 
@@ -222,6 +224,21 @@ def test_password_prompt_eof(offline_env, terminal, tmp_path):
     assert lines[0] == PROMPT.decode()
     assert lines[-1].startswith("ovirt-img: error: No password")
     assert "Traceback" not in out
+
+
+def test_password_prompt_stdin_terminal(offline_env, terminal, tmp_path):
+    # A terminal on stdin that is not the controlling terminal: asked on
+    # it all the same, without echo.
+    term = terminal(offline_env.argv(
+        "download-disk", str(uuid.uuid4()), tmp_path / "dst.raw",
+        password=None), offline_env, ctty=False)
+    assert term.expect(PROMPT) == PROMPT
+    term.write(PASSWORD.encode() + b"\n")
+    assert term.wait() == 1
+    assert PASSWORD.encode() not in term.output
+    lines = term.output.decode().splitlines()
+    assert lines[-1].startswith("ovirt-img: error: Cannot ")
+    assert "127.0.0.1" in lines[-1]
 
 
 def test_no_terminal_no_password(offline_env, tmp_path):
@@ -356,3 +373,14 @@ def test_password_prompt_interrupted(offline_env, terminal, tmp_path):
     lines = term.output.decode().splitlines()
     assert lines[0] == PROMPT.decode()
     assert lines[-1] == "ovirt-img: interrupted"
+
+
+def test_log_file_cannot_be_opened(offline_env, tmp_path):
+    log = tmp_path / "no-such-dir" / "ovirt-img.log"
+    p = offline_env.run(*offline_env.argv(
+        "download-disk", "--log-file", log, str(uuid.uuid4()),
+        tmp_path / "dst.raw"))
+    assert p.returncode == 1
+    line, = p.stderr.splitlines()
+    assert line == (f"ovirt-img: error: Cannot open log file {log}: No such "
+                    f"file or directory")
