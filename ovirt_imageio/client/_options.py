@@ -19,6 +19,7 @@ import argparse
 import configparser
 import os
 import re
+import unicodedata
 import uuid
 
 from ovirt_imageio import version
@@ -35,7 +36,8 @@ MAX_WORKERS = 8
 MIN_BUFFER_SIZE = 64 * KiB
 MAX_BUFFER_SIZE = 16 * MiB
 
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.I)
+# A unit may be spelled k, kb or kib; a bare "b" or "ib" is not one.
+_SIZE = re.compile(r"(\d+)\s*(?:([kmgt])(?:i?b)?)?", re.I)
 _UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
 _TRUE = ("1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
@@ -52,7 +54,7 @@ def size(text):
     m = _SIZE.fullmatch(text.strip())
     if not m:
         raise Invalid("expected a size like 4194304, 64k or 4m")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    return int(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
 
 
 def size_between(low, high):
@@ -105,7 +107,9 @@ def choice(*values):
 
 
 def text(value):
-    if any(ord(c) < 32 for c in value):
+    """Any text but control characters (C0, DEL, C1): a name or a path
+    cannot hold them, and they would reach the terminal and the log."""
+    if any(unicodedata.category(c) == "Cc" for c in value):
         raise Invalid("control characters are not allowed")
     return value
 

@@ -91,7 +91,7 @@ def describe(e):
     fault = getattr(e, "fault", None)
     if fault is not None and (fault.reason or fault.detail):
         parts = [p for p in (fault.reason, fault.detail) if p]
-        msg = ": ".join(parts)
+        msg = " ".join(": ".join(parts).split())
         code = getattr(e, "code", None)
         return f"{msg} (HTTP {code})" if code else msg
     msg = " ".join(str(e).split())

@@ -284,12 +284,14 @@ def transfer_urls(transfer):
 
 def connect(args):
     return _ovirt.Engine(
-        args.engine_url, args.username, password(args),
+        args.engine_url, args.username, args.password,
         cafile=args.cafile, secure=args.secure,
         debug=args.log_level == "debug")
 
 
 def password(args):
+    """The password: from --password-file, else the config file, else
+    asked on the terminal."""
     if args.password_file is not None:
         try:
             with open(args.password_file, encoding="utf-8") as f:
@@ -301,10 +303,37 @@ def password(args):
     if args.password is not None:
         return args.password
     try:
-        return getpass.getpass(f"Password for {args.username}: ")
+        return _ask(f"Password for {args.username}: ")
     except EOFError:
         raise _ovirt.Error("No password: give --password-file, a password "
                            "in the config file, or type it") from None
+
+
+def _ask(prompt):
+    """
+    Ask on the terminal, without echo (getpass: /dev/tty, else stdin if
+    it is a terminal). Without a terminal (a script, a service), read a
+    line from stdin as getpass would, but without its warnings and
+    prompt on stderr: stderr is for the one line of an error.
+    """
+    try:
+        tty = os.fdopen(os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY), "w")
+    except OSError:
+        tty = None
+    if tty is None and not (sys.stdin and sys.stdin.isatty()):
+        line = sys.stdin.readline() if sys.stdin else ""
+        if not line:
+            raise EOFError
+        return line[:-1] if line.endswith("\n") else line
+    try:
+        return getpass.getpass(prompt)
+    except (EOFError, KeyboardInterrupt):
+        # End the prompt's line: the error goes on a line of its own.
+        print(file=tty or sys.stderr)
+        raise
+    finally:
+        if tty is not None:
+            tty.close()
 
 
 def progress_bar(args, phase):
@@ -453,9 +482,16 @@ def _argtype(parse):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    setup_logging(args)
+    try:
+        setup_logging(args)
+    except OSError as e:
+        print(f"ovirt-img: error: Cannot open log file {args.log_file}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 1
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        # Before the progress line, which would be drawn over the prompt.
+        args.password = password(args)
         args.func(args)
         return 0
     except Terminated as e:
