@@ -289,7 +289,9 @@ class Command:
                     value = opt.default
             elif value is not None:
                 value = self._value(opt.flags[-1], opt.type, value)
-            elif opt.key is not None and opt.key in section:
+            elif (opt.key is not None and opt.key in section
+                  and (section[opt.key] or opt.required)):
+                # An empty optional key ("cafile =") means the default.
                 value = self._config_value(path, ns.config, opt.key,
                                            opt.type, section)
             else:
@@ -304,7 +306,7 @@ class Command:
             if getattr(ns, key, None) is None:
                 setattr(ns, key, value)
         missing = [opt.key or opt.dest for opt in self.options
-                   if opt.required and getattr(ns, opt.dest) is None]
+                   if opt.required and getattr(ns, opt.dest) in (None, "")]
         if missing:
             self.error(f"Missing required options: {', '.join(missing)}")
         ns.secure = not ns.insecure

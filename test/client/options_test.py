@@ -308,6 +308,23 @@ disk_timeout = 300
     assert args.disk_timeout == 300
 
 
+def test_config_empty_optional_key_is_default(config, image):
+    config.write(ENGINE1.replace("cafile = /etc/pki/ovirt-engine/ca.pem",
+                                 "cafile =\nlog_file =\n"))
+    args = parse(["upload-disk", "-c", "engine1", "-s", "nfs", image],
+                 config.environ)
+    assert args.cafile is None
+    assert args.log_file is None
+
+
+def test_config_empty_required_key(config, image, capsys):
+    config.write(ENGINE1.replace("username = admin@internal",
+                                 "username ="))
+    err = usage_error(capsys, ["upload-disk", "-c", "engine1", "-s", "nfs",
+                               image], config.environ)
+    assert "username" in err
+
+
 def test_config_no_interpolation(config, image):
     config.write(ENGINE1.replace("password = secret",
                                  "password = 50%%off%(x)s"))
