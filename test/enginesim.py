@@ -366,6 +366,8 @@ class Transfer:
         self.timeout_policy = timeout_policy
         self.shallow = shallow
         self.phase = "initializing"
+        # The host the client asked for (None: the engine chose one).
+        self.requested_host = None
         # The ticket's id, kept when the engine adds the ticket again on
         # resume; ticket_id is set while the ticket is on the daemon.
         self.ticket_uuid = str(uuid.uuid4())
@@ -552,6 +554,9 @@ class Engine:
         self.vms = {}
         self.backups = {}
         self.events = []
+        # (method, path, query dict) of every API and SSO request, in
+        # order: tests check a client's request sequence.
+        self.requests = []
         self.server = None
 
     # Life cycle.
@@ -850,6 +855,8 @@ class Engine:
                 child_int(e, "inactivity_timeout", INACTIVITY_TIMEOUT),
                 child_text(e, "timeout_policy", "legacy"),
                 child_bool(e, "shallow", False))
+            if host_id:
+                t.requested_host = self.host
             disk.status = "locked"
             self.transfers[t.id] = t
             if backup:
@@ -1363,6 +1370,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self, method):
         url = urllib.parse.urlsplit(self.path)
         self.query = dict(urllib.parse.parse_qsl(url.query))
+        with self.engine.lock:
+            self.engine.requests.append((method, url.path, self.query))
         try:
             body = self._body()
         except (OSError, ValueError):
