@@ -7,7 +7,8 @@ engine and vdsm do behind each call (/work/shared/ENGINE-SIM.md).
   reads and writes it; SSO token and logout as JSON.
 - Storage domains of file type (nfs) and block type (iscsi, fcp). A block
   domain follows the engine's rules (no sparse raw disk, no discard, no
-  sparse ticket) while its volumes are still files.
+  sparse ticket) while its volumes are still files; a new raw volume
+  there holds stale data, as a new logical volume does.
 - Volumes are real raw/qcow2 files under the store directory, made with
   qemu-img. Transfers start qemu-nbd with vdsm's flags and add, extend
   and remove tickets on the daemon's control socket as vdsm does.
@@ -460,6 +461,22 @@ def run(*cmd):
     return p.stdout
 
 
+# What a new logical volume holds: vdsm does not zero a raw LV (lvcreate
+# zeroes its first 4 KiB), so it reads what the storage held before.
+STALE_DATA = b"stale LV data!\n\0" * 256
+STALE_INTERVAL = 256 * 1024
+
+
+def write_stale_data(path, size):
+    """Leave STALE_DATA every STALE_INTERVAL bytes of a new raw volume on
+    block storage, past the first 4 KiB: a client that skips zero
+    extents on it (instead of zeroing them) leaves this behind."""
+    with open(path, "r+b") as f:
+        for offset in range(STALE_INTERVAL, size, STALE_INTERVAL):
+            f.seek(offset)
+            f.write(STALE_DATA[:size - offset])
+
+
 def supports_direct_io(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -778,6 +795,8 @@ class Engine:
         cmd += [disk.path, str(disk.provisioned_size)]
         try:
             run(*cmd)
+            if disk.sd.block and disk.format == "raw":
+                write_stale_data(disk.path, disk.provisioned_size)
         except Exception as exc:
             log.error("Creating volume for disk %s failed: %s", disk.id, exc)
             with self.lock:
