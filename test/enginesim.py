@@ -1347,14 +1347,18 @@ ROUTES = [
 ROUTES = [(m, re.compile(re.escape(API) + r + "/?$"), h) for m, r, h in ROUTES]
 
 
+_SEARCH_TERM = re.compile(r'([\w.]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s"]+)')
+
+
 def search_terms(query):
-    """'a=b and c=d' → {"a": "b", "c": "d"} (the engine's search syntax,
-    only what the SDK examples send)."""
+    """'a=b and c="d e"' → {"a": "b", "c": "d e"} (the engine's search
+    syntax, only what the SDK examples and ovirt-img send: terms joined by
+    "and", values plain or double-quoted with backslash escapes)."""
     terms = {}
-    for part in re.split(r"\s+and\s+", query.strip(), flags=re.I):
-        if "=" in part:
-            k, v = part.split("=", 1)
-            terms[k.strip().lower()] = v.strip()
+    for key, value in _SEARCH_TERM.findall(query):
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        terms[key.lower()] = value
     return terms
 
 

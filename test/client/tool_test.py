@@ -540,4 +540,24 @@ def test_upload_on_unknown_host(env, tmp_path):
     compare(src, disk.path)
 
 
+def test_upload_on_this_host_quoted_names(env, tmp_path):
+    # Names with spaces and quotes are quoted in the engine's search
+    # language, and still match.
+    sd = enginesim.StorageDomain('my "data" and more', "fcp")
+    env.engine.storage_domains[sd.id] = sd
+    env.engine.dc.name = "data center 1"
+    write_vdsm_id(env, env.engine.host.hw_id)
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    env.run("upload-disk", "-s", sd.name, src)
+    disk, = env.disks("src")
+    assert disk.sd is sd
+    t, = transfers(env, disk)
+    assert t.requested_host is env.engine.host
+    assert searches(env, "datacenters") == [
+        'storage.name="my \\"data\\" and more"']
+    assert searches(env, "hosts")[0].endswith(
+        ' and datacenter="data center 1" and status=Up')
+    compare(src, disk.path)
+
+
 # Faults and signals.
