@@ -205,7 +205,9 @@ def make_source(kind, tmp_path):
     elif kind in ("vmdk", "vhdx", "vdi"):
         src = convert(qcow2, tmp_path / f"src.{kind}", kind)
     elif kind == "ova":
-        vmdk = convert(qcow2, tmp_path / "disk1.vmdk", "vmdk")
+        # As VMware exports them.
+        vmdk = convert(qcow2, tmp_path / "disk1.vmdk", "vmdk", "-o",
+                       "subformat=streamOptimized")
         return make_ova(tmp_path / "src.ova", [("src.vmdk", vmdk)]), vmdk
     else:
         raise AssertionError(kind)
