@@ -522,10 +522,12 @@ def test_upload_download_on_this_host(env, tmp_path):
     dst = tmp_path / "dst.qcow2"
     env.run("download-disk", disk.id, dst)
     compare(src, dst)
-    upload, download = sorted(transfers(env, disk),
-                              key=lambda t: t.direction, reverse=True)
-    assert download.direction == "download"
+    download, = [t for t in transfers(env, disk)
+                 if t.direction == "download"]
     assert download.requested_host is env.engine.host
+    # The disk's storage domain, by id, then its data center.
+    assert ("GET", f"/ovirt-engine/api/storagedomains/{disk.sd.id}", {}) \
+        in env.engine.requests
     assert searches(env, "datacenters")[1:] == ["storage.name=iscsi"]
 
 
