@@ -7,6 +7,7 @@ daemon and real qemu-nbd.
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tarfile
@@ -148,10 +149,14 @@ def test_engine_fault_is_one_line(env, tmp_path):
 # Formats, host selection and output.
 
 UPLOADED_BY = "Uploaded by ovirt-img"
+# Upstream's phases (ENGINE-SIM.md 4.2, 4.3), and ours while the
+# checksums are compared (upstream does not verify).
 UPLOAD_PHASES = ["inspecting image", "creating disk", "creating transfer",
-                 "uploading image", "finalizing transfer", "upload completed"]
+                 "uploading image", "verifying upload", "finalizing transfer",
+                 "upload completed"]
 DOWNLOAD_PHASES = ["creating transfer", "downloading image",
-                   "finalizing transfer", "download completed"]
+                   "verifying download", "finalizing transfer",
+                   "download completed"]
 SIZE = r"(\d+ bytes|\d+\.\d\d [KMGTP]iB)"
 TEXT_LINE = re.compile(
     rf"\[ (----|[ \d]{{3}}%) \] {SIZE}, \d+\.\d\d s, {SIZE}/s( \| .+)?")
@@ -447,6 +452,38 @@ def test_download_forklift(env, tmp_path):
     compare(src, dst)
 
 
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device of 8 MiB of 0xff (old data that must not show
+    through), detached at teardown."""
+    backing = tmp_path / "backing.img"
+    write_garbage(backing)
+    try:
+        r = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"Cannot attach a loop device: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"Cannot attach a loop device: {r.stderr.strip()}")
+    device = r.stdout.strip()
+    yield device
+    subprocess.run(["losetup", "--detach", device], check=True,
+                   capture_output=True, timeout=20)
+
+
+def test_download_forklift_block_device(env, tmp_path, loop_device):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = env.engine.add_disk_from_image(src, "nfs", fmt="cow")
+    records = forklift_download(env, disk.id, loop_device)
+    check_json_progress(records, DOWNLOAD_PHASES, 4 * MiB)
+    assert stat.S_ISBLK(os.stat(loop_device).st_mode)
+    # The disk's 4 MiB at the start of the device, zeros included.
+    device = "json:" + json.dumps({
+        "driver": "raw", "size": 4 * MiB,
+        "file": {"driver": "host_device", "filename": loop_device}})
+    compare(src, device)
+
+
 def write_garbage(path, size=8 * MiB):
     with open(path, "wb") as f:
         f.write(b"\xff" * size)
@@ -482,13 +519,18 @@ def test_download(env, tmp_path, disk_fmt, sd, fmt):
 
 def test_download_uploaded_no_verify(env, tmp_path):
     src = make_image(tmp_path / "src.raw", "raw")
-    env.run("upload-disk", "-s", "nfs", "-f", "raw", "--no-verify", src)
+    p = env.run("upload-disk", "-s", "nfs", "-f", "raw", "--no-verify", src)
+    phases = [r["description"] for r in progress(p.stdout)]
+    assert collapse(phases) == [
+        x for x in UPLOAD_PHASES if x != "verifying upload"]
     disk, = env.disks("src")
     compare(src, disk.path)
     dst = tmp_path / "dst.qcow2"
     log_file = tmp_path / "download.log"
-    env.run("download-disk", "--no-verify", "--log-level", "debug",
-            "--log-file", log_file, disk.id, dst)
+    p = env.run("download-disk", "--no-verify", "--log-level", "debug",
+                "--log-file", log_file, disk.id, dst)
+    check_json_progress(progress(p.stdout), [
+        x for x in DOWNLOAD_PHASES if x != "verifying download"], 4 * MiB)
     compare(src, dst)
     with open(log_file) as f:
         log = f.read()
