@@ -7,7 +7,8 @@ engine and vdsm do behind each call (/work/shared/ENGINE-SIM.md).
   reads and writes it; SSO token and logout as JSON.
 - Storage domains of file type (nfs) and block type (iscsi, fcp). A block
   domain follows the engine's rules (no sparse raw disk, no discard, no
-  sparse ticket) while its volumes are still files.
+  sparse ticket) while its volumes are still files; a new raw volume
+  there holds stale data, as a new logical volume does.
 - Volumes are real raw/qcow2 files under the store directory, made with
   qemu-img. Transfers start qemu-nbd with vdsm's flags and add, extend
   and remove tickets on the daemon's control socket as vdsm does.
@@ -366,6 +367,8 @@ class Transfer:
         self.timeout_policy = timeout_policy
         self.shallow = shallow
         self.phase = "initializing"
+        # The host the client asked for (None: the engine chose one).
+        self.requested_host = None
         # The ticket's id, kept when the engine adds the ticket again on
         # resume; ticket_id is set while the ticket is on the daemon.
         self.ticket_uuid = str(uuid.uuid4())
@@ -456,6 +459,22 @@ def run(*cmd):
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {p.stderr.decode()[:500]}")
     return p.stdout
+
+
+# What a new logical volume holds: vdsm does not zero a raw LV (lvcreate
+# zeroes its first 4 KiB), so it reads what the storage held before.
+STALE_DATA = b"stale LV data!\n\0" * 256
+STALE_INTERVAL = 256 * 1024
+
+
+def write_stale_data(path, size):
+    """Leave STALE_DATA every STALE_INTERVAL bytes of a new raw volume on
+    block storage, past the first 4 KiB: a client that skips zero
+    extents on it (instead of zeroing them) leaves this behind."""
+    with open(path, "r+b") as f:
+        for offset in range(STALE_INTERVAL, size, STALE_INTERVAL):
+            f.seek(offset)
+            f.write(STALE_DATA[:size - offset])
 
 
 def supports_direct_io(path):
@@ -552,6 +571,9 @@ class Engine:
         self.vms = {}
         self.backups = {}
         self.events = []
+        # (method, path, query dict) of every API and SSO request, in
+        # order: tests check a client's request sequence.
+        self.requests = []
         self.server = None
 
     # Life cycle.
@@ -773,6 +795,8 @@ class Engine:
         cmd += [disk.path, str(disk.provisioned_size)]
         try:
             run(*cmd)
+            if disk.sd.block and disk.format == "raw":
+                write_stale_data(disk.path, disk.provisioned_size)
         except Exception as exc:
             log.error("Creating volume for disk %s failed: %s", disk.id, exc)
             with self.lock:
@@ -850,6 +874,8 @@ class Engine:
                 child_int(e, "inactivity_timeout", INACTIVITY_TIMEOUT),
                 child_text(e, "timeout_policy", "legacy"),
                 child_bool(e, "shallow", False))
+            if host_id:
+                t.requested_host = self.host
             disk.status = "locked"
             self.transfers[t.id] = t
             if backup:
@@ -1321,14 +1347,18 @@ ROUTES = [
 ROUTES = [(m, re.compile(re.escape(API) + r + "/?$"), h) for m, r, h in ROUTES]
 
 
+_SEARCH_TERM = re.compile(r'([\w.]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s"]+)')
+
+
 def search_terms(query):
-    """'a=b and c=d' → {"a": "b", "c": "d"} (the engine's search syntax,
-    only what the SDK examples send)."""
+    """'a=b and c="d e"' → {"a": "b", "c": "d e"} (the engine's search
+    syntax, only what the SDK examples and ovirt-img send: terms joined by
+    "and", values plain or double-quoted with backslash escapes)."""
     terms = {}
-    for part in re.split(r"\s+and\s+", query.strip(), flags=re.I):
-        if "=" in part:
-            k, v = part.split("=", 1)
-            terms[k.strip().lower()] = v.strip()
+    for key, value in _SEARCH_TERM.findall(query):
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        terms[key.lower()] = value
     return terms
 
 
@@ -1363,6 +1393,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self, method):
         url = urllib.parse.urlsplit(self.path)
         self.query = dict(urllib.parse.parse_qsl(url.query))
+        with self.engine.lock:
+            self.engine.requests.append((method, url.path, self.query))
         try:
             body = self._body()
         except (OSError, ValueError):

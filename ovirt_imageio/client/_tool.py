@@ -66,7 +66,8 @@ def upload_disk(args):
         image = inspect_image(args)
         with connect(args) as engine:
             sd = engine.storage_domain(args.storage_domain)
-            params = disk_params(args, image, engine.is_block(sd))
+            block = engine.is_block(sd)
+            params = disk_params(args, image, block)
             bar.phase = "creating disk"
             disk = engine.add_disk(storage_domain=sd.name, **params)
             log.info("Created disk %s", disk.id)
@@ -91,8 +92,7 @@ def upload_disk(args):
                     buffer_size=args.buffer_size,
                     max_workers=args.max_workers,
                     member=image.member,
-                    # A new disk reads zeros: zero extents are skipped.
-                    disk_is_zero=True,
+                    disk_is_zero=new_disk_is_zero(params, block),
                     verify=args.verify,
                     progress=bar)
             except BaseException:
@@ -174,6 +174,16 @@ def disk_params(args, image, block):
     if args.disk_id:
         params["id"] = args.disk_id
     return params
+
+
+def new_disk_is_zero(params, block):
+    """
+    Whether the new disk reads zeros, so the upload may skip zero
+    extents instead of zeroing them: a qcow2 disk, or any disk on file
+    storage (a sparse or fallocated file). A raw disk on block storage
+    is a logical volume holding what the storage held before.
+    """
+    return params["format"] == _sdk_types().DiskFormat.COW or not block
 
 
 def _is_iso(filename, offset):

@@ -6,8 +6,12 @@ daemon and real qemu-nbd.
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
+import tarfile
+import uuid
 
 import pytest
 
@@ -140,3 +144,466 @@ def test_engine_fault_is_one_line(env, tmp_path):
     assert lines == [lines[0]]
     assert "nosuchsd" in lines[0]
     assert "Traceback" not in p.stderr
+
+
+# Formats, host selection and output.
+
+UPLOADED_BY = "Uploaded by ovirt-img"
+# Upstream's phases (ENGINE-SIM.md 4.2, 4.3), and ours while the
+# checksums are compared (upstream does not verify).
+UPLOAD_PHASES = ["inspecting image", "creating disk", "creating transfer",
+                 "uploading image", "verifying upload", "finalizing transfer",
+                 "upload completed"]
+DOWNLOAD_PHASES = ["creating transfer", "downloading image",
+                   "verifying download", "finalizing transfer",
+                   "download completed"]
+SIZE = r"(\d+ bytes|\d+\.\d\d [KMGTP]iB)"
+TEXT_LINE = re.compile(
+    rf"\[ (----|[ \d]{{3}}%) \] {SIZE}, \d+\.\d\d s, {SIZE}/s( \| .+)?")
+
+
+def make_iso(path, size=4 * MiB):
+    """A raw image with an ISO 9660 primary volume descriptor at 32 KiB
+    and the descriptor set terminator after it, as mkisofs writes them."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(0x8000)
+        f.write(b"\x01CD001\x01\x00" + b"LINUX".ljust(32) +
+                b"TEST".ljust(32))
+        f.seek(0x8800)
+        f.write(b"\xffCD001\x01")
+        f.seek(1 * MiB)
+        f.write(b"\x44" * 64 * 1024)
+    return str(path)
+
+
+def convert(src, dst, fmt, *opts):
+    subprocess.run(["qemu-img", "convert", "-q", "-O", fmt, *opts, str(src),
+                    str(dst)], check=True)
+    return str(dst)
+
+
+def make_ova(path, disks):
+    """An OVA: a ustar file with an OVF descriptor first, then disks
+    ((name, path) pairs)."""
+    ovf = os.path.join(os.path.dirname(str(path)), "vm.ovf")
+    with open(ovf, "w") as f:
+        f.write("<?xml version='1.0'?><Envelope/>\n")
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.add(ovf, arcname="vm.ovf")
+        for name, disk in disks:
+            tar.add(disk, arcname=name)
+    return str(path)
+
+
+def make_source(kind, tmp_path):
+    """(file to upload, image holding its guest data, its virtual size)."""
+    qcow2 = make_image(tmp_path / "base.qcow2", "qcow2")
+    if kind == "raw":
+        src = convert(qcow2, tmp_path / "src.raw", "raw")
+    elif kind == "qcow2":
+        src = convert(qcow2, tmp_path / "src.qcow2", "qcow2")
+    elif kind == "compressed":
+        src = convert(qcow2, tmp_path / "src.qcow2", "qcow2", "-c")
+    elif kind == "iso":
+        src = make_iso(tmp_path / "src.iso")
+    elif kind in ("vmdk", "vhdx", "vdi"):
+        src = convert(qcow2, tmp_path / f"src.{kind}", kind)
+    elif kind == "ova":
+        # As VMware exports them.
+        vmdk = convert(qcow2, tmp_path / "disk1.vmdk", "vmdk", "-o",
+                       "subformat=streamOptimized")
+        return make_ova(tmp_path / "src.ova", [("src.vmdk", vmdk)]), vmdk
+    else:
+        raise AssertionError(kind)
+    return src, src
+
+
+def qemu_img_json(*args):
+    out = subprocess.run(["qemu-img", *args, "--output", "json"],
+                         check=True, stdout=subprocess.PIPE, text=True,
+                         timeout=TIMEOUT).stdout
+    return json.loads(out)
+
+
+def expected_disk(kind, sd, fmt, preallocated, data):
+    """What the engine should have been asked for (ENGINE-SIM.md 3.1,
+    4.2)."""
+    block = sd in ("iscsi", "fcp")
+    if kind == "iso":
+        return dict(format="raw", sparse=False, backup="none",
+                    content_type="iso", initial_size=None)
+    cow = fmt == "qcow2"
+    sparse = not preallocated and not (block and not cow)
+    initial_size = None
+    if cow and sparse and block:
+        # The engine forwards it only for sparse disks on block storage.
+        initial_size = qemu_img_json("measure", "-O", "qcow2",
+                                     data)["required"]
+    return dict(format="cow" if cow else "raw", sparse=sparse,
+                backup="incremental" if cow else "none",
+                content_type="data", initial_size=initial_size)
+
+
+def disk_attrs(disk):
+    return dict(format=disk.format, sparse=disk.sparse, backup=disk.backup,
+                content_type=disk.content_type,
+                initial_size=disk.initial_size)
+
+
+def transfers(env, disk):
+    return [t for t in env.engine.transfers.values() if t.disk is disk]
+
+
+def check_uploaded(env, disk, data, sd):
+    assert disk.status == "ok"
+    assert disk.sd.name == sd
+    assert disk.provisioned_size == qemu_img_json(
+        "info", data)["virtual-size"]
+    assert qemu_img_json("info", disk.path)["format"] == disk.qemu_format
+    t, = transfers(env, disk)
+    assert (t.direction, t.phase) == ("upload", "finished_success")
+    compare(data, disk.path)
+
+
+@pytest.mark.parametrize("kind, sd, fmt, preallocated", [
+    ("raw", "nfs", "raw", False),
+    ("raw", "nfs", "qcow2", True),
+    ("qcow2", "iscsi", "qcow2", False),
+    ("qcow2", "fcp", "raw", True),
+    ("compressed", "iscsi", "qcow2", False),
+    ("iso", "nfs", "qcow2", False),
+    ("iso", "iscsi", "raw", True),
+    ("vmdk", "fcp", "raw", False),
+    ("vhdx", "iscsi", "qcow2", False),
+    ("vdi", "nfs", "qcow2", True),
+    ("ova", "nfs", "qcow2", False),
+])
+def test_upload_formats(env, tmp_path, kind, sd, fmt, preallocated):
+    src, data = make_source(kind, tmp_path)
+    args = ["-s", sd, "-f", fmt, src]
+    if preallocated:
+        args.insert(0, "--preallocated")
+    env.run("upload-disk", *args)
+    disk, = env.disks("src")
+    assert disk_attrs(disk) == expected_disk(kind, sd, fmt, preallocated,
+                                             data)
+    assert disk.description == UPLOADED_BY
+    check_uploaded(env, disk, data, sd)
+
+
+def test_upload_disk_id_name_description(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk_id = str(uuid.uuid4())
+    env.run("upload-disk", "-s", "nfs", "--disk-id", disk_id.upper(),
+            "--name", "my disk", "-d", "a description", src)
+    disk = env.engine.disks[disk_id]
+    assert (disk.name, disk.description) == ("my disk", "a description")
+    assert env.disks("src") == []
+    check_uploaded(env, disk, src, "nfs")
+
+
+def test_upload_ova_member(env, tmp_path):
+    qcow2 = make_image(tmp_path / "base.qcow2", "qcow2")
+    disk1 = convert(qcow2, tmp_path / "disk1.vmdk", "vmdk")
+    qemu_io(qcow2, "qcow2", "write -P 0x55 2m 1m")
+    disk2 = convert(qcow2, tmp_path / "disk2.vmdk", "vmdk")
+    ova = make_ova(tmp_path / "vm.ova", [("vm-disk1.vmdk", disk1),
+                                         ("vm-disk2.vmdk", disk2)])
+
+    p = env.run("upload-disk", "-s", "nfs", ova, check=False)
+    assert p.returncode == 1
+    error = p.stderr.strip().splitlines()
+    assert len(error) == 1
+    assert "--member" in error[0]
+    assert "vm-disk1.vmdk" in error[0] and "vm-disk2.vmdk" in error[0]
+    # Nothing was created.
+    assert env.engine.disks == {}
+
+    env.run("upload-disk", "-s", "iscsi", "--member", "vm-disk2.vmdk", ova)
+    disk, = env.disks("vm-disk2")
+    check_uploaded(env, disk, disk2, "iscsi")
+    assert disk.initial_size == qemu_img_json(
+        "measure", "-O", "qcow2", disk2)["required"]
+
+
+def api_requests(env):
+    """The engine requests, consecutive repeats (polls) collapsed, with
+    their counts: [(method, path with ids as {d}, {t}..., count)]."""
+    names = {}
+    for d in env.engine.disks:
+        names[d] = "{d}"
+    for t in env.engine.transfers:
+        names[t] = "{t}"
+    for sd in env.engine.storage_domains:
+        names[sd] = "{sd}"
+    result = []
+    for method, path, _ in env.engine.requests:
+        path = path.replace("/ovirt-engine/api", "{api}")
+        path = "/".join(names.get(p, p) for p in path.split("/"))
+        if result and result[-1][:2] == (method, path):
+            result[-1] = (method, path, result[-1][2] + 1)
+        else:
+            result.append((method, path, 1))
+    return result
+
+
+def collapse(items):
+    return [x for i, x in enumerate(items) if i == 0 or items[i - 1] != x]
+
+
+def check_json_progress(lines, phases, size):
+    """Progress records as upstream writes them (ENGINE-SIM.md 4.4)."""
+    assert lines
+    sized = False
+    for prev, r in zip([None] + lines, lines):
+        assert isinstance(r, dict), r
+        keys = {"transferred", "elapsed", "description"}
+        if sized:
+            keys.add("size")
+        else:
+            sized = "size" in r
+            keys |= {"size"} if sized else set()
+        assert set(r) == keys, r
+        assert isinstance(r["transferred"], int)
+        assert isinstance(r["elapsed"], float)
+        if prev is not None:
+            assert r["transferred"] >= prev["transferred"]
+            assert r["elapsed"] >= prev["elapsed"]
+    assert collapse([r["description"] for r in lines]) == phases
+    assert lines[-1]["size"] == size
+    assert lines[-1]["transferred"] == size
+
+
+def test_upload_json_output_and_requests(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", src)
+    # Nothing else on stdout: every line is a progress record.
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    check_json_progress(lines, UPLOAD_PHASES, 4 * MiB)
+
+    # Upstream's sequence (ENGINE-SIM.md 1.1); polls collapsed.
+    requests = api_requests(env)
+    assert [r[:2] for r in requests] == [
+        ("POST", "/ovirt-engine/sso/oauth/token"),
+        ("GET", "{api}/storagedomains"),
+        ("POST", "{api}/disks"),
+        ("GET", "{api}/disks/{d}"),
+        ("POST", "{api}/imagetransfers"),
+        ("GET", "{api}/imagetransfers/{t}"),
+        ("POST", "{api}/imagetransfers/{t}/finalize"),
+        ("GET", "{api}/imagetransfers/{t}"),
+        ("POST", "/ovirt-engine/services/sso-logout"),
+    ]
+    # Polls wait between requests: a few per step, not a busy loop.
+    assert all(count <= 20 for _, _, count in requests), requests
+
+
+def test_upload_text_output(env, tmp_path):
+    src = make_image(tmp_path / "src.raw", "raw")
+    # Bytes: text mode would turn "\r" into "\n".
+    p = subprocess.run(
+        [OVIRT_IMG, "upload-disk", *env.common("text"), "-s", "nfs", "-f",
+         "raw", src], env=env.environ, cwd=env.tmp, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    # Redrawn in place: "\r" after each line, "\n" after the last only.
+    assert out.endswith("\n") and out.count("\n") == 1
+    lines = out[:-1].split("\r")
+    for line in lines:
+        assert len(line) == 79, repr(line)
+        assert TEXT_LINE.fullmatch(line.rstrip()), repr(line)
+    assert re.fullmatch(
+        rf"\[ 100% \] 4\.00 MiB, \d+\.\d\d s, {SIZE}/s \| upload completed",
+        lines[-1].rstrip()), lines[-1]
+    phases = collapse([line.rstrip().split(" | ")[1] for line in lines])
+    assert phases == UPLOAD_PHASES
+
+
+def forklift_download(env, disk_id, path):
+    """Download as Forklift's ovirt-populator does (CLIENTS.md 3): its
+    command line, stdout and stderr merged, JSON lines parsed, the rest
+    ignored."""
+    cmd = [OVIRT_IMG, "download-disk", "--output", "json",
+           f"--engine-url={env.engine.url}", "--username=admin@internal",
+           f"--password-file={env.password_file}",
+           f"--cafile={env.pki['ca_file']}", "-f", "raw", disk_id, str(path)]
+    p = subprocess.run(cmd, env=env.environ, cwd=env.tmp,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout
+    records = []
+    for line in p.stdout.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def test_download_forklift(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = env.engine.add_disk_from_image(src, "iscsi", fmt="cow")
+    dst = tmp_path / "volume"
+    records = forklift_download(env, disk.id, dst)
+    check_json_progress(records, DOWNLOAD_PHASES, 4 * MiB)
+    assert qemu_img_json("info", dst)["format"] == "raw"
+    compare(src, dst)
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A loop device of 8 MiB of 0xff (old data that must not show
+    through), detached at teardown."""
+    backing = tmp_path / "backing.img"
+    write_garbage(backing)
+    try:
+        r = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"Cannot attach a loop device: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"Cannot attach a loop device: {r.stderr.strip()}")
+    device = r.stdout.strip()
+    yield device
+    subprocess.run(["losetup", "--detach", device], check=True,
+                   capture_output=True, timeout=20)
+
+
+def test_download_forklift_block_device(env, tmp_path, loop_device):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = env.engine.add_disk_from_image(src, "nfs", fmt="cow")
+    records = forklift_download(env, disk.id, loop_device)
+    check_json_progress(records, DOWNLOAD_PHASES, 4 * MiB)
+    assert stat.S_ISBLK(os.stat(loop_device).st_mode)
+    # The disk's 4 MiB at the start of the device, zeros included.
+    device = "json:" + json.dumps({
+        "driver": "raw", "size": 4 * MiB,
+        "file": {"driver": "host_device", "filename": loop_device}})
+    compare(src, device)
+
+
+def write_garbage(path, size=8 * MiB):
+    with open(path, "wb") as f:
+        f.write(b"\xff" * size)
+
+
+@pytest.mark.parametrize("disk_fmt, sd, fmt", [
+    ("cow", "nfs", "qcow2"),
+    ("cow", "nfs", "raw"),
+    ("raw", "fcp", "qcow2"),
+    ("raw", "nfs", "raw"),
+])
+def test_download(env, tmp_path, disk_fmt, sd, fmt):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = env.engine.add_disk_from_image(
+        src, sd, fmt=disk_fmt, sparse=not (disk_fmt == "raw" and sd != "nfs"))
+    dst = tmp_path / "dst.img"
+    # An existing file is replaced, not written over.
+    write_garbage(dst)
+    log_file = tmp_path / "download.log"
+    p = env.run("download-disk", "-f", fmt, "--log-level", "debug",
+                "--log-file", log_file, disk.id, dst)
+    lines = progress(p.stdout)
+    check_json_progress(lines, DOWNLOAD_PHASES, 4 * MiB)
+    info = qemu_img_json("info", dst)
+    assert (info["format"], info["virtual-size"]) == (fmt, 4 * MiB)
+    compare(src, dst)
+    with open(log_file) as f:
+        assert "download verified" in f.read()
+    assert disk.status == "ok"
+    t, = transfers(env, disk)
+    assert (t.direction, t.phase) == ("download", "finished_success")
+
+
+def test_download_uploaded_no_verify(env, tmp_path):
+    src = make_image(tmp_path / "src.raw", "raw")
+    p = env.run("upload-disk", "-s", "nfs", "-f", "raw", "--no-verify", src)
+    phases = [r["description"] for r in progress(p.stdout)]
+    assert collapse(phases) == [
+        x for x in UPLOAD_PHASES if x != "verifying upload"]
+    disk, = env.disks("src")
+    compare(src, disk.path)
+    dst = tmp_path / "dst.qcow2"
+    log_file = tmp_path / "download.log"
+    p = env.run("download-disk", "--no-verify", "--log-level", "debug",
+                "--log-file", log_file, disk.id, dst)
+    check_json_progress(progress(p.stdout), [
+        x for x in DOWNLOAD_PHASES if x != "verifying download"], 4 * MiB)
+    compare(src, dst)
+    with open(log_file) as f:
+        log = f.read()
+    # The debug log would have it (test_download): the check was skipped.
+    assert "GET" in log
+    assert "download verified" not in log
+
+
+def write_vdsm_id(env, hw_id):
+    with open(env.environ["OVIRT_IMG_VDSM_ID"], "w") as f:
+        f.write(hw_id + "\n")
+
+
+def searches(env, path):
+    return [q.get("search") for m, p, q in env.engine.requests
+            if p == "/ovirt-engine/api/" + path]
+
+
+def test_upload_download_on_this_host(env, tmp_path):
+    hw_id = env.engine.host.hw_id
+    write_vdsm_id(env, hw_id)
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    env.run("upload-disk", "-s", "iscsi", src)
+    disk, = env.disks("src")
+    t, = transfers(env, disk)
+    assert t.requested_host is env.engine.host
+    assert searches(env, "datacenters") == ["storage.name=iscsi"]
+    assert searches(env, "hosts") == [
+        f"hw_id={hw_id} and datacenter=dc1 and status=Up"]
+
+    dst = tmp_path / "dst.qcow2"
+    env.run("download-disk", disk.id, dst)
+    compare(src, dst)
+    download, = [t for t in transfers(env, disk)
+                 if t.direction == "download"]
+    assert download.requested_host is env.engine.host
+    # The disk's storage domain, by id, then its data center.
+    assert ("GET", f"/ovirt-engine/api/storagedomains/{disk.sd.id}", {}) \
+        in env.engine.requests
+    assert searches(env, "datacenters")[1:] == ["storage.name=iscsi"]
+
+
+def test_upload_on_unknown_host(env, tmp_path):
+    write_vdsm_id(env, str(uuid.uuid4()))
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    env.run("upload-disk", "-s", "nfs", src)
+    disk, = env.disks("src")
+    t, = transfers(env, disk)
+    # Looked up, not found: the engine chooses the host.
+    assert len(searches(env, "hosts")) == 1
+    assert t.requested_host is None
+    assert t.host is env.engine.host
+    compare(src, disk.path)
+
+
+def test_upload_on_this_host_quoted_names(env, tmp_path):
+    # Names with spaces and quotes are quoted in the engine's search
+    # language, and still match.
+    sd = enginesim.StorageDomain('my "data" and more', "fcp")
+    env.engine.storage_domains[sd.id] = sd
+    env.engine.dc.name = "data center 1"
+    write_vdsm_id(env, env.engine.host.hw_id)
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    env.run("upload-disk", "-s", sd.name, src)
+    disk, = env.disks("src")
+    assert disk.sd is sd
+    t, = transfers(env, disk)
+    assert t.requested_host is env.engine.host
+    assert searches(env, "datacenters") == [
+        'storage.name="my \\"data\\" and more"']
+    assert searches(env, "hosts")[0].endswith(
+        ' and datacenter="data center 1" and status=Up')
+    compare(src, disk.path)
+
+
+# Faults and signals.
