@@ -41,6 +41,9 @@ Transfer phases (ENGINE-SIM.md 2.8), as this simulator moves them:
 
 An upload's disk is removed when its transfer ends in finished_failure.
 
+Injected faults: engine.inject(name) makes a step fail as the engine or
+vdsm can (FAULTS lists them), until engine.faults.discard(name).
+
     engine = Engine(store_dir, control_socket, daemon_port, pki)
     engine.start()
     engine.url              # https://127.0.0.1:PORT (the SDK adds the path)
@@ -93,6 +96,18 @@ COMMAND_TIMEOUT = 60
 REMOVE_TICKET_TIMEOUT = 90
 
 BLOCK_TYPES = ("iscsi", "fcp")
+
+# The faults Engine.inject() knows: name -> what goes wrong.
+FAULTS = {
+    "create_volume": "vdsm cannot create a new disk's volume: the disk "
+                     "becomes illegal",
+    "stale_volume": "a new volume reads old data, not zeros (storage that "
+                    "does not zero what it allocates)",
+    "add_transfer": "POST /imagetransfers is refused (409)",
+    "start_transfer": "a transfer cannot start, as when qemu-nbd cannot "
+                      "open the volume: an upload pauses (paused_system), "
+                      "a download is cancelled",
+}
 FINISHED = ("finished_success", "finished_failure", "finished_cleanup")
 
 
@@ -552,6 +567,7 @@ class Engine:
         self.vms = {}
         self.backups = {}
         self.events = []
+        self.faults = set()
         self.server = None
 
     # Life cycle.
@@ -619,6 +635,17 @@ class Engine:
                                    "ids": set(ids)})
 
     # Test helpers (what an admin does in the UI).
+
+    def inject(self, name):
+        """Make the step name (a key of FAULTS) fail from now on."""
+        if name not in FAULTS:
+            raise ValueError(f"Unknown fault {name!r}")
+        with self.lock:
+            self.faults.add(name)
+
+    def _injected(self, name):
+        with self.lock:
+            return name in self.faults
 
     def storage_domain(self, name):
         for sd in self.storage_domains.values():
@@ -772,7 +799,12 @@ class Engine:
             cmd += ["-o", ",".join(opts)]
         cmd += [disk.path, str(disk.provisioned_size)]
         try:
+            if self._injected("create_volume"):
+                raise RuntimeError("injected fault create_volume")
             run(*cmd)
+            if self._injected("stale_volume"):
+                run("qemu-io", "-f", disk.qemu_format, "-c",
+                    f"write -P 0xde 0 {disk.provisioned_size}", disk.path)
         except Exception as exc:
             log.error("Creating volume for disk %s failed: %s", disk.id, exc)
             with self.lock:
@@ -809,6 +841,9 @@ class Engine:
         fmt = child_text(e, "format")
         with self.lock:
             disk = self._disk(disk_id)
+            if "add_transfer" in self.faults:
+                raise conflict("Cannot transfer Virtual Disk. Injected "
+                               "fault add_transfer.")
             backup = None
             backup_id = child_id(e, "backup")
             if backup_id:
@@ -872,6 +907,8 @@ class Engine:
         file_sd = not disk.sd.block
         self._stop_nbd(t)
         try:
+            if self._injected("start_transfer"):
+                raise RuntimeError("injected fault start_transfer")
             if t.backend == "nbd":
                 sock = os.path.join(self.run_dir, f"{t.id}.sock")
                 bitmap = None

@@ -95,7 +95,19 @@ def describe(e):
         code = getattr(e, "code", None)
         return f"{msg} (HTTP {code})" if code else msg
     msg = " ".join(str(e).split())
+    # The SDK's wording of curl and SSO errors, without its wrapping.
+    m = _CURL_ERROR.fullmatch(msg)
+    if m:
+        return f"{m.group(2)} (curl error {m.group(1)})"
+    m = _SSO_ERROR.fullmatch(msg)
+    if m:
+        return f"{m.group(2)} ({m.group(1)})"
     return msg or type(e).__name__
+
+
+_CURL_ERROR = re.compile(r"Error while sending HTTP request: \((\d+), "
+                         r"['\"](.*)['\"]\)")
+_SSO_ERROR = re.compile(r"Error during SSO authentication (\S+) : (.*)")
 
 
 class Engine:
@@ -121,6 +133,15 @@ class Engine:
                 debug=debug,
                 log=logging.getLogger("ovirtsdk") if debug else None,
                 timeout=timeout)
+        # Log in now, so that a wrong password or an engine that cannot
+        # be reached is reported as such, not as the first request's
+        # failure.
+        try:
+            with self.step(f"Cannot log in to {engine_url} as {username}"):
+                self.connection.authenticate()
+        except BaseException:
+            self.connection.close(logout=False)
+            raise
         self.system = self.connection.system_service()
 
     def close(self):
