@@ -43,6 +43,10 @@ An upload's disk is removed when its transfer ends in finished_failure.
 
 Injected faults: engine.inject(name) makes a step fail as the engine or
 vdsm can (FAULTS lists them), until engine.faults.discard(name).
+engine.hold(name) makes POST /disks ("add_disk") or POST /imagetransfers
+("add_transfer") wait, its work done, before it answers, until the Event
+it returns is set: a client can be interrupted while it waits for the
+answer, as with a slow engine.
 
     engine = Engine(store_dir, control_socket, daemon_port, pki)
     engine.start()
@@ -568,6 +572,7 @@ class Engine:
         self.backups = {}
         self.events = []
         self.faults = set()
+        self.holds = {}
         self.server = None
 
     # Life cycle.
@@ -646,6 +651,22 @@ class Engine:
     def _injected(self, name):
         with self.lock:
             return name in self.faults
+
+    def hold(self, name):
+        """Make the request name ("add_disk", "add_transfer") wait before
+        it answers until the returned Event is set."""
+        if name not in ("add_disk", "add_transfer"):
+            raise ValueError(f"Cannot hold {name!r}")
+        event = threading.Event()
+        with self.lock:
+            self.holds[name] = event
+        return event
+
+    def _hold(self, name):
+        with self.lock:
+            event = self.holds.get(name)
+        if event is not None and not event.wait(COMMAND_TIMEOUT):
+            log.warning("Held %s for %s seconds", name, COMMAND_TIMEOUT)
 
     def storage_domain(self, name):
         for sd in self.storage_domains.values():
@@ -1339,6 +1360,7 @@ ROUTES = [
     ("GET", r"/datacenters/([^/]+)", "get_dc"),
     ("GET", r"/hosts", "list_hosts"),
     ("GET", r"/hosts/([^/]+)", "get_host"),
+    ("GET", r"/imagetransfers", "list_transfers"),
     ("POST", r"/imagetransfers", "post_transfer"),
     ("GET", r"/imagetransfers/([^/]+)", "get_transfer"),
     ("POST", r"/imagetransfers/([^/]+)/(finalize|cancel|pause|resume|extend)",
@@ -1528,6 +1550,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if e is None or e.tag != "disk":
             raise Fault(400, "Bad Request", "Expected <disk>")
         disk = self.engine.add_disk(e)
+        self.engine._hold("add_disk")
         out = disk.xml()
         sub(out, "creation_status", "pending")
         self._xml(out, 202)
@@ -1584,10 +1607,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise not_found("host", host_id)
         self._xml(self.engine.host.xml())
 
+    def list_transfers(self, _):
+        with self.engine.lock:
+            elems = [t.xml() for t in self.engine.transfers.values()]
+        self._collection("image_transfers", elems)
+
     def post_transfer(self, e):
         if e is None or e.tag != "image_transfer":
             raise Fault(400, "Bad Request", "Expected <image_transfer>")
         t = self.engine.add_transfer(e)
+        self.engine._hold("add_transfer")
         with self.engine.lock:
             out = t.xml()
         self._xml(out, 201, [("Location", f"{API}/imagetransfers/{t.id}")])

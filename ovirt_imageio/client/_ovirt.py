@@ -306,6 +306,20 @@ class Engine:
                        f"{disk.id}"):
             return self.system.image_transfers_service().add(transfer)
 
+    def unfinished_transfers(self, disk_id):
+        """The disk's transfers that have not finished: for a new disk,
+        one this command created without hearing the answer (the request
+        was interrupted)."""
+        phase = self.types.ImageTransferPhase
+        finished = (phase.FINISHED_SUCCESS, phase.FINISHED_FAILURE,
+                    phase.FINISHED_CLEANUP)
+        with self.step("Cannot list image transfers"):
+            transfers = self.system.image_transfers_service().list()
+        # The engine names the disk as <image>, the SDK's input as <disk>.
+        return [t for t in transfers
+                if t.phase not in finished
+                and disk_id in (_id(t.image), _id(t.disk))]
+
     def wait_for_transfer(self, transfer, timeout=START_TIMEOUT):
         """
         Wait until the transfer is transferring and return it. Any other
@@ -407,6 +421,10 @@ class Engine:
         except (Error, self.sdk.Error) as e:
             log.error("Transfer %s was cancelled, but: %s", transfer.id,
                       e if isinstance(e, Error) else describe(e))
+
+
+def _id(entity):
+    return entity.id if entity is not None else None
 
 
 def read_vdsm_id(path=None):

@@ -297,6 +297,7 @@ def test_upload_qemu_nbd_killed(env, tmp_path):
     code, _, err = finish(proc)
     assert code == 1, err
     assert_one_line(err, "error:")
+    assert t.ticket_uuid not in err[0]
     assert "Traceback" not in "\n".join(err)
     assert_upload_cleaned_up(env, t, src)
 
@@ -410,3 +411,109 @@ def test_engine_unreachable(env, tmp_path):
     assert_one_line(p.stderr.splitlines(), f"Cannot log in to {url}",
                     "Could not connect to server")
     assert "Traceback" not in p.stderr
+
+
+SIGNALS = pytest.mark.parametrize("signo,message", [
+    (signal.SIGINT, "ovirt-img: interrupted"),
+    (signal.SIGTERM, "ovirt-img: terminated by SIGTERM"),
+], ids=["SIGINT", "SIGTERM"])
+
+
+def interrupt(env, proc, t, signo, size):
+    """Send signo to ovirt-img in the middle of transfer t."""
+    transferring(env, t)
+    with stopped(proc):
+        assert ticket(env, t)["transferred"] < size
+        os.kill(proc.pid, signo)
+
+
+@SIGNALS
+def test_upload_interrupted(env, tmp_path, signo, message):
+    src = big_image(tmp_path / "big.raw")
+    proc = start(env, "upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
+    t = one_transfer(env)
+    interrupt(env, proc, t, signo, 64 * MiB)
+    code, _, err = finish(proc)
+    assert code == 128 + signo, err
+    assert err == [message]
+    # Cancelled: the engine removed the disk.
+    assert_upload_cleaned_up(env, t, src)
+
+
+@SIGNALS
+def test_download_interrupted(env, tmp_path, signo, message):
+    disk = env.engine.add_disk_from_image(big_image(tmp_path / "big.raw"),
+                                          fmt="raw")
+    dst = tmp_path / "dst.qcow2"
+    proc = start(env, "download-disk", *SLOW, disk.id, dst)
+    t = one_transfer(env)
+    interrupt(env, proc, t, signo, 64 * MiB)
+    code, _, err = finish(proc)
+    assert code == 128 + signo, err
+    assert err == [message]
+    # Finalized: a download cannot harm the disk.
+    assert t.phase == "finished_success"
+    assert disk.status == "ok"
+    assert not disk.removed
+    assert ticket(env, t) is None
+    # The partial image is gone.
+    assert not dst.exists()
+    no_qemu_nbd(str(dst))
+    no_qemu_nbd(disk.path)
+
+
+def test_download_qemu_nbd_killed(env, tmp_path):
+    disk = env.engine.add_disk_from_image(big_image(tmp_path / "big.raw"),
+                                          fmt="raw")
+    dst = tmp_path / "dst.qcow2"
+    proc = start(env, "download-disk", *SLOW, disk.id, dst)
+    t = one_transfer(env)
+    transferring(env, t)
+    with stopped(proc):
+        assert ticket(env, t)["transferred"] < 64 * MiB
+        t.nbd.kill()
+    code, _, err = finish(proc)
+    assert code == 1, err
+    assert_one_line(err, "error:", "download failed")
+    assert t.ticket_uuid not in err[0]
+    # Finalized all the same; the partial image is gone.
+    assert t.phase == "finished_success"
+    assert disk.status == "ok"
+    assert not dst.exists()
+    no_qemu_nbd(str(dst))
+
+
+def test_upload_interrupted_creating_disk(env, tmp_path):
+    # Ctrl-C while the engine creates the disk: ovirt-img never hears
+    # the disk's id from the engine, yet removes it.
+    answer = env.engine.hold("add_disk")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    proc = start(env, "upload-disk", "-s", "nfs", src)
+
+    def new_disk():
+        with env.engine.lock:
+            return next(iter(env.engine.disks.values()), None)
+    disk = testutil.wait_for(new_disk, timeout=DEADLINE,
+                             message="the new disk")
+    os.kill(proc.pid, signal.SIGINT)
+    answer.set()
+    code, _, err = finish(proc)
+    assert code == 130, err
+    assert err == ["ovirt-img: interrupted"]
+    assert disk.removed
+    assert not env.engine.transfers
+
+
+def test_upload_interrupted_creating_transfer(env, tmp_path):
+    # Ctrl-C while the engine creates the transfer: ovirt-img never
+    # hears the transfer's id, yet cancels it.
+    answer = env.engine.hold("add_transfer")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    proc = start(env, "upload-disk", "-s", "nfs", src)
+    t = one_transfer(env)
+    os.kill(proc.pid, signal.SIGINT)
+    answer.set()
+    code, _, err = finish(proc)
+    assert code == 130, err
+    assert err == ["ovirt-img: interrupted"]
+    assert_upload_cleaned_up(env, t, src)
