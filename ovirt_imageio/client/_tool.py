@@ -75,11 +75,13 @@ def upload_disk(args):
             bar.phase = "creating disk"
             try:
                 disk = engine.add_disk(storage_domain=sd.name, **params)
-            except BaseException:
+            except BaseException as e:
                 if args.disk_id is None:
                     bar.phase = "removing disk"
                     _cleanup(engine.remove_disk, params["id"])
-                else:
+                elif not isinstance(e, _ovirt.Error):
+                    # Not refused: the engine may have made it, or the
+                    # disk may be someone else's.
                     log.warning("Disk %s may have been created",
                                 args.disk_id)
                 raise
