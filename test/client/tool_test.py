@@ -157,18 +157,33 @@ import testutil  # noqa: E402
 DEADLINE = 30
 
 
-def start(env, *args):
-    """ovirt-img as a Popen: stdout and stderr piped, json output."""
-    cmd = [OVIRT_IMG, args[0], *env.common(), *[str(a) for a in args[1:]]]
-    return subprocess.Popen(cmd, env=env.environ, cwd=env.tmp,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+@pytest.fixture
+def spawn(env):
+    """spawn(*args): ovirt-img as a Popen (stdout and stderr piped, json
+    output); killed at teardown if a failed test left it running."""
+    procs = []
+
+    def start(*args):
+        cmd = [OVIRT_IMG, args[0], *env.common(),
+               *[str(a) for a in args[1:]]]
+        proc = subprocess.Popen(cmd, env=env.environ, cwd=env.tmp,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT)
 
 
 def finish(proc):
     """(exit code, stdout, stderr lines) once proc exits."""
     try:
-        out, err = proc.communicate(timeout=TIMEOUT)
+        out, err = proc.communicate(timeout=2 * DEADLINE)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
@@ -274,10 +289,10 @@ def assert_one_line(lines, *words):
 
 
 def assert_upload_cleaned_up(env, t, src):
-    """The engine ended the transfer and removed its disk; the daemon
-    forgot the ticket; no qemu-nbd serves the image or the volume."""
-    testutil.wait_for(lambda: t.phase == "finished_failure",
-                      timeout=DEADLINE, message="finished_failure")
+    """Once ovirt-img exited, the engine has ended the transfer and
+    removed its disk (ovirt-img waits for it), the daemon has forgotten
+    the ticket, and no qemu-nbd serves the image or the volume."""
+    assert t.phase == "finished_failure"
     assert t.disk.removed
     assert not os.path.exists(t.disk.path)
     assert ticket(env, t) is None
@@ -285,9 +300,9 @@ def assert_upload_cleaned_up(env, t, src):
     no_qemu_nbd(t.disk.path)
 
 
-def test_upload_qemu_nbd_killed(env, tmp_path):
+def test_upload_qemu_nbd_killed(env, spawn, tmp_path):
     src = big_image(tmp_path / "big.raw")
-    proc = start(env, "upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
+    proc = spawn("upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
     t = one_transfer(env)
     transferring(env, t)
     with stopped(proc):
@@ -428,9 +443,9 @@ def interrupt(env, proc, t, signo, size):
 
 
 @SIGNALS
-def test_upload_interrupted(env, tmp_path, signo, message):
+def test_upload_interrupted(env, spawn, tmp_path, signo, message):
     src = big_image(tmp_path / "big.raw")
-    proc = start(env, "upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
+    proc = spawn("upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
     t = one_transfer(env)
     interrupt(env, proc, t, signo, 64 * MiB)
     code, _, err = finish(proc)
@@ -441,11 +456,11 @@ def test_upload_interrupted(env, tmp_path, signo, message):
 
 
 @SIGNALS
-def test_download_interrupted(env, tmp_path, signo, message):
+def test_download_interrupted(env, spawn, tmp_path, signo, message):
     disk = env.engine.add_disk_from_image(big_image(tmp_path / "big.raw"),
                                           fmt="raw")
     dst = tmp_path / "dst.qcow2"
-    proc = start(env, "download-disk", *SLOW, disk.id, dst)
+    proc = spawn("download-disk", *SLOW, disk.id, dst)
     t = one_transfer(env)
     interrupt(env, proc, t, signo, 64 * MiB)
     code, _, err = finish(proc)
@@ -462,11 +477,11 @@ def test_download_interrupted(env, tmp_path, signo, message):
     no_qemu_nbd(disk.path)
 
 
-def test_download_qemu_nbd_killed(env, tmp_path):
+def test_download_qemu_nbd_killed(env, spawn, tmp_path):
     disk = env.engine.add_disk_from_image(big_image(tmp_path / "big.raw"),
                                           fmt="raw")
     dst = tmp_path / "dst.qcow2"
-    proc = start(env, "download-disk", *SLOW, disk.id, dst)
+    proc = spawn("download-disk", *SLOW, disk.id, dst)
     t = one_transfer(env)
     transferring(env, t)
     with stopped(proc):
@@ -483,12 +498,12 @@ def test_download_qemu_nbd_killed(env, tmp_path):
     no_qemu_nbd(str(dst))
 
 
-def test_upload_interrupted_creating_disk(env, tmp_path):
+def test_upload_interrupted_creating_disk(env, spawn, tmp_path):
     # Ctrl-C while the engine creates the disk: ovirt-img never hears
     # the disk's id from the engine, yet removes it.
     answer = env.engine.hold("add_disk")
     src = make_image(tmp_path / "src.qcow2", "qcow2")
-    proc = start(env, "upload-disk", "-s", "nfs", src)
+    proc = spawn("upload-disk", "-s", "nfs", src)
 
     def new_disk():
         with env.engine.lock:
@@ -504,12 +519,12 @@ def test_upload_interrupted_creating_disk(env, tmp_path):
     assert not env.engine.transfers
 
 
-def test_upload_interrupted_creating_transfer(env, tmp_path):
+def test_upload_interrupted_creating_transfer(env, spawn, tmp_path):
     # Ctrl-C while the engine creates the transfer: ovirt-img never
     # hears the transfer's id, yet cancels it.
     answer = env.engine.hold("add_transfer")
     src = make_image(tmp_path / "src.qcow2", "qcow2")
-    proc = start(env, "upload-disk", "-s", "nfs", src)
+    proc = spawn("upload-disk", "-s", "nfs", src)
     t = one_transfer(env)
     os.kill(proc.pid, signal.SIGINT)
     answer.set()
