@@ -42,6 +42,13 @@ Transfer phases (ENGINE-SIM.md 2.8), as this simulator moves them:
 
 An upload's disk is removed when its transfer ends in finished_failure.
 
+Injected faults: engine.inject(name) makes a step fail as the engine or
+vdsm can (FAULTS lists them), until engine.faults.discard(name).
+engine.hold(name) makes POST /disks ("add_disk") or POST /imagetransfers
+("add_transfer") wait, its work done, before it answers, until the Event
+it returns is set: a client can be interrupted while it waits for the
+answer, as with a slow engine.
+
     engine = Engine(store_dir, control_socket, daemon_port, pki)
     engine.start()
     engine.url              # https://127.0.0.1:PORT (the SDK adds the path)
@@ -94,6 +101,18 @@ COMMAND_TIMEOUT = 60
 REMOVE_TICKET_TIMEOUT = 90
 
 BLOCK_TYPES = ("iscsi", "fcp")
+
+# The faults Engine.inject() knows: name -> what goes wrong.
+FAULTS = {
+    "create_volume": "vdsm cannot create a new disk's volume: the disk "
+                     "becomes illegal",
+    "stale_volume": "a new volume reads old data, not zeros (storage that "
+                    "does not zero what it allocates)",
+    "add_transfer": "POST /imagetransfers is refused (409)",
+    "start_transfer": "a transfer cannot start, as when qemu-nbd cannot "
+                      "open the volume: an upload pauses (paused_system), "
+                      "a download is cancelled",
+}
 FINISHED = ("finished_success", "finished_failure", "finished_cleanup")
 
 
@@ -574,6 +593,8 @@ class Engine:
         # (method, path, query dict) of every API and SSO request, in
         # order: tests check a client's request sequence.
         self.requests = []
+        self.faults = set()
+        self.holds = {}
         self.server = None
 
     # Life cycle.
@@ -641,6 +662,33 @@ class Engine:
                                    "ids": set(ids)})
 
     # Test helpers (what an admin does in the UI).
+
+    def inject(self, name):
+        """Make the step name (a key of FAULTS) fail from now on."""
+        if name not in FAULTS:
+            raise ValueError(f"Unknown fault {name!r}")
+        with self.lock:
+            self.faults.add(name)
+
+    def _injected(self, name):
+        with self.lock:
+            return name in self.faults
+
+    def hold(self, name):
+        """Make the request name ("add_disk", "add_transfer") wait before
+        it answers until the returned Event is set."""
+        if name not in ("add_disk", "add_transfer"):
+            raise ValueError(f"Cannot hold {name!r}")
+        event = threading.Event()
+        with self.lock:
+            self.holds[name] = event
+        return event
+
+    def _hold(self, name):
+        with self.lock:
+            event = self.holds.get(name)
+        if event is not None and not event.wait(COMMAND_TIMEOUT):
+            log.warning("Held %s for %s seconds", name, COMMAND_TIMEOUT)
 
     def storage_domain(self, name):
         for sd in self.storage_domains.values():
@@ -794,8 +842,13 @@ class Engine:
             cmd += ["-o", ",".join(opts)]
         cmd += [disk.path, str(disk.provisioned_size)]
         try:
+            if self._injected("create_volume"):
+                raise RuntimeError("injected fault create_volume")
             run(*cmd)
-            if disk.sd.block and disk.format == "raw":
+            if self._injected("stale_volume"):
+                run("qemu-io", "-f", disk.qemu_format, "-c",
+                    f"write -P 0xde 0 {disk.provisioned_size}", disk.path)
+            elif disk.sd.block and disk.format == "raw":
                 write_stale_data(disk.path, disk.provisioned_size)
         except Exception as exc:
             log.error("Creating volume for disk %s failed: %s", disk.id, exc)
@@ -833,6 +886,9 @@ class Engine:
         fmt = child_text(e, "format")
         with self.lock:
             disk = self._disk(disk_id)
+            if "add_transfer" in self.faults:
+                raise conflict("Cannot transfer Virtual Disk. Injected "
+                               "fault add_transfer.")
             backup = None
             backup_id = child_id(e, "backup")
             if backup_id:
@@ -898,6 +954,8 @@ class Engine:
         file_sd = not disk.sd.block
         self._stop_nbd(t)
         try:
+            if self._injected("start_transfer"):
+                raise RuntimeError("injected fault start_transfer")
             if t.backend == "nbd":
                 sock = os.path.join(self.run_dir, f"{t.id}.sock")
                 bitmap = None
@@ -1328,6 +1386,7 @@ ROUTES = [
     ("GET", r"/datacenters/([^/]+)", "get_dc"),
     ("GET", r"/hosts", "list_hosts"),
     ("GET", r"/hosts/([^/]+)", "get_host"),
+    ("GET", r"/imagetransfers", "list_transfers"),
     ("POST", r"/imagetransfers", "post_transfer"),
     ("GET", r"/imagetransfers/([^/]+)", "get_transfer"),
     ("POST", r"/imagetransfers/([^/]+)/(finalize|cancel|pause|resume|extend)",
@@ -1523,6 +1582,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if e is None or e.tag != "disk":
             raise Fault(400, "Bad Request", "Expected <disk>")
         disk = self.engine.add_disk(e)
+        self.engine._hold("add_disk")
         out = disk.xml()
         sub(out, "creation_status", "pending")
         self._xml(out, 202)
@@ -1579,10 +1639,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise not_found("host", host_id)
         self._xml(self.engine.host.xml())
 
+    def list_transfers(self, _):
+        with self.engine.lock:
+            elems = [t.xml() for t in self.engine.transfers.values()]
+        self._collection("image_transfers", elems)
+
     def post_transfer(self, e):
         if e is None or e.tag != "image_transfer":
             raise Fault(400, "Bad Request", "Expected <image_transfer>")
         t = self.engine.add_transfer(e)
+        self.engine._hold("add_transfer")
         with self.engine.lock:
             out = t.xml()
         self._xml(out, 201, [("Location", f"{API}/imagetransfers/{t.id}")])

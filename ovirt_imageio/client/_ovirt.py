@@ -95,7 +95,19 @@ def describe(e):
         code = getattr(e, "code", None)
         return f"{msg} (HTTP {code})" if code else msg
     msg = " ".join(str(e).split())
+    # The SDK's wording of curl and SSO errors, without its wrapping.
+    m = _CURL_ERROR.fullmatch(msg)
+    if m:
+        return f"{m.group(2)} (curl error {m.group(1)})"
+    m = _SSO_ERROR.fullmatch(msg)
+    if m:
+        return f"{m.group(2)} ({m.group(1)})"
     return msg or type(e).__name__
+
+
+_CURL_ERROR = re.compile(r"Error while sending HTTP request: \((\d+), "
+                         r"['\"](.*)['\"]\)")
+_SSO_ERROR = re.compile(r"Error during SSO authentication (\S+) : (.*)")
 
 
 class Engine:
@@ -121,6 +133,15 @@ class Engine:
                 debug=debug,
                 log=logging.getLogger("ovirtsdk") if debug else None,
                 timeout=timeout)
+        # Log in now, so that a wrong password or an engine that cannot
+        # be reached is reported as such, not as the first request's
+        # failure.
+        try:
+            with self.step(f"Cannot log in to {engine_url} as {username}"):
+                self.connection.authenticate()
+        except BaseException:
+            self.connection.close(logout=False)
+            raise
         self.system = self.connection.system_service()
 
     def close(self):
@@ -285,6 +306,20 @@ class Engine:
                        f"{disk.id}"):
             return self.system.image_transfers_service().add(transfer)
 
+    def unfinished_transfers(self, disk_id):
+        """The disk's transfers that have not finished: for a new disk,
+        one this command created without hearing the answer (the request
+        was interrupted)."""
+        phase = self.types.ImageTransferPhase
+        finished = (phase.FINISHED_SUCCESS, phase.FINISHED_FAILURE,
+                    phase.FINISHED_CLEANUP)
+        with self.step("Cannot list image transfers"):
+            transfers = self.system.image_transfers_service().list()
+        # The engine names the disk as <image>, the SDK's input as <disk>.
+        return [t for t in transfers
+                if t.phase not in finished
+                and disk_id in (_id(t.image), _id(t.disk))]
+
     def wait_for_transfer(self, transfer, timeout=START_TIMEOUT):
         """
         Wait until the transfer is transferring and return it. Any other
@@ -386,6 +421,10 @@ class Engine:
         except (Error, self.sdk.Error) as e:
             log.error("Transfer %s was cancelled, but: %s", transfer.id,
                       e if isinstance(e, Error) else describe(e))
+
+
+def _id(entity):
+    return entity.id if entity is not None else None
 
 
 def read_vdsm_id(path=None):

@@ -31,6 +31,7 @@ import re
 import signal
 import stat
 import sys
+import uuid
 
 from . import _api as client
 from . import _options as opts
@@ -68,8 +69,23 @@ def upload_disk(args):
             sd = engine.storage_domain(args.storage_domain)
             block = engine.is_block(sd)
             params = disk_params(args, image, block)
+            if args.disk_id is None:
+                # Our own new id: the disk is ours to remove even if the
+                # engine's answer never came (Ctrl-C while it worked).
+                params["id"] = str(uuid.uuid4())
             bar.phase = "creating disk"
-            disk = engine.add_disk(storage_domain=sd.name, **params)
+            try:
+                disk = engine.add_disk(storage_domain=sd.name, **params)
+            except BaseException as e:
+                if args.disk_id is None:
+                    bar.phase = "removing disk"
+                    _cleanup(engine.remove_disk, params["id"])
+                elif not isinstance(e, _ovirt.Error):
+                    # Not refused: the engine may have made it, or the
+                    # disk may be someone else's.
+                    log.warning("Disk %s may have been created",
+                                args.disk_id)
+                raise
             log.info("Created disk %s", disk.id)
             try:
                 disk = engine.wait_for_disk(disk.id, args.disk_timeout)
@@ -77,9 +93,10 @@ def upload_disk(args):
                 bar.phase = "creating transfer"
                 transfer = engine.add_transfer(disk, "upload", host)
             except BaseException:
-                # No transfer: nothing will remove the disk but us.
+                # No transfer we know of: nothing will remove the disk
+                # but us.
                 bar.phase = "removing disk"
-                _cleanup(engine.remove_disk, disk.id)
+                _cleanup(_remove_new_disk, engine, disk.id)
                 raise
             try:
                 transfer = engine.wait_for_transfer(transfer)
@@ -103,6 +120,15 @@ def upload_disk(args):
             bar.phase = "finalizing transfer"
             engine.finalize_transfer(transfer, disk.id)
             bar.phase = "upload completed"
+
+
+def _remove_new_disk(engine, disk_id):
+    """Remove the disk this command created, and cancel its transfer
+    if the engine created one whose answer did not come (the engine
+    then removes the disk)."""
+    for transfer in engine.unfinished_transfers(disk_id):
+        engine.cancel_transfer(transfer)
+    engine.remove_disk(disk_id)
 
 
 class Image:

@@ -7,6 +7,8 @@ daemon and real qemu-nbd.
 import json
 import os
 import re
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import uuid
 import pytest
 
 import enginesim
+import testutil
 
 MiB = 1 << 20
 TIMEOUT = 120
@@ -607,3 +610,387 @@ def test_upload_on_this_host_quoted_names(env, tmp_path):
 
 
 # Faults and signals.
+#
+# ovirt-img runs as a process; a test stops it (SIGSTOP) to change the
+# world under it at a known point, e.g. in the middle of an upload, and
+# lets it go on (SIGCONT). Nothing here sleeps: every wait polls the
+# simulator or the daemon with a deadline.
+
+DEADLINE = 30
+
+
+@pytest.fixture
+def spawn(env):
+    """spawn(*args): ovirt-img as a Popen (stdout and stderr piped, json
+    output); killed at teardown if a failed test left it running."""
+    procs = []
+
+    def start(*args):
+        cmd = [OVIRT_IMG, args[0], *env.common(),
+               *[str(a) for a in args[1:]]]
+        proc = subprocess.Popen(cmd, env=env.environ, cwd=env.tmp,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+
+
+def finish(proc):
+    """(exit code, stdout, stderr lines) once proc exits."""
+    try:
+        out, err = proc.communicate(timeout=2 * DEADLINE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"ovirt-img did not exit:\n{out}\n{err}")
+    return proc.returncode, out, err.strip().splitlines()
+
+
+def one_transfer(env):
+    """The only transfer the simulator has, once there is one."""
+    def find():
+        with env.engine.lock:
+            transfers = list(env.engine.transfers.values())
+        assert len(transfers) <= 1
+        return transfers[0] if transfers else None
+    return testutil.wait_for(find, timeout=DEADLINE, message="a transfer")
+
+
+def ticket(env, t):
+    """The daemon's ticket of transfer t, None if it has none."""
+    status, data = env.engine.imageio._request("GET", t.ticket_uuid)
+    if status == 404:
+        return None
+    assert status == 200, data
+    return json.loads(data)
+
+
+def transferring(env, t):
+    """Wait until the daemon has received (or sent) some bytes of t."""
+    def started():
+        with env.engine.lock:
+            has_ticket = t.ticket_id is not None
+        return has_ticket and (ticket(env, t) or {}).get("transferred", 0)
+    return testutil.wait_for(started, timeout=DEADLINE,
+                             message="data to flow")
+
+
+def stopped(proc):
+    """Stop proc (SIGSTOP) until the block ends (SIGCONT)."""
+    return _Stopped(proc)
+
+
+class _Stopped:
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    def __enter__(self):
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        testutil.wait_for(lambda: _proc_state(self.proc.pid) in ("T", None),
+                          timeout=DEADLINE, message="ovirt-img to stop")
+
+    def __exit__(self, *exc):
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _proc_state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def qemu_nbd_serving(path):
+    """Pids of qemu-nbd processes whose command line names path."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"qemu-nbd" and any(
+                os.fsencode(path) in a for a in argv):
+            pids.append(int(name))
+    return pids
+
+
+def no_qemu_nbd(path):
+    testutil.wait_for(lambda: not qemu_nbd_serving(path), timeout=DEADLINE,
+                      message=f"no qemu-nbd serving {path}")
+
+
+def big_image(path, size=64 * MiB):
+    """A raw image of data only: an upload of it takes many requests
+    with --buffer-size 64k --max-workers 1."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path),
+                    str(size)], check=True)
+    qemu_io(path, "raw", f"write -P 0x5a 0 {size}")
+    return str(path)
+
+
+SLOW = ("--max-workers", "1", "--buffer-size", "64k")
+
+
+def assert_one_line(lines, *words):
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("ovirt-img: "), lines
+    for w in words:
+        assert w in lines[0], lines
+
+
+def assert_upload_cleaned_up(env, t, src):
+    """Once ovirt-img exited, the engine has ended the transfer and
+    removed its disk (ovirt-img waits for it), the daemon has forgotten
+    the ticket, and no qemu-nbd serves the image or the volume."""
+    assert t.phase == "finished_failure"
+    assert t.disk.removed
+    assert not os.path.exists(t.disk.path)
+    assert ticket(env, t) is None
+    no_qemu_nbd(src)
+    no_qemu_nbd(t.disk.path)
+
+
+def test_upload_qemu_nbd_killed(env, spawn, tmp_path):
+    src = big_image(tmp_path / "big.raw")
+    proc = spawn("upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
+    t = one_transfer(env)
+    transferring(env, t)
+    with stopped(proc):
+        assert ticket(env, t)["transferred"] < 64 * MiB
+        # The host's qemu-nbd dies in the middle of the upload.
+        t.nbd.kill()
+    code, _, err = finish(proc)
+    assert code == 1, err
+    assert_one_line(err, "error:")
+    assert t.ticket_uuid not in err[0]
+    assert "Traceback" not in "\n".join(err)
+    assert_upload_cleaned_up(env, t, src)
+
+
+def created_disk(env, name):
+    """The one disk named name the simulator ever had, removed or not."""
+    with env.engine.lock:
+        disks = [d for d in env.engine.disks.values() if d.name == name]
+    assert len(disks) == 1, disks
+    return disks[0]
+
+
+def test_disk_becomes_illegal(env, tmp_path):
+    env.engine.inject("create_volume")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", src, check=False)
+    assert p.returncode == 1, p.stderr
+    disk = created_disk(env, "src")
+    assert_one_line(p.stderr.splitlines(), f"Disk {disk.id} became ILLEGAL")
+    # Upstream leaves the disk behind; there is no transfer to remove it.
+    assert disk.removed
+    assert not env.engine.transfers
+
+
+def test_transfer_refused(env, tmp_path):
+    env.engine.inject("add_transfer")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", src, check=False)
+    assert p.returncode == 1, p.stderr
+    disk = created_disk(env, "src")
+    assert_one_line(p.stderr.splitlines(), "Cannot create upload transfer",
+                    "Operation Failed", "Injected fault add_transfer",
+                    "HTTP 409")
+    assert disk.removed
+    assert not os.path.exists(disk.path)
+    assert not env.engine.transfers
+
+
+def test_transfer_fails_to_start(env, tmp_path):
+    env.engine.inject("start_transfer")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", src, check=False)
+    assert p.returncode == 1, p.stderr
+    t = one_transfer(env)
+    assert_one_line(p.stderr.splitlines(), "did not start",
+                    "paused_system")
+    # ovirt-img cancelled it: the engine removed the disk.
+    assert t.phase == "finished_failure"
+    assert t.disk.removed
+    assert not os.path.exists(t.disk.path)
+    assert ticket(env, t) is None
+    no_qemu_nbd(src)
+
+
+def test_verification_fails(env, tmp_path):
+    # The new volume does not read zeros: the zeros and holes ovirt-img
+    # skips keep old data, and the checksums differ.
+    env.engine.inject("stale_volume")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", src, check=False)
+    assert p.returncode == 1, p.stderr
+    assert_one_line(p.stderr.splitlines(), "checksum")
+    t = one_transfer(env)
+    assert t.phase == "finished_failure"
+    assert t.disk.removed
+    assert ticket(env, t) is None
+    no_qemu_nbd(src)
+
+
+def test_existing_disk_id(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    other = env.engine.add_disk_from_image(src)
+    p = env.run("upload-disk", "-s", "nfs", "--disk-id", other.id, src,
+                check=False)
+    assert p.returncode == 1, p.stderr
+    assert_one_line(p.stderr.splitlines(), "Cannot create disk",
+                    "Operation Failed", "The disk already exists",
+                    "HTTP 409")
+    assert "Traceback" not in p.stderr
+    # Not ovirt-img's disk: left alone.
+    assert not other.removed
+    assert other.status == "ok"
+    compare(src, other.path)
+
+
+def test_wrong_password(env, tmp_path):
+    with open(env.password_file, "w") as f:
+        f.write("wrong\n")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", src, check=False)
+    assert p.returncode == 1, p.stderr
+    assert_one_line(p.stderr.splitlines(),
+                    f"Cannot log in to {env.engine.url} as admin@internal",
+                    "invalid username or password")
+    assert "Traceback" not in p.stderr
+    assert not env.engine.disks
+
+
+def test_engine_unreachable(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    # A port bound but not listening: connections are refused.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"https://127.0.0.1:{s.getsockname()[1]}"
+        cmd = [OVIRT_IMG, "upload-disk", *env.common(), "--engine-url", url,
+               "-s", "nfs", src]
+        p = subprocess.run(cmd, env=env.environ, cwd=env.tmp,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=TIMEOUT)
+    assert p.returncode == 1, p.stderr
+    assert_one_line(p.stderr.splitlines(), f"Cannot log in to {url}",
+                    "Could not connect to server")
+    assert "Traceback" not in p.stderr
+
+
+SIGNALS = pytest.mark.parametrize("signo,message", [
+    (signal.SIGINT, "ovirt-img: interrupted"),
+    (signal.SIGTERM, "ovirt-img: terminated by SIGTERM"),
+], ids=["SIGINT", "SIGTERM"])
+
+
+def interrupt(env, proc, t, signo, size):
+    """Send signo to ovirt-img in the middle of transfer t."""
+    transferring(env, t)
+    with stopped(proc):
+        assert ticket(env, t)["transferred"] < size
+        os.kill(proc.pid, signo)
+
+
+@SIGNALS
+def test_upload_interrupted(env, spawn, tmp_path, signo, message):
+    src = big_image(tmp_path / "big.raw")
+    proc = spawn("upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
+    t = one_transfer(env)
+    interrupt(env, proc, t, signo, 64 * MiB)
+    code, _, err = finish(proc)
+    assert code == 128 + signo, err
+    assert err == [message]
+    # Cancelled: the engine removed the disk.
+    assert_upload_cleaned_up(env, t, src)
+
+
+@SIGNALS
+def test_download_interrupted(env, spawn, tmp_path, signo, message):
+    disk = env.engine.add_disk_from_image(big_image(tmp_path / "big.raw"),
+                                          fmt="raw")
+    dst = tmp_path / "dst.qcow2"
+    proc = spawn("download-disk", *SLOW, disk.id, dst)
+    t = one_transfer(env)
+    interrupt(env, proc, t, signo, 64 * MiB)
+    code, _, err = finish(proc)
+    assert code == 128 + signo, err
+    assert err == [message]
+    # Finalized: a download cannot harm the disk.
+    assert t.phase == "finished_success"
+    assert disk.status == "ok"
+    assert not disk.removed
+    assert ticket(env, t) is None
+    # The partial image is gone.
+    assert not dst.exists()
+    no_qemu_nbd(str(dst))
+    no_qemu_nbd(disk.path)
+
+
+def test_download_qemu_nbd_killed(env, spawn, tmp_path):
+    disk = env.engine.add_disk_from_image(big_image(tmp_path / "big.raw"),
+                                          fmt="raw")
+    dst = tmp_path / "dst.qcow2"
+    proc = spawn("download-disk", *SLOW, disk.id, dst)
+    t = one_transfer(env)
+    transferring(env, t)
+    with stopped(proc):
+        assert ticket(env, t)["transferred"] < 64 * MiB
+        t.nbd.kill()
+    code, _, err = finish(proc)
+    assert code == 1, err
+    assert_one_line(err, "error:", "download failed")
+    assert t.ticket_uuid not in err[0]
+    # Finalized all the same; the partial image is gone.
+    assert t.phase == "finished_success"
+    assert disk.status == "ok"
+    assert not dst.exists()
+    no_qemu_nbd(str(dst))
+
+
+def test_upload_interrupted_creating_disk(env, spawn, tmp_path):
+    # Ctrl-C while the engine creates the disk: ovirt-img never hears
+    # the disk's id from the engine, yet removes it.
+    answer = env.engine.hold("add_disk")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    proc = spawn("upload-disk", "-s", "nfs", src)
+
+    def new_disk():
+        with env.engine.lock:
+            return next(iter(env.engine.disks.values()), None)
+    disk = testutil.wait_for(new_disk, timeout=DEADLINE,
+                             message="the new disk")
+    os.kill(proc.pid, signal.SIGINT)
+    answer.set()
+    code, _, err = finish(proc)
+    assert code == 130, err
+    assert err == ["ovirt-img: interrupted"]
+    assert disk.removed
+    assert not env.engine.transfers
+
+
+def test_upload_interrupted_creating_transfer(env, spawn, tmp_path):
+    # Ctrl-C while the engine creates the transfer: ovirt-img never
+    # hears the transfer's id, yet cancels it.
+    answer = env.engine.hold("add_transfer")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    proc = spawn("upload-disk", "-s", "nfs", src)
+    t = one_transfer(env)
+    os.kill(proc.pid, signal.SIGINT)
+    answer.set()
+    code, _, err = finish(proc)
+    assert code == 130, err
+    assert err == ["ovirt-img: interrupted"]
+    assert_upload_cleaned_up(env, t, src)
