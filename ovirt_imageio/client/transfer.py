@@ -49,6 +49,7 @@ Theory of operation.
 import collections
 import logging
 import threading
+import time
 
 from ovirt_imageio import errors
 from ovirt_imageio.nbd import extents as nbd_extents
@@ -71,6 +72,9 @@ MAX_ZERO = 1024 * MiB
 MAX_BUFFER_SIZE = 32 * MiB
 BUFFER_SIZE = 4 * MiB
 MAX_WORKERS = 4
+# Seconds the workers of a stopped transfer (KeyboardInterrupt) get to
+# finish their piece before their connections are aborted.
+STOP_GRACE = 5
 
 # Blocks of a received piece checked for zeros. 64 KiB is qcow2's default
 # cluster and a multiple of every file system's block: smaller blocks
@@ -569,6 +573,17 @@ class _Worker:
         self.buf = bytearray(buffer_size)
         self._owned = owned
 
+    def abort(self):
+        """End the I/O this worker is blocked on, from another thread:
+        shut down its connections to the server (remote images)."""
+        for image in (self.src, self.dst):
+            abort = getattr(image, "abort", None)
+            if abort is not None:
+                try:
+                    abort()
+                except Exception:
+                    log.exception("Error aborting %s", image)
+
     def close(self):
         for image in self._owned:
             try:
@@ -588,6 +603,7 @@ class _State:
         self._finished_cond = threading.Condition(threading.Lock())
         self.stop = threading.Event()
         self.error = None
+        self._workers = []
 
     def finished(self):
         """Called by each worker as its last action."""
@@ -595,25 +611,54 @@ class _State:
             self._finished += 1
             self._finished_cond.notify_all()
 
+    def add_worker(self, worker):
+        with self._lock:
+            self._workers.append(worker)
+
+    def abort_workers(self):
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.abort()
+
     def wait_for_workers(self, count, interruptible=True):
         """
-        Wait until count workers finished. With interruptible=False, a
-        KeyboardInterrupt stops the workers but the wait goes on (a
-        worker may still use the caller's connections) and the interrupt
-        is raised after.
+        Wait until count workers finished.
+
+        With interruptible=False (the transfer is being stopped after an
+        interrupt), the wait goes on, since a worker may still use the
+        caller's connections, and an interrupt is raised after it. The
+        workers stop at their next piece; one blocked on a server that
+        does not answer would keep the caller waiting for the socket's
+        timeout, so after STOP_GRACE seconds, or at once on a second
+        interrupt, their connections are aborted.
         """
         pending = None
+        deadline = time.monotonic() + STOP_GRACE
+        aborted = interruptible
         while True:
             try:
                 with self._finished_cond:
                     while self._finished < count:
-                        self._finished_cond.wait()
-                break
+                        if aborted:
+                            self._finished_cond.wait()
+                            continue
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._finished_cond.wait(left)
+                    else:
+                        break
+                log.info("Workers still busy %s seconds after the "
+                         "transfer was stopped: aborting their "
+                         "connections", STOP_GRACE)
             except BaseException as e:
                 if interruptible:
                     raise
                 self.stop.set()
                 pending = e
+            self.abort_workers()
+            aborted = True
         if pending is not None:
             raise pending
 
@@ -684,6 +729,7 @@ def _work(state, open_worker, index, name, copy_op, copy, zero):
     wrote = False
     try:
         worker = open_worker(index)
+        state.add_worker(worker)
         while not state.stop.is_set():
             req = state.next()
             if req is None:

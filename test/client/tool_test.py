@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import uuid
 
 import pytest
@@ -993,4 +994,36 @@ def test_upload_interrupted_creating_transfer(env, spawn, tmp_path):
     code, _, err = finish(proc)
     assert code == 130, err
     assert err == ["ovirt-img: interrupted"]
+    assert_upload_cleaned_up(env, t, src)
+
+
+def test_upload_interrupted_server_hung(env, spawn, tmp_path):
+    # The host stops answering (its qemu-nbd is stopped) and the user
+    # presses Ctrl-C: the workers blocked on the server are aborted
+    # after a grace period, not left until the socket's 60 s timeout, so
+    # ovirt-img gets to cancel the transfer.
+    src = big_image(tmp_path / "big.raw")
+    proc = spawn("upload-disk", "-s", "nfs", "-f", "raw", *SLOW, src)
+    t = one_transfer(env)
+    transferring(env, t)
+    phases = []
+    reader = threading.Thread(
+        target=lambda: phases.extend(
+            json.loads(line)["description"] for line in proc.stdout),
+        daemon=True)
+    reader.start()
+    nbd = t.nbd
+    os.kill(nbd.pid, signal.SIGSTOP)
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        # The upload's workers gave up: ovirt-img is cancelling.
+        testutil.wait_for(lambda: "cancelling transfer" in phases,
+                          timeout=DEADLINE, message="cancelling transfer")
+    finally:
+        os.kill(nbd.pid, signal.SIGCONT)
+    proc.wait(timeout=2 * DEADLINE)
+    reader.join(DEADLINE)
+    assert proc.returncode == 130
+    assert proc.stderr.read().strip().splitlines() == [
+        "ovirt-img: interrupted"]
     assert_upload_cleaned_up(env, t, src)
