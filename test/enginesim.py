@@ -393,6 +393,7 @@ class Transfer:
         self.ticket_uuid = str(uuid.uuid4())
         self.ticket_id = None
         self.transfer_url = None
+        self.proxy_url = None
         self.active = False
         self.transferred = 0
         self.nbd = None                        # qemu-nbd Popen
@@ -408,7 +409,7 @@ class Transfer:
         sub(e, "inactivity_timeout", self.inactivity_timeout)
         sub(e, "phase", self.phase)
         if self.transfer_url:
-            sub(e, "proxy_url", self.transfer_url)
+            sub(e, "proxy_url", self.proxy_url or self.transfer_url)
         sub(e, "shallow", self.shallow)
         sub(e, "timeout_policy", self.timeout_policy)
         if self.transfer_url:
@@ -574,6 +575,9 @@ class Engine:
         # raise the margin to see an extension without waiting).
         self.ticket_timeout = TICKET_TIMEOUT
         self.ticket_extend_margin = TICKET_EXTEND_MARGIN
+        # host:port of the engine's imageio proxy, for proxy_url (None:
+        # proxy_url is transfer_url, as with the proxy disabled).
+        self.proxy_address = None
         self.tokens = set()
         self.lock = threading.RLock()
         self.stopping = threading.Event()
@@ -1002,6 +1006,9 @@ class Engine:
         with self.lock:
             t.transfer_url = (f"https://{self.host.address}:"
                               f"{self.daemon_port}/images/{t.ticket_uuid}")
+            if self.proxy_address:
+                t.proxy_url = (f"https://{self.proxy_address}/images/"
+                               f"{t.ticket_uuid}")
             if t.phase in ("initializing", "resuming"):
                 t.phase = "transferring"
 

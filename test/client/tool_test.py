@@ -1027,3 +1027,22 @@ def test_upload_interrupted_server_hung(env, spawn, tmp_path):
     assert proc.stderr.read().strip().splitlines() == [
         "ovirt-img: interrupted"]
     assert_upload_cleaned_up(env, t, src)
+
+
+def test_proxy_url_fallback(env, tmp_path):
+    # The host's address cannot be reached from here (the daemon listens
+    # on 127.0.0.1 only): ovirt-img falls back to the transfer's
+    # proxy_url, here the daemon itself, as an engine whose proxy is
+    # disabled gives it.
+    env.engine.host.address = "127.0.0.2"
+    env.engine.proxy_address = f"127.0.0.1:{env.engine.daemon_port}"
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", src)
+    assert progress(p.stdout)[-1]["description"] == "upload completed"
+    disk, = env.disks("src")
+    t, = transfers(env, disk)
+    assert t.transfer_url.startswith("https://127.0.0.2:")
+    compare(src, disk.path)
+    dst = tmp_path / "dst.raw"
+    env.run("download-disk", "-f", "raw", disk.id, dst)
+    compare(src, dst)
