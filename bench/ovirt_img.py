@@ -74,18 +74,6 @@ def wait_for(predicate, timeout, what):
         time.sleep(0.05)
 
 
-def sdk_path(directory):
-    """This venv's SDK and pycurl only, for upstream's PYTHONPATH."""
-    import ovirtsdk4
-    site = os.path.dirname(os.path.dirname(ovirtsdk4.__file__))
-    os.makedirs(directory)
-    for name in ("ovirtsdk4", "pycurl", "pycurl.libs", "curl"):
-        if os.path.exists(os.path.join(site, name)):
-            os.symlink(os.path.join(site, name),
-                       os.path.join(directory, name))
-    return directory
-
-
 class Bench:
 
     def __init__(self, work, engine, ca_file, anchor):
@@ -104,7 +92,7 @@ class Bench:
             "ours": ([ours], dict(os.environ)),
             "upstream": ([theirs], dict(
                 os.environ, PYTHONSAFEPATH="1",
-                PYTHONPATH=sdk_path(os.path.join(work, "sdk")))),
+                PYTHONPATH=upstream.sdk_path(os.path.join(work, "sdk")))),
         }
         # Both run "on the host" the same way: no vdsm.id.
         for _, env in self.sides.values():

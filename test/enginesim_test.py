@@ -28,6 +28,8 @@ import pytest
 
 import enginesim
 import testutil
+import upstream
+from testutil import compare, make_image, qemu_io
 
 SDK_VERSION = "4.6.3"
 SDK_REQUIREMENT = f"ovirt-engine-sdk-python=={SDK_VERSION}"
@@ -90,28 +92,6 @@ def engine(tmp_path, make_daemon, pki):
     eng = start_engine(tmp_path / "store", make_daemon(), pki)
     yield eng
     eng.stop()
-
-
-def make_image(path, fmt, size=4 * MiB):
-    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path),
-                    str(size)], check=True)
-    qemu_io(path, fmt, "write -P 0x41 0 64k", "write -P 0x42 1m 512k",
-            "write -z 2m 64k", "write -P 0x43 3m 4k")
-    return str(path)
-
-
-def qemu_io(path, fmt, *commands):
-    args = ["qemu-io", "-f", fmt]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run([*args, str(path)], check=True, stdout=subprocess.DEVNULL)
-
-
-def compare(a, b):
-    p = subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
-    assert p.returncode == 0, f"{a} != {b}: {p.stdout}{p.stderr}"
 
 
 def image_info(path):
@@ -312,20 +292,6 @@ SCENARIOS = (upload_download_raw, upload_qcow2,
              failed_uploads, backup_full_and_incremental, upstream_ovirt_img)
 
 
-def sdk_path(directory):
-    """A directory for PYTHONPATH holding only the SDK and pycurl of this
-    venv: upstream's venv lacks them, and this venv's site-packages would
-    shadow upstream's ovirt_imageio."""
-    import ovirtsdk4
-    site = os.path.dirname(os.path.dirname(ovirtsdk4.__file__))
-    os.makedirs(directory)
-    for name in ("ovirtsdk4", "pycurl", "pycurl.libs", "curl"):
-        if os.path.exists(os.path.join(site, name)):
-            os.symlink(os.path.join(site, name),
-                       os.path.join(directory, name))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def ex(tmp_path_factory, pki, examples, upstream_venv):
     from ovirt_imageio import clock, config, server
@@ -342,7 +308,7 @@ def ex(tmp_path_factory, pki, examples, upstream_venv):
                                               "ovirt-img")
             examples.upstream_env = dict(
                 os.environ, PYTHONSAFEPATH="1",
-                PYTHONPATH=sdk_path(os.path.join(tmp, "sdk")))
+                PYTHONPATH=upstream.sdk_path(os.path.join(tmp, "sdk")))
             for scenario in SCENARIOS:
                 examples.start(scenario)
             yield examples

@@ -230,3 +230,28 @@ def qemu_nbd_pids():
         if os.path.basename(argv0) == b"qemu-nbd" and state != "Z":
             pids.append(int(name))
     return pids
+
+
+# Images for end-to-end tests.
+
+def make_image(path, fmt, size=4 * 1024**2):
+    """An image of format fmt with data, a zeroed range and holes."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path),
+                    str(size)], check=True)
+    qemu_io(path, fmt, "write -P 0x41 0 64k", "write -P 0x42 1m 512k",
+            "write -z 2m 64k", "write -P 0x43 3m 4k")
+    return str(path)
+
+
+def qemu_io(path, fmt, *commands):
+    args = ["qemu-io", "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run([*args, str(path)], check=True, stdout=subprocess.DEVNULL)
+
+
+def compare(a, b):
+    p = subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+    assert p.returncode == 0, f"{a} != {b}: {p.stdout}{p.stderr}"

@@ -661,9 +661,24 @@ def listening_ports(pid):
     return sorted(ports)
 
 
+def sdk_path(directory):
+    """A directory for PYTHONPATH holding only the SDK and pycurl of this
+    venv: upstream's venv lacks them, and this venv's site-packages would
+    shadow upstream's ovirt_imageio."""
+    import ovirtsdk4
+    site = os.path.dirname(os.path.dirname(ovirtsdk4.__file__))
+    os.makedirs(directory)
+    for name in ("ovirtsdk4", "pycurl", "pycurl.libs", "curl"):
+        if os.path.exists(os.path.join(site, name)):
+            os.symlink(os.path.join(site, name),
+                       os.path.join(directory, name))
+    return directory
+
+
 if __name__ == "__main__":
     try:
         print(anchor_venv())
     except AnchorError as e:
         print(f"upstream: {e}", file=sys.stderr)
         sys.exit(1)
+

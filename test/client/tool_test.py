@@ -20,32 +20,11 @@ import pytest
 
 import enginesim
 import testutil
+from testutil import compare, make_image, qemu_io
 
 MiB = 1 << 20
 TIMEOUT = 120
 OVIRT_IMG = os.path.join(os.path.dirname(sys.executable), "ovirt-img")
-
-
-def make_image(path, fmt, size=4 * MiB):
-    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path),
-                    str(size)], check=True)
-    qemu_io(path, fmt, "write -P 0x41 0 64k", "write -P 0x42 1m 512k",
-            "write -z 2m 64k", "write -P 0x43 3m 4k")
-    return str(path)
-
-
-def qemu_io(path, fmt, *commands):
-    args = ["qemu-io", "-f", fmt]
-    for c in commands:
-        args += ["-c", c]
-    subprocess.run([*args, str(path)], check=True, stdout=subprocess.DEVNULL)
-
-
-def compare(a, b):
-    p = subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
-    assert p.returncode == 0, f"{a} != {b}: {p.stdout}{p.stderr}"
 
 
 class Env:
