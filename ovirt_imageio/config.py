@@ -135,8 +135,8 @@ DEFAULTS = {
         # Twice the piece moved at a time over TLS (one NBD read or write
         # request), taken from [daemon] buffer_memory while a request runs,
         # and the granularity of "transferred" progress. Plain connections
-        # (the unix socket) splice data and use no buffer. A piece is at most 8 MiB (one NBD
-        # request), so more than 16 MiB buys nothing.
+        # (the unix socket) splice data and use no buffer. A piece is at
+        # most 8 MiB (one NBD request), so more than 16 MiB buys nothing.
         "buffer_size": 8 * MiB,
         # Seconds an NBD connection may wait for the server without any
         # progress (handshake, a reply, a send) before the request fails
