@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+import testutil
 from ovirt_imageio.http import buffers
 
 SIZE = 64 * 1024
@@ -31,13 +32,8 @@ def acquire_in_thread(pool, timeout=DEADLINE):
 
 
 def wait_waiting(pool, n):
-    """Poll until n requests wait, with a deadline."""
-    event = threading.Event()
-    for _ in range(1000):
-        if pool.stats()["waiting"] == n:
-            return
-        event.wait(0.01)
-    raise AssertionError(f"expected {n} waiting, got {pool.stats()}")
+    testutil.wait_for(lambda: pool.stats()["waiting"] == n,
+                      message=f"{n} waiting")
 
 
 def test_bounded():
