@@ -74,6 +74,18 @@ DEFAULTS = {
         # unit's LimitNOFILE is sized for 3 x 512 of them plus 1,500
         # transfer connections.
         "max_unauthorized_connections": 512,
+        # Bytes of buffers for data crossing TLS, shared by every
+        # connection: a data request over HTTPS (GET, PUT) holds one piece
+        # (half [backend_nbd] buffer_size, 4 MiB by default) while it runs,
+        # and only the pages it touches are resident; an idle connection
+        # and the unix socket hold none. The default serves 64 transfer
+        # requests at once; more wait for a buffer. Larger serves more
+        # concurrent requests over HTTPS at the cost of memory.
+        "buffer_memory": 256 * MiB,
+        # Seconds a data request waits for a free buffer before it is
+        # answered 503 with Retry-After, so clients retry later instead of
+        # piling up. 0 answers at once.
+        "buffer_wait_timeout": 30.0,
         # Run directory (sockets, profile). For development only: vdsm and
         # systemd (RuntimeDirectory) assume the default.
         "run_dir": "/run/ovirt-imageio",
@@ -113,17 +125,18 @@ DEFAULTS = {
         # the daemons it talks to; empty uses [tls] ca_file. Needed only when
         # the two CAs differ.
         "ca_file": "",
-        # Memory per client connection through the proxy; half of it is
-        # the piece streamed at a time (each client request is one request
-        # to the daemon), and the granularity of "transferred" progress.
+        # Twice the piece streamed at a time through the proxy (each client
+        # request is one request to the daemon), taken from [daemon]
+        # buffer_memory while a request runs, and the granularity of
+        # "transferred" progress.
         "buffer_size": 8 * MiB,
     },
     "backend_nbd": {
-        # Memory per TLS connection: half of it is the piece moved at a
-        # time (one NBD read or write request) and the granularity of
-        # "transferred" progress. Plain connections (the unix socket) splice
-        # data and use no buffer. A piece is at most 8 MiB (one NBD
-        # request), so more than 16 MiB buys nothing.
+        # Twice the piece moved at a time over TLS (one NBD read or write
+        # request), taken from [daemon] buffer_memory while a request runs,
+        # and the granularity of "transferred" progress. Plain connections
+        # (the unix socket) splice data and use no buffer. A piece is at
+        # most 8 MiB (one NBD request), so more than 16 MiB buys nothing.
         "buffer_size": 8 * MiB,
         # Seconds an NBD connection may wait for the server without any
         # progress (handshake, a reply, a send) before the request fails
@@ -289,6 +302,14 @@ def _check_together(sections):
         raise Error("Invalid configuration: [control] port must be set when "
                     "[control] transport is 'tcp'")
 
+    daemon = sections["daemon"]
+    for backend in ("backend_nbd", "backend_http"):
+        piece = sections[backend]["buffer_size"] // 2
+        if daemon["buffer_memory"] < piece:
+            raise Error(f"Invalid configuration: [daemon] buffer_memory "
+                        f"must be at least half of [{backend}] buffer_size "
+                        f"({piece} bytes)")
+
     # fileConfig fails with a bare KeyError on a root handler that is not
     # configured in [handlers].
     configured = _names(sections["handlers"]["keys"])
@@ -446,6 +467,8 @@ CHECKS = {
     ("daemon", "handshake_timeout"): _positive,
     ("daemon", "header_timeout"): _positive,
     ("daemon", "max_unauthorized_connections"): _at_least(1),
+    ("daemon", "buffer_memory"): _at_least(4096),
+    ("daemon", "buffer_wait_timeout"): _at_least(0),
     ("backend_file", "buffer_size"): _buffer_size,
     ("backend_http", "buffer_size"): _buffer_size,
     ("backend_nbd", "buffer_size"): _buffer_size,

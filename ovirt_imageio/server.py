@@ -102,6 +102,8 @@ class Daemon:
             remove_timeout=cfg.control.remove_timeout,
             inactivity_timeout=cfg.daemon.inactivity_timeout,
             clock=clock)
+        # One pool of data buffers for the remote and local services.
+        self.buffers = services.buffer_pool(cfg)
         self.services = []
         self.remote = self.local = self.control = None
 
@@ -111,10 +113,12 @@ class Daemon:
         try:
             unix_socket = None
             if cfg.local.enable:
-                self.local = self._add(services.local(cfg, self.store))
+                self.local = self._add(
+                    services.local(cfg, self.store, self.buffers))
                 unix_socket = self.local.server.address()
             self.remote = self._add(
-                services.remote(cfg, self.store, unix_socket))
+                services.remote(cfg, self.store, unix_socket,
+                                self.buffers))
             if cfg.control.enable:
                 self.control = self._add(services.control(cfg, self.store))
         except BaseException:

@@ -635,3 +635,42 @@ def test_connection_limits_invalid(conf_dir, vendor_dir, key, text, reason):
     with pytest.raises(config.Error) as e:
         load(conf_dir, vendor_dir)
     assert reason in str(e.value)
+
+
+# Buffer memory ([daemon]; http/buffers.py).
+
+def test_buffer_memory(conf_dir, vendor_dir):
+    write(conf_dir, "50-empty.conf", "")
+    cfg = load(conf_dir, vendor_dir)
+    assert cfg.daemon.buffer_memory == 256 * 1024**2
+    assert cfg.daemon.buffer_wait_timeout == 30.0
+    write(conf_dir, "60-x.conf", "[daemon]\nbuffer_memory = 16777216\n"
+          "buffer_wait_timeout = 0\n")
+    cfg = load(conf_dir, vendor_dir)
+    assert cfg.daemon.buffer_memory == 16 * 1024**2
+    assert cfg.daemon.buffer_wait_timeout == 0.0
+
+
+@pytest.mark.parametrize("key,text,reason", [
+    ("buffer_memory", "0", "must be at least 4096"),
+    ("buffer_wait_timeout", "-1", "must be at least 0"),
+])
+def test_buffer_memory_invalid(conf_dir, vendor_dir, key, text, reason):
+    write(conf_dir, "50-x.conf", f"[daemon]\n{key} = {text}\n")
+    with pytest.raises(config.Error) as e:
+        load(conf_dir, vendor_dir)
+    assert reason in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["backend_nbd", "backend_http"])
+def test_buffer_memory_holds_a_piece(conf_dir, vendor_dir, backend):
+    # The other backend's pieces fit.
+    write(conf_dir, "50-x.conf", "[daemon]\nbuffer_memory = 1048576\n"
+          "[backend_nbd]\nbuffer_size = 1048576\n"
+          "[backend_http]\nbuffer_size = 1048576\n")
+    write(conf_dir, "60-x.conf", f"[{backend}]\nbuffer_size = 4194304\n")
+    with pytest.raises(config.Error) as e:
+        load(conf_dir, vendor_dir)
+    assert str(e.value) == (
+        f"Invalid configuration: [daemon] buffer_memory must be at least "
+        f"half of [{backend}] buffer_size (2097152 bytes)")

@@ -13,9 +13,14 @@ the daemon's own NBD client, in the handler's thread.
   without TLS) nothing is copied through the daemon: GET data is spliced
   from the NBD socket to the client's socket, PUT bodies the other way.
 - On a TLS connection the bytes must be encrypted or decrypted here: each
-  piece (half the configured buffer size) is received into a reused
-  buffer. The Stream keeps one read ahead, and writes are pipelined, so
-  qemu-nbd works on the next piece while this one crosses TLS.
+  piece (half the configured buffer size) is received into a buffer that
+  the request takes from the process's pool (buffers.py) and reuses for
+  all its pieces. The buffer is held for one request, not the connection,
+  so memory follows the transfers in flight; past [daemon] buffer_memory
+  a request waits its turn, and after [daemon] buffer_wait_timeout gets a
+  503 with Retry-After. The Stream keeps one read ahead, and writes are
+  pipelined, so qemu-nbd works on the next piece while this one crosses
+  TLS.
 - A GET asks block status for its range first and never reads zero
   extents: their bytes come from one shared zero buffer.
 - /extents and /checksum use a libnbd client (allocation depth, dirty
@@ -53,6 +58,7 @@ import urllib.parse
 from .. import errors
 from .. import tickets
 from ..nbd import client as nbd_client
+from . import buffers
 from . import cors
 from . import ranges
 from . import server
@@ -74,6 +80,9 @@ ZERO_STEP = 1024**3
 CONNECTION_ERRORS = frozenset([
     errno.ETIMEDOUT, errno.ECANCELED, errno.ECONNRESET, errno.EPIPE,
     errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED])
+
+# Seconds a client refused a buffer (503) is asked to wait before retrying.
+RETRY_AFTER = 5
 
 FEATURES_RW = ["checksum", "extents", "flush", "zero"]
 FEATURES_RO = ["checksum", "extents"]
@@ -127,7 +136,6 @@ class Link:
         self.stream = None
         self.size = None
         self._lock = threading.Lock()
-        self._buffer = None
         self.closed = False
         # Fired by cancel() to stop the NBD I/O of a busy link.
         self.interrupt = nbd_client.Interrupt()
@@ -158,13 +166,11 @@ class Link:
         """
         return self.streaming() if self.streams else self
 
-    def buffer(self):
-        """The reused buffer for data crossing TLS: half the configured
-        buffer size, the piece size."""
-        if self._buffer is None:
-            self._buffer = memoryview(bytearray(
-                max(self.buffer_size // 2, 4096)))
-        return self._buffer
+    @property
+    def piece(self):
+        """Bytes moved at a time through a buffer (data crossing TLS, or a
+        proxy's relay): half the configured buffer size."""
+        return piece_size(self.buffer_size)
 
     def __enter__(self):
         """Hold the link; return its libnbd image (or relay)."""
@@ -311,6 +317,21 @@ class Link:
             stream.close()
 
 
+def piece_size(buffer_size):
+    return max(buffer_size // 2, 4096)
+
+
+def buffer_pool(cfg):
+    """
+    The process's pool of buffers for data requests, shared by the
+    services: pieces large enough for either backend, [daemon]
+    buffer_memory of them at most.
+    """
+    size = piece_size(max(cfg.backend_nbd.buffer_size,
+                          cfg.backend_http.buffer_size))
+    return buffers.Pool(size, cfg.daemon.buffer_memory)
+
+
 def link(req, ticket, buffer_size):
     """Return the connection's link to ticket, opening it on first use."""
     values = req.context.values
@@ -351,11 +372,13 @@ class Handler:
 
     name = "images"
 
-    def __init__(self, cfg, store, unix_socket=None):
+    def __init__(self, cfg, store, unix_socket=None, pool=None):
         self.cfg = cfg
         self.store = store
         self.unix_socket = unix_socket
         self.buffer_size = cfg.backend_nbd.buffer_size
+        self.pool = pool if pool is not None else buffer_pool(cfg)
+        self.buffer_wait_timeout = cfg.daemon.buffer_wait_timeout
         self.max_connections = cfg.daemon.max_connections
 
     def _authorize(self, req, ticket_id, op):
@@ -377,6 +400,31 @@ class Handler:
 
     def _link(self, req, ticket):
         return link(req, ticket, self.buffer_size)
+
+    @contextlib.contextmanager
+    def _buffer(self, lk):
+        """
+        Hold a buffer of the link's piece size for this request, from the
+        process's pool; past the cap, wait for one, or answer 503. Taken
+        before the request reads its body or starts its response, so the
+        503 is a clean answer (and a PUT's connection, its body unread,
+        is closed by the router).
+        """
+        try:
+            lease = self.pool.acquire(self.buffer_wait_timeout)
+        except buffers.Timeout:
+            log.warning("No buffer free within %s seconds, answering 503 "
+                        "(%s buffers in use)", self.buffer_wait_timeout,
+                        self.pool.limit)
+            raise server.Error(
+                503, "Too many transfers in progress, retry later",
+                {"retry-after": str(RETRY_AFTER)})
+        with lease as view:
+            piece = view[:lk.piece]
+            try:
+                yield piece
+            finally:
+                piece.release()
 
     # OPTIONS
 
@@ -439,20 +487,22 @@ class Handler:
                 resp.start(length)
             resp.write(data)
 
-        if lk.streams:
+        if lk.sock is not None:
             with ticket.operation(offset) as op, lk.streaming() as stream:
-                if lk.sock is not None:
-                    send_range(stream, offset, length, write, op.done,
-                               sock=lk.sock)
-                else:
-                    send_range(stream, offset, length, write, op.done,
-                               buf=lk.buffer())
+                send_range(stream, offset, length, write, op.done,
+                           sock=lk.sock)
+            return
+        if lk.streams:
+            with self._buffer(lk) as buf, ticket.operation(offset) as op, \
+                    lk.streaming() as stream:
+                send_range(stream, offset, length, write, op.done, buf=buf)
             return
 
         # The proxy's relay streams the range itself: one request to the
         # daemon per client request (relay.py).
-        with ticket.operation(offset) as op, lk as image:
-            image.send(write, offset, length, op.done, lk.buffer())
+        with self._buffer(lk) as buf, ticket.operation(offset) as op, \
+                lk as image:
+            image.send(write, offset, length, op.done, buf)
 
     head = get
 
@@ -488,16 +538,18 @@ class Handler:
                     stream.flush()
             return
         if lk.streams:
-            with ticket.operation(offset) as op, lk.streaming() as stream:
-                stream.write_from(body_reader(req, length), lk.buffer(),
+            with self._buffer(lk) as buf, ticket.operation(offset) as op, \
+                    lk.streaming() as stream:
+                stream.write_from(body_reader(req, length), buf,
                                   offset, length, op.done)
                 if flush:
                     stream.flush()
             return
         # The proxy's relay streams the body itself (relay.py).
-        with ticket.operation(offset) as op, lk as image:
+        with self._buffer(lk) as buf, ticket.operation(offset) as op, \
+                lk as image:
             image.receive(body_reader(req, length), offset, length,
-                          op.done, lk.buffer(), flush=flush)
+                          op.done, buf, flush=flush)
 
     # PATCH
 

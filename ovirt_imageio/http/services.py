@@ -31,8 +31,14 @@ from . import tickets as tickets_api
 log = logging.getLogger("services")
 
 
-def remote(cfg, store, unix_socket=None):
-    routes = data_routes(cfg, store, unix_socket) + [
+def buffer_pool(cfg):
+    """The buffers of data requests, one pool for the process: pass it to
+    every service."""
+    return images.buffer_pool(cfg)
+
+
+def remote(cfg, store, unix_socket=None, pool=None):
+    routes = data_routes(cfg, store, unix_socket, pool) + [
         (r"/info/", info.Handler())]
     tls = None
     if cfg.tls.enable:
@@ -106,12 +112,13 @@ def unix_address(path):
     return repr(path)
 
 
-def local(cfg, store):
+def local(cfg, store, pool=None):
     """The local service; its routes are set once its address is known."""
     with starting("local", unix_address(cfg.local.socket)):
         srv = server.UnixServer("local", cfg.local.socket, None,
                                 limits=server.Limits.from_config(cfg))
-    srv.router = router.Router(data_routes(cfg, store, srv.address()))
+    srv.router = router.Router(data_routes(cfg, store, srv.address(),
+                                           pool))
     return server.Service(srv)
 
 
@@ -140,9 +147,9 @@ def control(cfg, store):
     return server.Service(srv)
 
 
-def data_routes(cfg, store, unix_socket):
+def data_routes(cfg, store, unix_socket, pool=None):
     """The /images routes, the same on the remote and local services."""
-    img = images.Handler(cfg, store, unix_socket=unix_socket)
+    img = images.Handler(cfg, store, unix_socket=unix_socket, pool=pool)
     return [
         (r"/images/(.*)/extents", images.ExtentsHandler(img)),
         (r"/images/(.*)/checksum/algorithms", checksum.AlgorithmsHandler()),

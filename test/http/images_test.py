@@ -1474,3 +1474,206 @@ def test_delete_stops_put_client_not_sending(make_daemon, nbdkit, transport):
     finally:
         s.close()
     wait_for_baseline(baseline)
+
+
+# Buffers (http/buffers.py): a request over HTTPS holds one from the
+# process's pool while it runs, never while its connection idles; past
+# [daemon] buffer_memory requests wait, then get 503.
+
+PIECE = BUFFER_SIZE // 2
+
+
+def pool_daemon(make_daemon, buffers, wait="30", **overrides):
+    """A daemon whose pool holds this many pieces."""
+    return make_daemon(
+        backend_nbd={"buffer_size": str(BUFFER_SIZE)},
+        backend_http={"buffer_size": str(BUFFER_SIZE)},
+        daemon={"buffer_memory": str(buffers * PIECE),
+                "buffer_wait_timeout": wait},
+        **overrides)
+
+
+def wait_buffers(daemon, **expected):
+    def settled():
+        stats = daemon.buffers.stats()
+        return all(stats[k] == v for k, v in expected.items())
+    testutil.wait_for(settled, message=f"buffers {expected}")
+
+
+class HeldPut:
+    """
+    An HTTPS PUT of one piece at offset, of which only the first half is
+    sent: its request holds a buffer, waiting for the rest, until finish().
+    """
+
+    def __init__(self, daemon, offset, data):
+        self.data = data
+        self.sock = raw_client(daemon, "https")
+        self.sock.sendall(
+            b"PUT /images/tid-secret?flush=n HTTP/1.1\r\n"
+            b"host: localhost\r\n"
+            b"content-range: bytes %d-%d/*\r\n"
+            b"content-length: %d\r\n\r\n"
+            % (offset, offset + len(data) - 1, len(data))
+            + data[:len(data) // 2])
+
+    def finish(self):
+        self.sock.sendall(self.data[len(self.data) // 2:])
+        reply = http.client.HTTPResponse(self.sock)
+        reply.begin()
+        body = reply.read()
+        self.sock.close()
+        return reply.status, body
+
+
+def test_buffer_per_request_not_connection(make_daemon, rw_export, image):
+    daemon = pool_daemon(make_daemon, buffers=4)
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    clients = [Client(daemon, "https") for _ in range(3)]
+    try:
+        for c in clients:
+            resp, data = c.request("GET", "/images/tid-secret",
+                                   headers={"range": "bytes=0-4095"})
+            assert resp.status == 206
+            assert data == image_bytes(image, 0, 4096)
+            # The connection stays open, its buffer goes back (a moment
+            # after the last bytes reach the client).
+            wait_buffers(daemon, in_use=0)
+        # One after another, the connections used the same buffer.
+        assert daemon.buffers.stats()["allocated"] == 1
+        resp, data = clients[0].request(
+            "PUT", "/images/tid-secret", body=b"x" * (PIECE + 1))
+        assert resp.status == 200, data
+        wait_buffers(daemon, in_use=0)
+    finally:
+        for c in clients:
+            c.close()
+    # The unix socket splices: no buffer.
+    c = Client(daemon, "unix")
+    resp, data = c.request("GET", "/images/tid-secret")
+    c.close()
+    assert resp.status == 200
+    assert daemon.buffers.stats()["allocated"] == 1
+
+
+def test_buffer_concurrent_requests_not_shared(make_daemon, rw_export,
+                                               image):
+    daemon = pool_daemon(make_daemon, buffers=2)
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    a = HeldPut(daemon, 0, b"a" * PIECE)
+    b = HeldPut(daemon, PIECE, b"b" * PIECE)
+    # Both hold a buffer, each with the first half of its piece in it: a
+    # shared buffer would mix them.
+    wait_buffers(daemon, in_use=2, allocated=2)
+    assert a.finish() == (200, b"")
+    assert b.finish() == (200, b"")
+    assert image_bytes(image, 0, PIECE) == b"a" * PIECE
+    assert image_bytes(image, PIECE, PIECE) == b"b" * PIECE
+    wait_buffers(daemon, in_use=0)
+
+
+def test_buffer_cap_request_waits(make_daemon, rw_export, image):
+    daemon = pool_daemon(make_daemon, buffers=1)
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    held = HeldPut(daemon, 0, b"h" * PIECE)
+    wait_buffers(daemon, in_use=1)
+    results = []
+
+    def get():
+        c = Client(daemon, "https")
+        try:
+            resp, data = c.request("GET", "/images/tid-secret",
+                                   headers={"range": f"bytes=0-{PIECE - 1}"})
+            results.append((resp.status, data))
+        finally:
+            c.close()
+
+    t = threading.Thread(target=get, daemon=True)
+    t.start()
+    try:
+        wait_buffers(daemon, in_use=1, waiting=1)
+        assert not results
+    finally:
+        # The first request ends: its buffer goes to the waiting one.
+        assert held.finish() == (200, b"")
+        t.join(30)
+    assert results == [(206, b"h" * PIECE)]
+    assert daemon.buffers.stats()["allocated"] == 1
+
+
+def test_buffer_wait_timeout_503(make_daemon, rw_export, image):
+    daemon = pool_daemon(make_daemon, buffers=1, wait="0")
+    add_ticket(daemon, url(rw_export), ops=["write"])
+    held = HeldPut(daemon, 0, b"h" * PIECE)
+    wait_buffers(daemon, in_use=1)
+    c = Client(daemon, "https")
+    try:
+        resp, data = c.request("GET", "/images/tid-secret",
+                               headers={"range": "bytes=0-4095"})
+        assert resp.status == 503
+        assert resp.getheader("retry-after") == str(images.RETRY_AFTER)
+        assert data == b"Too many transfers in progress, retry later\n"
+        # A PUT is answered before its body is read: its connection closes.
+        s = raw_client(daemon, "https")
+        try:
+            s.sendall(b"PUT /images/tid-secret HTTP/1.1\r\n"
+                      b"host: localhost\r\ncontent-length: 4096\r\n\r\n")
+            reply = http.client.HTTPResponse(s)
+            reply.begin()
+            reply.read()
+            assert reply.status == 503
+            assert reply.getheader("retry-after") == str(images.RETRY_AFTER)
+            assert reply.getheader("connection") == "close"
+        finally:
+            s.close()
+        assert held.finish() == (200, b"")
+        wait_buffers(daemon, in_use=0, waiting=0)
+        # The daemon serves on, on the same connection.
+        resp, data = c.request("GET", "/images/tid-secret",
+                               headers={"range": "bytes=0-4095"})
+        assert resp.status == 206
+        assert data == b"h" * 4096
+    finally:
+        c.close()
+
+
+def test_buffer_returned_when_client_vanishes_mid_get(make_daemon, nbdkit):
+    daemon = pool_daemon(make_daemon, buffers=1)
+    size = 64 * MiB
+    srv = nbdkit("pattern", f"size={size}")
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=size,
+               inactivity_timeout=3600)
+    s = raw_client(daemon, "https", rcvbuf=4096)
+    try:
+        s.sendall(b"GET /images/tid-secret HTTP/1.1\r\n"
+                  b"host: localhost\r\n\r\n")
+        wait_until_stalled(daemon)
+        assert daemon.buffers.stats()["in_use"] == 1
+    finally:
+        # Unread data: the close resets the connection.
+        s.close()
+    wait_buffers(daemon, in_use=0)
+    c = Client(daemon, "https")
+    try:
+        resp, data = c.request("GET", "/images/tid-secret",
+                               headers={"range": "bytes=0-4095"})
+    finally:
+        c.close()
+    assert resp.status == 206
+    assert len(data) == 4096
+
+
+def test_buffer_returned_on_cancel(make_daemon, rw_export):
+    daemon = pool_daemon(make_daemon, buffers=1,
+                         control={"remove_timeout": "20"})
+    add_ticket(daemon, url(rw_export), ops=["write"],
+               inactivity_timeout=3600)
+    held = HeldPut(daemon, 0, b"h" * PIECE)
+    wait_buffers(daemon, in_use=1)
+    resp, data = daemon.api.delete("tid-secret")
+    assert resp.status == 204, data
+    reply = http.client.HTTPResponse(held.sock)
+    reply.begin()
+    assert reply.status == 403
+    held.sock.close()
+    wait_buffers(daemon, in_use=0)
