@@ -80,6 +80,18 @@ class Connection:
             pass
         self._flush()
 
+    def release(self):
+        """
+        Free the TLS state (OpenSSL's object and BIO buffers, up to a
+        batch of ciphertext each, and the receive buffer) once the
+        connection is done. The handler, its reader and writer and this
+        object refer to each other; without this the memory waits for
+        the garbage collector, which big C buffers do not trigger: 256
+        closed connections kept 300 MiB.
+        """
+        self._tls = self._in = self._out = self._rbuf = None
+        self.sock = None
+
     def recv_into(self, buf):
         """Read decrypted bytes into buf; 0 at the end of the stream."""
         while True:

@@ -126,3 +126,34 @@ def test_plain_http_is_refused(contexts):
     conn = tls.Connection(a, srv_ctx)
     with pytest.raises(ssl.SSLError):
         conn.handshake()
+
+
+def test_release_frees_tls_state_held_in_a_cycle(contexts):
+    # The server's handler, its reader and writer and the connection
+    # refer to each other. Without release(), OpenSSL's object and its
+    # BIO buffers live until the garbage collector runs, which big C
+    # buffers never trigger.
+    import gc
+    import weakref
+
+    server_ctx = contexts[0]
+    a, b = socket.socketpair()
+    gc.disable()
+    try:
+        def cycle(release):
+            conn = tls.Connection(a, server_ctx)
+            holder = {"conn": conn}
+            conn.sock = holder          # conn -> holder -> conn
+            tls_object = weakref.ref(conn._tls)
+            if release:
+                conn.release()
+            del conn, holder
+            return tls_object
+
+        assert cycle(release=False)() is not None
+        assert cycle(release=True)() is None
+    finally:
+        gc.enable()
+        gc.collect()
+        a.close()
+        b.close()

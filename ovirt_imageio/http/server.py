@@ -595,6 +595,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.context.close()
+        if self._tls is not None:
+            self._tls.release()
         log.info("CLOSE connection=%s requests=%s seconds=%.3f",
                  self.context.id, self._requests,
                  time.monotonic() - self._start)
