@@ -1091,32 +1091,9 @@ PATTERN = 0x55
 
 
 @pytest.fixture
-def block_device(tmp_path):
-    """
-    block_device(size) -> path of a loop device of size bytes, all PATTERN;
-    detached at teardown.
-    """
-    attached = []
-
-    def attach(size, name="backing"):
-        backing = tmp_path / f"{name}.img"
-        with open(backing, "wb") as f:
-            f.write(bytes([PATTERN]) * size)
-        try:
-            r = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                               capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"Cannot attach a loop device: {e}")
-        if r.returncode != 0:
-            pytest.skip(f"Cannot attach a loop device: {r.stderr.strip()}")
-        device = r.stdout.strip()
-        attached.append(device)
-        return device
-
-    yield attach
-    for device in attached:
-        subprocess.run(["losetup", "--detach", device], check=True,
-                       capture_output=True, timeout=20)
+def block_device(make_block_device):
+    """block_device(size) -> a loop device of size bytes, all PATTERN."""
+    return lambda size: make_block_device(size, PATTERN)
 
 
 def device_spec(device, size):

@@ -11,6 +11,10 @@ Fixtures for client tests.
                   fixtures are not visible here)
     client_daemon an in-process daemon with 1 MiB buffers and 4
                   connections per ticket
+    make_block_device
+                  factory: make_block_device(size, pattern) -> a loop
+                  device of size bytes, every byte pattern (old data);
+                  detached at teardown; skips if losetup cannot attach
 """
 
 import dataclasses
@@ -139,3 +143,28 @@ def client_daemon(make_daemon):
     return make_daemon(
         backend_nbd={"buffer_size": str(MiB)},
         daemon={"max_connections": "4"})
+
+
+@pytest.fixture
+def make_block_device(tmp_path):
+    import subprocess
+    attached = []
+
+    def attach(size, pattern):
+        backing = tmp_path / f"loop{len(attached)}.img"
+        with open(backing, "wb") as f:
+            f.write(bytes([pattern]) * size)
+        try:
+            r = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                               capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"Cannot attach a loop device: {e}")
+        if r.returncode != 0:
+            pytest.skip(f"Cannot attach a loop device: {r.stderr.strip()}")
+        attached.append(r.stdout.strip())
+        return attached[-1]
+
+    yield attach
+    for device in attached:
+        subprocess.run(["losetup", "--detach", device], check=True,
+                       capture_output=True, timeout=20)

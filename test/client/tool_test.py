@@ -436,22 +436,10 @@ def test_download_forklift(env, tmp_path):
 
 
 @pytest.fixture
-def loop_device(tmp_path):
+def loop_device(make_block_device):
     """A loop device of 8 MiB of 0xff (old data that must not show
     through), detached at teardown."""
-    backing = tmp_path / "backing.img"
-    write_garbage(backing)
-    try:
-        r = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                           capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"Cannot attach a loop device: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"Cannot attach a loop device: {r.stderr.strip()}")
-    device = r.stdout.strip()
-    yield device
-    subprocess.run(["losetup", "--detach", device], check=True,
-                   capture_output=True, timeout=20)
+    return make_block_device(8 * MiB, 0xff)
 
 
 def test_download_forklift_block_device(env, tmp_path, loop_device):
