@@ -50,6 +50,7 @@ import errno
 import http.client
 import json
 import logging
+import re
 import select
 import socket
 import ssl
@@ -83,6 +84,10 @@ _ZEROS = memoryview(bytes(ZERO_BUFFER_SIZE))
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError,
           BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError,
           ssl.SSLZeroReturnError)
+
+
+# Retry-After in seconds (RFC 9110 10.2.3), at most a day.
+_RETRY_AFTER = re.compile(r"[0-9]{1,5}")
 
 
 class ProtocolError(OSError):
@@ -784,6 +789,12 @@ class RemoteImage:
         content_range = resp.getheader("content-range")
         if content_range is not None:
             headers["content-range"] = content_range
+        # A busy daemon's 503 says when to come back; the proxy passes it
+        # on. Only seconds: an HTTP date or anything else is dropped, so
+        # nothing the daemon sends reaches our client's headers unchecked.
+        retry_after = resp.getheader("retry-after")
+        if retry_after is not None and _RETRY_AFTER.fullmatch(retry_after):
+            headers["retry-after"] = retry_after
         raise errors.PeerError(resp.status, self._error_message(resp),
                                headers)
 

@@ -425,6 +425,42 @@ def test_upload_short_body(daemon, proxy, pki, proxy_pki, target):
         message="daemon connection released")
 
 
+def test_daemon_busy_503_passed_on(make_daemon, proxy, clients, pki,
+                                   proxy_pki, image):
+    # The daemon's buffer pool holds one piece and answers 503 at once
+    # when it is taken: the proxy's client gets the daemon's 503 and its
+    # Retry-After, not a 502, and both serve on.
+    piece = BUFFER_SIZE // 2
+    daemon = make_daemon(
+        backend_nbd={"buffer_size": str(BUFFER_SIZE)},
+        backend_http={"buffer_size": str(BUFFER_SIZE)},
+        daemon={"buffer_memory": str(piece), "buffer_wait_timeout": "0"},
+        local={"enable": "false"})
+    add_tickets(daemon, proxy, f"file://{image}", ops=["read", "write"])
+    holder = clients(daemon_url(daemon), pki["ca_file"])
+    holder.conn.putrequest("PUT", holder.path)
+    holder.conn.putheader("Content-Length", str(piece))
+    holder.conn.putheader("Content-Range", f"bytes 0-{piece - 1}/*")
+    holder.conn.endheaders()
+    holder.conn.send(b"x" * (piece // 2))
+    testutil.wait_for(lambda: daemon.buffers.stats()["in_use"] == 1,
+                      message="the daemon's only buffer is held")
+    via_proxy = clients(proxy.url(TICKET_ID), proxy_pki["ca_file"])
+    resp, body = via_proxy.request(
+        "GET", headers={"Range": "bytes=0-4095"})
+    assert resp.status == 503
+    assert resp.getheader("retry-after") == "5"
+    assert body == b"Too many transfers in progress, retry later\n"
+    holder.conn.send(b"x" * (piece - piece // 2))
+    reply = holder.conn.getresponse()
+    assert reply.status == 200
+    reply.read()
+    resp, body = via_proxy.request(
+        "GET", headers={"Range": "bytes=0-4095"})
+    assert resp.status == 206
+    assert body == b"x" * 4096
+
+
 def test_zero_and_flush(daemon, proxy, pair, target):
     with open(target, "wb") as f:
         f.write(b"\xff" * SIZE)
