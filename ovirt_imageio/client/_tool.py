@@ -5,6 +5,8 @@ output and exit codes (ENGINE-SIM.md section 4).
 
     ovirt-img upload-disk -c engine1 -s nfs-01 fedora.qcow2
     ovirt-img download-disk -c engine1 DISK_ID fedora.qcow2
+    ovirt-img checksum -c engine1 DISK_ID
+    ovirt-img info -c engine1 -o json DISK_ID
 
 Upload: inspect the image with qemu-img, create a disk of the right
 format, allocation and initial size for the storage domain, wait for it,
@@ -19,12 +21,21 @@ Download: start a download transfer of the disk, download it as raw or
 qcow2 into a file or onto a block device, verify, and always finalize
 (a download cannot harm the disk).
 
+Checksum: the daemon's checksum of the disk's guest data, computed on the
+host through a download transfer (nothing crosses the network but the
+answer), always finalized. It is the value ovirt_imageio.client.checksum()
+gives for a local image with the same algorithm and block size, so a copy
+can be checked against the disk.
+
+Info: what the engine knows of a disk, as text or one JSON object.
+
 Exit codes: 0 done, 1 failed (one line on stderr; the traceback in the
 debug log), 2 usage, 128+N killed by signal N (SIGINT, SIGTERM), after
 cleaning up.
 """
 
 import getpass
+import json
 import logging
 import os
 import re
@@ -32,6 +43,8 @@ import signal
 import stat
 import sys
 import uuid
+
+from ovirt_imageio import checksum as _blkhash
 
 from . import _api as client
 from . import _options as opts
@@ -252,10 +265,7 @@ def download_disk(args):
     with progress_bar(args, "creating transfer") as bar:
         with connect(args) as engine:
             disk = engine.get_disk(args.disk_id)
-            host = None
-            if _ovirt.read_vdsm_id() is not None:
-                sd = engine.storage_domain_by_id(disk.storage_domains[0].id)
-                host = engine.this_host(sd.name)
+            host = _download_host(engine, disk)
             transfer = engine.add_transfer(disk, "download", host)
             try:
                 transfer = engine.wait_for_transfer(transfer)
@@ -278,6 +288,116 @@ def download_disk(args):
             bar.phase = "finalizing transfer"
             engine.finalize_transfer(transfer, disk.id)
             bar.phase = "download completed"
+
+
+def _download_host(engine, disk):
+    """This host if it is an oVirt host (the data stays local), else the
+    engine's choice."""
+    if _ovirt.read_vdsm_id() is None:
+        return None
+    sd = engine.storage_domain_by_id(disk.storage_domains[0].id)
+    return engine.this_host(sd.name)
+
+
+# Checksum.
+
+# The daemon reads the disk's data at a few hundred MiB/s and skips
+# zeros; waiting for it at less than this rate means it is stuck.
+CHECKSUM_MIN_RATE = 16 * opts.MiB
+CHECKSUM_MIN_TIMEOUT = 300
+
+
+def checksum_disk(args):
+    with progress_bar(args, "creating transfer") as bar:
+        with connect(args) as engine:
+            disk = engine.get_disk(args.disk_id)
+            host = _download_host(engine, disk)
+            transfer = engine.add_transfer(disk, "download", host)
+            try:
+                transfer = engine.wait_for_transfer(transfer)
+                bar.phase = "computing checksum"
+                url, proxy_url = transfer_urls(transfer)
+                result = _remote_checksum(args, url, proxy_url)
+            except BaseException:
+                bar.phase = "finalizing transfer"
+                _cleanup(engine.finalize_transfer, transfer, disk.id)
+                raise
+            bar.phase = "finalizing transfer"
+            engine.finalize_transfer(transfer, disk.id)
+            bar.phase = "checksum completed"
+    result = {"disk_id": disk.id, "algorithm": result["algorithm"],
+              "block_size": result["block_size"],
+              "checksum": result["checksum"]}
+    _print_result(args, result)
+
+
+def _remote_checksum(args, url, proxy_url):
+    with client._open_remote(url, args.cafile, args.secure,
+                             proxy_url) as image:
+        timeout = max(CHECKSUM_MIN_TIMEOUT, image.size // CHECKSUM_MIN_RATE)
+        return image.checksum(algorithm=args.algorithm,
+                              block_size=args.block_size, timeout=timeout)
+
+
+def _checksum_block_size(text):
+    n = opts.size_between(_blkhash.MIN_BLOCK_SIZE,
+                          _blkhash.MAX_BLOCK_SIZE)(text)
+    if n % _blkhash.BLOCK_ALIGNMENT:
+        raise opts.Invalid(
+            f"expected a multiple of {_blkhash.BLOCK_ALIGNMENT}")
+    return n
+
+
+# Info.
+
+def disk_info(args):
+    with connect(args) as engine:
+        disk = engine.get_disk(args.disk_id)
+        sds = [engine.storage_domain_by_id(sd.id)
+               for sd in disk.storage_domains or ()]
+    _print_result(args, describe_disk(disk, sds))
+
+
+def describe_disk(disk, storage_domains):
+    """The disk as a dict of JSON values; the text output's keys are the
+    same, with spaces for underscores."""
+    def value(enum):
+        return None if enum is None else str(enum.value)
+
+    fmt = value(disk.format)
+    return {
+        "id": disk.id,
+        "alias": disk.alias or disk.name,
+        "description": disk.description or "",
+        "format": {"cow": "qcow2"}.get(fmt, fmt),
+        "content_type": value(disk.content_type),
+        "status": value(disk.status),
+        "virtual_size": disk.provisioned_size,
+        "actual_size": disk.actual_size,
+        "sparse": disk.sparse,
+        "backup": value(disk.backup),
+        "storage_domains": [{"id": sd.id, "name": sd.name}
+                            for sd in storage_domains],
+    }
+
+
+def _print_result(args, result):
+    if args.output == "json":
+        print(json.dumps(result), flush=True)
+        return
+    width = max(len(k) for k in result) + 2
+    for key, value in result.items():
+        if key == "storage_domains":
+            key, value = "storage_domain", ", ".join(
+                f"{sd['name']} ({sd['id']})" for sd in value)
+        elif key in ("virtual_size", "actual_size") and value is not None:
+            value = f"{value} ({_progress.humansize(value)})"
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif value is None:
+            value = "-"
+        print(f"{key.replace('_', ' ') + ':':<{width}}{value}")
+    sys.stdout.flush()
 
 
 def _existing_target(path):
@@ -500,6 +620,30 @@ def parser():
                 _existing_target),
                 help="the image to write (replaced), or a block device")),
         ])
+    disk_id = (("disk_id",), dict(metavar="DISK_ID", type=_argtype(
+        opts.disk_id), help="the disk's id"))
+    opts.Command(
+        p, "checksum", checksum_disk,
+        "Print the checksum of a disk's guest data, computed on its host: "
+        "the value ovirt_imageio.client.checksum() gives for an image "
+        "with the same data.",
+        options=(
+            opts.Option("--algorithm", config=False,
+                        type=opts.choice(*_blkhash.ALGORITHMS),
+                        default=_blkhash.DEFAULT_ALGORITHM,
+                        help=f"hash algorithm (default "
+                             f"{_blkhash.DEFAULT_ALGORITHM})"),
+            opts.Option("--block-size", config=False,
+                        type=_checksum_block_size,
+                        default=_blkhash.DEFAULT_BLOCK_SIZE,
+                        help="block size of the construction (1m-16m, "
+                             "default 4m)"),
+        ),
+        positionals=[disk_id])
+    opts.Command(
+        p, "info", disk_info,
+        "Show a disk: alias, format, sizes, storage domain, backup mode.",
+        options=(), positionals=[disk_id])
     return p
 
 

@@ -18,6 +18,8 @@ import uuid
 
 import pytest
 
+from ovirt_imageio import client
+
 import enginesim
 import testutil
 from testutil import compare, make_image, qemu_io
@@ -1013,3 +1015,105 @@ def test_proxy_url_fallback(env, tmp_path):
     dst = tmp_path / "dst.raw"
     env.run("download-disk", "-f", "raw", disk.id, dst)
     compare(src, dst)
+
+
+# checksum and info
+
+CHECKSUM_PHASES = ["creating transfer", "computing checksum",
+                   "finalizing transfer", "checksum completed"]
+
+
+def test_checksum(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    env.run("upload-disk", "-s", "nfs", "--no-verify", src)
+    disk, = env.disks("src")
+    p = env.run("checksum", disk.id)
+    *lines, result = progress(p.stdout)
+    assert collapse([r["description"] for r in lines]) == CHECKSUM_PHASES
+    # The local image's checksum, computed here, as a user would.
+    local = client.checksum(str(src))
+    assert result == dict(local, disk_id=disk.id)
+    # Read only, and finalized: the disk is as it was.
+    download, = [t for t in transfers(env, disk)
+                 if t.direction == "download"]
+    assert download.phase == "finished_success"
+    assert disk.status == "ok"
+    compare(src, disk.path)
+
+
+def test_checksum_algorithm_block_size_text(env, tmp_path):
+    src = make_image(tmp_path / "src.raw", "raw")
+    env.run("upload-disk", "-s", "nfs", "-f", "raw", "--no-verify", src)
+    disk, = env.disks("src")
+    p = env.run("checksum", "--algorithm", "sha256", "--block-size", "1m",
+                "-o", "text", disk.id)
+    local = client.checksum(str(src), algorithm="sha256", block_size=MiB)
+    tail = p.stdout.splitlines()[-4:]
+    assert tail == [f"disk id:    {disk.id}",
+                    "algorithm:  sha256",
+                    f"block size: {MiB}",
+                    f"checksum:   {local['checksum']}"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--block-size", "1025k"], "expected a multiple of 4096"),
+    (["--block-size", "64m"], "expected a size from 1m to 16m"),
+    (["--algorithm", "crc32"], "expected one of"),
+])
+def test_checksum_usage_errors(env, args, message):
+    p = env.run("checksum", *args, str(uuid.uuid4()), check=False)
+    assert p.returncode == 2
+    assert message in p.stderr
+    # Refused before the engine was asked anything.
+    assert not env.engine.requests
+
+
+def test_checksum_no_such_disk(env):
+    disk_id = str(uuid.uuid4())
+    p = env.run("checksum", disk_id, check=False)
+    assert p.returncode == 1
+    assert disk_id in p.stderr.splitlines()[-1]
+    assert not env.engine.transfers
+
+
+def test_info(env, tmp_path):
+    src = make_image(tmp_path / "fedora.qcow2", "qcow2")
+    env.run("upload-disk", "-s", "nfs", "-d", "Fedora 41", src)
+    disk, = env.disks("fedora")
+    p = env.run("info", disk.id)
+    info = json.loads(p.stdout)
+    assert info == {
+        "id": disk.id,
+        "alias": "fedora",
+        "description": "Fedora 41",
+        "format": "qcow2",
+        "content_type": "data",
+        "status": "ok",
+        "virtual_size": 4 * MiB,
+        "actual_size": disk.actual_size(),
+        "sparse": True,
+        "backup": "incremental",
+        "storage_domains": [{"id": disk.sd.id, "name": "nfs"}],
+    }
+    # Nothing was transferred to answer.
+    assert len(transfers(env, disk)) == 1
+
+
+def test_info_text(env, tmp_path):
+    src = make_image(tmp_path / "src.raw", "raw")
+    env.run("upload-disk", "-s", "iscsi", "-f", "raw", src)
+    disk, = env.disks("src")
+    p = env.run("info", "-o", "text", disk.id)
+    lines = dict(line.split(":", 1) for line in p.stdout.splitlines())
+    lines = {k: v.strip() for k, v in lines.items()}
+    assert lines["format"] == "raw"
+    assert lines["virtual size"] == f"{4 * MiB} (4.00 MiB)"
+    assert lines["sparse"] == "no"
+    assert lines["storage domain"] == f"iscsi ({disk.sd.id})"
+
+
+def test_info_no_such_disk(env):
+    disk_id = str(uuid.uuid4())
+    p = env.run("info", disk_id, check=False)
+    assert p.returncode == 1
+    assert disk_id in p.stderr
