@@ -14,6 +14,7 @@ from ._api import (
     DirtyExtent,
     ImageioClient,
     ZeroExtent,
+    check_source,
     checksum,
     download,
     extents,
@@ -22,6 +23,7 @@ from ._api import (
     upload,
 )
 from .progress import ProgressBar
+from .sources import UnsafeImage
 from .transfer import ChecksumMismatch, TransferError
 
 __all__ = (
@@ -32,7 +34,9 @@ __all__ = (
     "ImageioClient",
     "ProgressBar",
     "TransferError",
+    "UnsafeImage",
     "ZeroExtent",
+    "check_source",
     "checksum",
     "download",
     "extents",

@@ -37,6 +37,7 @@ from . import progress as _progress
 from . import qemu_img
 from . import rawfile
 from . import remote
+from . import sources
 from . import transfer
 
 log = logging.getLogger("client")
@@ -54,7 +55,7 @@ _CHECKSUM_ALGORITHM = "blake2b"
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
            progress=None, proxy_url=None, max_workers=MAX_WORKERS,
            member=None, backing_chain=True, disk_is_zero=False,
-           verify=False):
+           verify=False, safe=False):
     """
     Upload the image in filename (any format qemu reads: raw, qcow2,
     vmdk, vhdx, vdi, ISO...) to the transfer URL url, as guest data.
@@ -82,6 +83,15 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
             extents are skipped without asking the server.
         verify (bool): after uploading, compare the server's checksum
             with the local image's; raise ChecksumMismatch if they differ.
+        safe (bool): refuse an image that names other files (a backing
+            file, a qcow2 external data file, vmdk extents outside its
+            folder) with UnsafeImage, before anything is sent, and open
+            it so that qemu follows no backing file (check_source()).
+            Off by default, as in upstream's library, which uploads
+            backing chains. Turn it on whenever the image comes from
+            someone else: a downloaded disk, a guest's disk, a file a
+            user hands in. qemu would read the files it names, and the
+            upload would send them.
 
     Zero extents are never sent as bytes: they are zeroed on the server,
     or skipped where the server reports its image already reads zeros.
@@ -96,12 +106,16 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
     buffer_size = _buffer_size(buffer_size)
     progress = _progress.wrap(progress)
     image_info = info(filename, member=member)
+    if safe:
+        sources.check(filename, image_info, member=member)
 
     with _open_remote(url, cafile, secure, proxy_url) as dst:
         workers = max(1, min(max_workers, dst.max_writers))
+        # A checked image has no backing file: opened without one, qemu
+        # cannot follow one added since.
         with _open_local(filename, image_info, read_only=True,
                          shared=workers + 1,
-                         backing_chain=backing_chain) as src:
+                         backing_chain=backing_chain and not safe) as src:
             transfer.upload(
                 src, dst,
                 max_workers=workers,
@@ -240,6 +254,16 @@ def info(filename, member=None):
         result["member-size"] = size
         return result
     return qemu_img.info(filename)
+
+
+def check_source(filename, member=None):
+    """
+    Raise UnsafeImage if the image in filename (or its tar member) names
+    other files that qemu would read and an upload would send: a backing
+    file, a qcow2 external data file, vmdk extents outside its folder or
+    by absolute path. upload(safe=True) runs this first.
+    """
+    sources.check(filename, info(filename, member=member), member=member)
 
 
 def measure(filename, dst_fmt, member=None):

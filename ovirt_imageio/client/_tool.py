@@ -50,6 +50,7 @@ from . import _api as client
 from . import _options as opts
 from . import _ovirt
 from . import progress as _progress
+from . import sources
 
 log = logging.getLogger("ovirt-img")
 
@@ -124,6 +125,7 @@ def upload_disk(args):
                     member=image.member,
                     disk_is_zero=new_disk_is_zero(params, block),
                     verify=args.verify,
+                    safe=not args.allow_backing,
                     progress=bar)
             except BaseException:
                 # The engine removes the disk of a cancelled upload.
@@ -162,6 +164,13 @@ def inspect_image(args):
     if member is None and _is_tar(filename):
         member = _pick_member(filename)
     info = client.info(filename, member=member)
+    if not args.allow_backing:
+        # Before qemu-img measure, which would open what the image names.
+        try:
+            sources.check(filename, info, member=member)
+        except sources.UnsafeImage as e:
+            raise _ovirt.Error(
+                f"{e}. Use --allow-backing to upload them") from None
     image = Image(info["format"], info["virtual-size"], member=member)
     if image.format == "raw":
         image.iso = _is_iso(filename, info.get("member-offset", 0))
@@ -596,6 +605,12 @@ def parser():
             opts.Flag("--verify", negate=True, default=True,
                       help="compare the server's checksum with the "
                            "image's before finalizing (default: on)"),
+            opts.Flag("--allow-backing", config=False, default=False,
+                      help="upload an image that names other files (a "
+                           "backing file, a qcow2 data file, vmdk "
+                           "extents elsewhere) with them; refused by "
+                           "default, since qemu would read any file "
+                           "they name"),
         ),
         positionals=[(("filename",), dict(
             metavar="FILE", type=_argtype(_source),

@@ -15,6 +15,12 @@ log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
 
+# Seconds qemu-img may take. info, measure and create read only metadata
+# (measure walks the allocation map), which takes seconds even for a
+# large image on slow storage; past this qemu-img is stuck (a hung NFS
+# mount) and is killed.
+TIMEOUT = 300
+
 
 class Error(RuntimeError):
     """qemu-img failed; str() has the command's error output."""
@@ -76,10 +82,13 @@ def _run(op, filename, cmd):
     log.debug("Running %s", cmd)
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL,
-                           capture_output=True)
+                           capture_output=True, timeout=TIMEOUT)
     except OSError as e:
         raise Error(op, filename, None, f"cannot run {QEMU_IMG}: {e}") \
             from None
+    except subprocess.TimeoutExpired:
+        raise Error(op, filename, None,
+                    f"no answer within {TIMEOUT} seconds") from None
     if p.returncode != 0:
         raise Error(op, filename, p.returncode,
                     p.stderr.decode("utf-8", "replace"))

@@ -263,6 +263,38 @@ def test_upload_without_backing_chain(daemon, pki, make_image, qemu_nbd,
     assert sum(e["length"] for e in allocated) == 2 * MiB
 
 
+def test_upload_safe_refuses_backing_file(daemon, pki, make_image,
+                                          qemu_nbd, tmp_path):
+    # A qcow2 whose backing file is a host file: by default (upstream's
+    # behaviour) the chain is uploaded; safe=True refuses before sending.
+    secret = str(tmp_path / "secret")
+    with open(secret, "wb") as f:
+        f.write(b"root:secret\n".ljust(SIZE, b"\0"))
+    top = str(tmp_path / "top.qcow2")
+    qemu_img("create", "-f", "qcow2", "-b", secret, "-F", "raw", top)
+    dst, srv = new_disk(make_image, qemu_nbd)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    with pytest.raises(client.UnsafeImage) as e:
+        client.upload(top, https_url(daemon), pki["ca_file"], safe=True)
+    assert e.value.references == [f"backing file {secret!r}"]
+    info = daemon.api.get("api-secret")
+    assert info["transferred"] == 0
+    assert info["connections"] == 0
+    client.upload(top, https_url(daemon), pki["ca_file"])
+    srv.stop()
+    compare(secret, dst, "raw", "raw")
+
+
+def test_upload_safe_self_contained(daemon, pki, make_image, qemu_nbd,
+                                    qcow2_source):
+    dst, srv = new_disk(make_image, qemu_nbd)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    client.upload(qcow2_source, https_url(daemon), pki["ca_file"],
+                  safe=True, verify=True)
+    srv.stop()
+    compare(qcow2_source, dst, "qcow2", "raw")
+
+
 # Download
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])

@@ -46,3 +46,16 @@ def test_error(tmp_path):
     assert e.value.returncode == 1
     assert str(e.value).startswith(f"qemu-img info {path} failed with exit "
                                    f"code 1: qemu-img:")
+
+
+def test_hung_qemu_img_is_killed(tmp_path, monkeypatch):
+    # A qemu-img stuck on a dead mount: killed at the deadline, and the
+    # error says so.
+    hung = tmp_path / "qemu-img"
+    hung.write_text("#!/bin/sh\nexec sleep 600\n")
+    hung.chmod(0o755)
+    monkeypatch.setattr(qemu_img, "QEMU_IMG", str(hung))
+    monkeypatch.setattr(qemu_img, "TIMEOUT", 0.2)
+    with pytest.raises(qemu_img.Error) as e:
+        qemu_img.info(str(tmp_path / "disk.qcow2"))
+    assert "no answer within 0.2 seconds" in str(e.value)

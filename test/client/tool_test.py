@@ -1117,3 +1117,40 @@ def test_info_no_such_disk(env):
     p = env.run("info", disk_id, check=False)
     assert p.returncode == 1
     assert disk_id in p.stderr
+
+
+# Safe sources
+
+def test_upload_refuses_backing_file(env, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:secret\n".ljust(4 * MiB, b"\0"))
+    src = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
+                    str(secret), "-F", "raw", str(src)], check=True,
+                   timeout=60)
+    p = env.run("upload-disk", "-s", "nfs", src, check=False)
+    assert p.returncode == 1
+    assert p.stderr.splitlines()[-1] == (
+        f"ovirt-img: error: Image {src} refers to other files, which would "
+        f"be uploaded as part of it: backing file '{secret}'. Use "
+        f"--allow-backing to upload them")
+    # Refused before the engine was asked for anything.
+    assert not env.engine.disks
+    p = env.run("upload-disk", "-s", "nfs", "--allow-backing", src)
+    assert progress(p.stdout)[-1]["description"] == "upload completed"
+    disk, = env.disks("evil")
+    compare(secret, disk.path)
+
+
+def test_upload_refuses_vmdk_extent_elsewhere(env, tmp_path):
+    src = tmp_path / "disk.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
+                    "subformat=monolithicFlat", str(src), "1M"], check=True,
+                   timeout=60)
+    src.write_text(src.read_text().replace('"disk-flat.vmdk"',
+                                           '"/etc/hostname"'))
+    p = env.run("upload-disk", "-s", "nfs", src, check=False)
+    assert p.returncode == 1
+    assert "vmdk extent '/etc/hostname'" in p.stderr
+    assert "--allow-backing" in p.stderr
+    assert not env.engine.disks
