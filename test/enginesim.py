@@ -1398,6 +1398,7 @@ ROUTES = [
     ("GET", r"/imagetransfers/([^/]+)", "get_transfer"),
     ("POST", r"/imagetransfers/([^/]+)/(finalize|cancel|pause|resume|extend)",
      "transfer_action"),
+    ("GET", r"/vms", "list_vms"),
     ("GET", r"/vms/([^/]+)", "get_vm"),
     ("GET", r"/vms/([^/]+)/diskattachments", "list_attachments"),
     ("GET", r"/vms/([^/]+)/backups", "list_backups"),
@@ -1675,21 +1676,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             out = self.engine._vm(vm_id).xml()
         self._xml(out)
 
+    def list_vms(self, _):
+        """
+        GET /vms[?search=name=NAME][&follow=disk_attachments]: with
+        follow, each VM carries its attachments inline (the engine's
+        "follow" parameter, API 4.2+), so a client finds a disk's VM in
+        one request.
+        """
+        terms = search_terms(self.query.get("search", ""))
+        follow = {f.strip() for f in self.query.get("follow", "").split(",")}
+        with self.engine.lock:
+            elems = []
+            for vm in self.engine.vms.values():
+                if "name" in terms and vm.name != terms["name"]:
+                    continue
+                e = vm.xml()
+                if "disk_attachments" in follow:
+                    attachments = sub(e, "disk_attachments")
+                    for a in self._attachments(vm):
+                        attachments.append(a)
+                elems.append(e)
+        self._collection("vms", elems)
+
     def list_attachments(self, _, vm_id):
         with self.engine.lock:
-            vm = self.engine._vm(vm_id)
-            elems = []
-            for i, disk in enumerate(vm.disks):
-                a = ET.Element("disk_attachment",
-                               href=f"{API}/vms/{vm.id}/diskattachments/"
-                                    f"{disk.id}", id=disk.id)
-                sub(a, "active", True)
-                sub(a, "bootable", i == 0)
-                sub(a, "interface", "virtio_scsi")
-                link(a, "disk", "disks", disk.id)
-                link(a, "vm", "vms", vm.id)
-                elems.append(a)
+            elems = self._attachments(self.engine._vm(vm_id))
         self._collection("disk_attachments", elems)
+
+    def _attachments(self, vm):
+        elems = []
+        for i, disk in enumerate(vm.disks):
+            a = ET.Element("disk_attachment",
+                           href=f"{API}/vms/{vm.id}/diskattachments/"
+                                f"{disk.id}", id=disk.id)
+            sub(a, "active", True)
+            sub(a, "bootable", i == 0)
+            sub(a, "interface", "virtio_scsi")
+            link(a, "disk", "disks", disk.id)
+            link(a, "vm", "vms", vm.id)
+            elems.append(a)
+        return elems
 
     def list_backups(self, _, vm_id):
         with self.engine.lock:

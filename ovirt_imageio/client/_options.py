@@ -251,10 +251,13 @@ class Parser(argparse.ArgumentParser):
 class Command:
     """A subcommand: its options (COMMON plus its own) and its function."""
 
-    def __init__(self, parser, name, func, help, options, positionals=()):
+    def __init__(self, parser, name, func, help, options, positionals=(),
+                 validate=None):
+        """validate(ns) returns a usage error message, or None."""
         self.parser = parser
         self.name = name
         self.func = func
+        self.validate = validate
         self.options = COMMON + tuple(options)
         self.sub = parser.subparsers.add_parser(name, help=help,
                                                 description=help)
@@ -311,6 +314,10 @@ class Command:
             self.error(f"Missing required options: {', '.join(missing)}")
         ns.secure = not ns.insecure
         ns.func = self.func
+        if self.validate is not None:
+            message = self.validate(ns)
+            if message:
+                self.error(message)
         return ns
 
     def _value(self, flag, parse, value):

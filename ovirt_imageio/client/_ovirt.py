@@ -1,7 +1,8 @@
 """
 ovirt-img's side of the oVirt engine, through the oVirt SDK
 (ovirt-engine-sdk-python 4.6.3): the disks, storage domains, hosts and
-image transfers of ENGINE-SIM.md sections 1.1 and 1.2.
+image transfers of ENGINE-SIM.md sections 1.1 and 1.2, and the VM
+backups of section 1.5.
 
 Every engine error comes out as Error with one line that says what was
 being done and the engine's fault reason and detail, never the SDK's
@@ -292,13 +293,15 @@ class Engine:
         return self.system.image_transfers_service().image_transfer_service(
             transfer_id)
 
-    def add_transfer(self, disk, direction, host=None):
+    def add_transfer(self, disk, direction, host=None, backup=None):
         """Create an image transfer of disk (raw: the guest's view, over
-        NBD), cancelled by the engine if the client goes away."""
+        NBD), cancelled by the engine if the client goes away; of the
+        disk as a backup sees it with backup."""
         types = self.types
         transfer = types.ImageTransfer(
             disk=types.Disk(id=disk.id),
             host=types.Host(id=host.id) if host is not None else None,
+            backup=types.Backup(id=backup.id) if backup is not None else None,
             direction=types.ImageTransferDirection(direction),
             format=types.DiskFormat.RAW,
             timeout_policy=types.ImageTransferTimeoutPolicy.CANCEL)
@@ -421,6 +424,107 @@ class Engine:
         except (Error, self.sdk.Error) as e:
             log.error("Transfer %s was cancelled, but: %s", transfer.id,
                       e if isinstance(e, Error) else describe(e))
+
+
+    # VMs and backups (ENGINE-SIM.md 1.5, 2.5, 3.4; doc/engine-api.md).
+
+    def vm_of_disk(self, disk_id):
+        """
+        The VM the disk is attached to: one request, the VMs with their
+        attachments inline (follow). Error if none or several.
+        """
+        with self.step("Cannot list VMs"):
+            vms = self.system.vms_service().list(follow="disk_attachments")
+        found = [vm for vm in vms
+                 if any(_id(a.disk) == disk_id or a.id == disk_id
+                        for a in vm.disk_attachments or ())]
+        if not found:
+            raise Error(f"Disk {disk_id} is not attached to a VM: a backup "
+                        f"is of a VM's disk (download-disk copies a "
+                        f"floating disk)")
+        if len(found) > 1:
+            names = ", ".join(f"{vm.name} ({vm.id})" for vm in found)
+            raise Error(f"Disk {disk_id} is attached to several VMs "
+                        f"({names}); cannot tell whose backup to take")
+        return found[0]
+
+    def backup_service(self, vm_id, backup_id):
+        return (self.system.vms_service().vm_service(vm_id)
+                .backups_service().backup_service(backup_id))
+
+    def start_backup(self, vm, disk_id, backup_id, from_checkpoint=None,
+                     description=None):
+        """Start a backup of one disk of vm, with our own id (so that an
+        interrupted request can still be finalized)."""
+        types = self.types
+        backup = types.Backup(
+            id=backup_id,
+            disks=[types.Disk(id=disk_id)],
+            from_checkpoint_id=from_checkpoint,
+            description=description)
+        what = (f"Cannot start an incremental backup of disk {disk_id} "
+                f"from checkpoint {from_checkpoint}" if from_checkpoint
+                else f"Cannot start a backup of disk {disk_id}")
+        with self.step(what):
+            return (self.system.vms_service().vm_service(vm.id)
+                    .backups_service().add(backup))
+
+    def wait_for_backup(self, vm, backup, timeout=START_TIMEOUT):
+        """Wait until the backup is ready and return it; Error with the
+        engine's event if it failed."""
+        phase = self.types.BackupPhase
+        service = self.backup_service(vm.id, backup.id)
+        poller = Poller(timeout, f"backup {backup.id} to be ready")
+        current = backup
+        while current.phase != phase.READY:
+            if current.phase in (phase.FAILED, phase.SUCCEEDED,
+                                 phase.FINALIZING):
+                raise Error(f"Backup {backup.id} failed"
+                            f"{self._backup_event(backup.id)}")
+            poller.wait()
+            try:
+                current = service.get()
+            except self.sdk.NotFoundError:
+                raise Error(f"Backup {backup.id} failed"
+                            f"{self._backup_event(backup.id)}") from None
+            except self.sdk.Error as e:
+                raise Error(f"Cannot get backup {backup.id}: "
+                            f"{describe(e)}") from e
+        return current
+
+    def _backup_event(self, backup_id):
+        """': the engine's last word on the backup', or ''."""
+        try:
+            events = self.system.events_service().list(
+                search=_search_value(backup_id), max=1)
+        except self.sdk.Error:
+            return ""
+        if events and events[0].description:
+            return f": {events[0].description}"
+        return ""
+
+    def finalize_backup(self, vm, backup, timeout=FINALIZE_TIMEOUT):
+        """Finalize the backup (its transfers finished) and wait until it
+        succeeded: the disks are unlocked, the checkpoint kept."""
+        phase = self.types.BackupPhase
+        service = self.backup_service(vm.id, backup.id)
+        with self.step(f"Cannot finalize backup {backup.id}"):
+            service.finalize()
+        poller = Poller(timeout, f"backup {backup.id} to finalize")
+        while True:
+            poller.wait()
+            try:
+                current = service.get()
+            except self.sdk.NotFoundError:
+                return
+            except self.sdk.Error as e:
+                raise Error(f"Cannot get backup {backup.id}: "
+                            f"{describe(e)}") from e
+            if current.phase == phase.SUCCEEDED:
+                return
+            if current.phase == phase.FAILED:
+                raise Error(f"Backup {backup.id} failed to finalize"
+                            f"{self._backup_event(backup.id)}")
 
 
 def _id(entity):

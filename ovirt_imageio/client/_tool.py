@@ -45,6 +45,7 @@ import sys
 import uuid
 
 from ovirt_imageio import checksum as _blkhash
+from ovirt_imageio import errors
 
 from . import _api as client
 from . import _options as opts
@@ -308,6 +309,135 @@ def _download_host(engine, disk):
     return engine.this_host(sd.name)
 
 
+# Backup.
+
+def backup_disk(args):
+    """
+    A full or incremental backup of one disk through the VM backup API
+    of the VM it is attached to, into a qcow2 (an incremental on top of
+    the previous backup); prints the new checkpoint.
+    """
+    incremental = args.from_checkpoint is not None
+    with progress_bar(args, "starting backup") as bar:
+        with connect(args) as engine:
+            disk = engine.get_disk(args.disk_id)
+            vm = engine.vm_of_disk(disk.id)
+            backup_id = str(uuid.uuid4())
+            try:
+                backup = engine.start_backup(
+                    vm, disk.id, backup_id,
+                    from_checkpoint=args.from_checkpoint,
+                    description=f"ovirt-img backup-disk {disk.id}")
+            except BaseException as e:
+                if not isinstance(e, _ovirt.Error):
+                    # Interrupted: the engine may have started it.
+                    _cleanup(engine.finalize_backup, vm,
+                             _Entity(backup_id))
+                elif incremental:
+                    raise _ovirt.Error(
+                        f"{e}. Take a full backup (without "
+                        f"--from-checkpoint)") from None
+                raise
+            try:
+                backup = engine.wait_for_backup(vm, backup)
+                mode = _backup_mode(engine, disk.id)
+                if incremental and mode != "incremental":
+                    raise _ovirt.Error(
+                        f"Checkpoint {args.from_checkpoint} does not cover "
+                        f"disk {disk.id}: the engine would copy all of it. "
+                        f"Take a full backup (without --from-checkpoint)")
+                _backup_transfer(args, engine, bar, disk, backup,
+                                 incremental)
+            except BaseException:
+                bar.phase = "finalizing backup"
+                _cleanup(engine.finalize_backup, vm, backup)
+                raise
+            bar.phase = "finalizing backup"
+            engine.finalize_backup(vm, backup)
+            bar.phase = "backup completed"
+    _print_result(args, {
+        "disk_id": disk.id,
+        "vm_id": vm.id,
+        "backup_id": backup.id,
+        "mode": "incremental" if incremental else "full",
+        "checkpoint_id": backup.to_checkpoint_id,
+        "filename": args.filename,
+        "backing_file": args.backing_file,
+    })
+
+
+def _backup_transfer(args, engine, bar, disk, backup, incremental):
+    bar.phase = "creating transfer"
+    transfer = engine.add_transfer(disk, "download", backup=backup)
+    try:
+        try:
+            transfer = engine.wait_for_transfer(transfer)
+        except _ovirt.Error as e:
+            if not incremental:
+                raise
+            # vdsm could not export the changes: no bitmap for the
+            # checkpoint (the disk was copied, restored, or the bitmap
+            # removed).
+            raise _ovirt.Error(
+                f"{e}; the disk may have lost the bitmap of checkpoint "
+                f"{args.from_checkpoint}. Take a full backup (without "
+                f"--from-checkpoint)") from None
+        bar.phase = "downloading image"
+        url, proxy_url = transfer_urls(transfer)
+        try:
+            client.download(
+                url, args.filename, args.cafile,
+                proxy_url=proxy_url,
+                fmt="qcow2",
+                incremental=incremental,
+                backing_file=_relative_backing(args),
+                secure=args.secure,
+                buffer_size=args.buffer_size,
+                max_workers=args.max_workers,
+                verify=args.verify,
+                progress=bar)
+        except errors.Unsupported as e:
+            # The server has no dirty extents: the disk lost the bitmap.
+            raise _ovirt.Error(
+                f"Disk {disk.id} has no changed blocks since checkpoint "
+                f"{args.from_checkpoint} ({e}). Take a full backup "
+                f"(without --from-checkpoint)") from None
+    except BaseException:
+        bar.phase = "finalizing transfer"
+        _cleanup(engine.finalize_transfer, transfer, disk.id)
+        raise
+    bar.phase = "finalizing transfer"
+    engine.finalize_transfer(transfer, disk.id)
+
+
+def _check_backup_args(args):
+    if (args.from_checkpoint is None) != (args.backing_file is None):
+        return ("--from-checkpoint and --backing-file go together: an "
+                "incremental backup is written on top of the previous one")
+    return None
+
+
+def _backup_mode(engine, disk_id):
+    mode = engine.get_disk(disk_id).backup_mode
+    return mode.value if mode is not None else None
+
+
+def _relative_backing(args):
+    """The previous backup as the new one names it: relative to the new
+    file's folder, so a chain can be moved as a folder."""
+    if args.backing_file is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(args.filename))
+    return os.path.relpath(os.path.abspath(args.backing_file), folder)
+
+
+class _Entity:
+    """An engine entity known by its id only."""
+
+    def __init__(self, ident):
+        self.id = ident
+
+
 # Checksum.
 
 # The daemon reads the disk's data at a few hundred MiB/s and skips
@@ -420,6 +550,21 @@ def _existing_target(path):
         raise opts.Invalid(str(e))
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise opts.Invalid("not a regular file or a block device")
+    return path
+
+
+def _new_file(path):
+    """backup-disk's FILE: a file that does not exist yet."""
+    path = opts.text(path)
+    if os.path.lexists(path):
+        raise opts.Invalid("exists; a backup never replaces a file")
+    return path
+
+
+def _existing_file(path):
+    path = opts.text(path)
+    if not os.path.isfile(path):
+        raise opts.Invalid("not an existing file")
     return path
 
 
@@ -655,6 +800,30 @@ def parser():
                              "default 4m)"),
         ),
         positionals=[disk_id])
+    opts.Command(
+        p, "backup-disk", backup_disk,
+        "Back up a VM's disk into a qcow2 image: all of it, or the blocks "
+        "changed since a checkpoint on top of the previous backup; prints "
+        "the new checkpoint.",
+        options=(
+            opts.Option("--from-checkpoint", type=opts.disk_id,
+                        config=False,
+                        help="an incremental backup: only what changed "
+                             "since this checkpoint (a previous backup's); "
+                             "needs --backing-file"),
+            opts.Option("--backing-file", type=_existing_file,
+                        config=False,
+                        help="the previous backup, the new image's backing "
+                             "file (named relative to FILE's folder)"),
+            opts.Flag("--verify", negate=True, default=True,
+                      help="compare the server's checksum with the "
+                           "backup chain's before finalizing (default: "
+                           "on)"),
+        ),
+        positionals=[disk_id, (("filename",), dict(
+            metavar="FILE", type=_argtype(_new_file),
+            help="the qcow2 image to write"))],
+        validate=_check_backup_args)
     opts.Command(
         p, "info", disk_info,
         "Show a disk: alias, format, sizes, storage domain, backup mode.",

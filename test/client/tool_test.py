@@ -1154,3 +1154,200 @@ def test_upload_refuses_vmdk_extent_elsewhere(env, tmp_path):
     assert "vmdk extent '/etc/hostname'" in p.stderr
     assert "--allow-backing" in p.stderr
     assert not env.engine.disks
+
+
+# backup-disk
+
+BACKUP_PHASES = ["starting backup", "creating transfer", "downloading image",
+                 "verifying download", "finalizing transfer",
+                 "finalizing backup", "backup completed"]
+
+
+def snapshot_of(disk, path):
+    """The disk's data now, as a raw file, to compare a backup with."""
+    subprocess.run(["qemu-img", "convert", "-f", disk.qemu_format, "-O",
+                    "raw", disk.path, str(path)], check=True, timeout=60)
+    return str(path)
+
+
+def top_allocated(path):
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(path)],
+                         check=True, capture_output=True, timeout=60).stdout
+    return sum(e["length"] for e in json.loads(out)
+               if e["depth"] == 0 and e["data"])
+
+
+def vm_disk(env, tmp_path, name="vm-disk", fmt="qcow2"):
+    src = make_image(tmp_path / f"{name}.{fmt}", fmt)
+    args = ["-f", "raw"] if fmt == "raw" else []
+    env.run("upload-disk", "-s", "nfs", "--no-verify", *args, src)
+    disk, = env.disks(name)
+    return disk
+
+
+def backup_result(stdout):
+    *lines, result = progress(stdout)
+    return lines, result
+
+
+def test_backup_full_then_incrementals(env, tmp_path):
+    disk = vm_disk(env, tmp_path)
+    vm = env.engine.add_vm("vm1", [disk.id])
+    full = tmp_path / "backups" / "full.qcow2"
+    full.parent.mkdir()
+    p = env.run("backup-disk", disk.id, full)
+    lines, result = backup_result(p.stdout)
+    assert collapse([r["description"] for r in lines]) == BACKUP_PHASES
+    assert result["mode"] == "full"
+    assert result["vm_id"] == vm.id
+    checkpoint1 = result["checkpoint_id"]
+    assert checkpoint1 == vm.checkpoints[-1].id
+    compare(snapshot_of(disk, tmp_path / "t1.raw"), full)
+    assert disk.status == "ok"
+    assert env.engine.backups[result["backup_id"]].phase == "succeeded"
+
+    # The guest writes 1 MiB, then 128 KiB: each incremental holds
+    # about what changed, on top of the previous backup.
+    qemu_io(disk.path, "qcow2", "write -P 0x51 512k 1m")
+    incr1 = tmp_path / "backups" / "incr1.qcow2"
+    p = env.run("backup-disk", "--from-checkpoint", checkpoint1,
+                "--backing-file", full, disk.id, incr1)
+    _, result = backup_result(p.stdout)
+    assert result["mode"] == "incremental"
+    checkpoint2 = result["checkpoint_id"]
+    assert checkpoint2 != checkpoint1
+    t2 = snapshot_of(disk, tmp_path / "t2.raw")
+    compare(t2, incr1)
+    assert client.info(str(incr1))["backing-filename"] == "full.qcow2"
+    assert MiB <= top_allocated(incr1) <= MiB + 128 * 1024
+
+    qemu_io(disk.path, "qcow2", "write -P 0x52 3m 128k")
+    incr2 = tmp_path / "backups" / "incr2.qcow2"
+    env.run("backup-disk", "--from-checkpoint", checkpoint2,
+            "--backing-file", incr1, disk.id, incr2)
+    compare(snapshot_of(disk, tmp_path / "t3.raw"), incr2)
+    assert 128 * 1024 <= top_allocated(incr2) <= 256 * 1024
+    # The earlier backups still restore the disk as it was then.
+    compare(t2, incr1)
+
+
+def test_backup_text_output(env, tmp_path):
+    disk = vm_disk(env, tmp_path)
+    env.engine.add_vm("vm1", [disk.id])
+    p = env.run("backup-disk", "-o", "text", disk.id, tmp_path / "b.qcow2")
+    lines = p.stdout.splitlines()
+    assert lines[-7].startswith("disk id:")
+    fields = dict(line.split(":", 1) for line in lines[-7:])
+    assert fields["mode"].strip() == "full"
+    assert fields["backing file"].strip() == "-"
+    checkpoint = fields["checkpoint id"].strip()
+    assert uuid.UUID(checkpoint)
+
+
+def assert_backup_cleaned_up(env, disk):
+    assert disk.status == "ok"
+    assert all(b.phase in ("succeeded", "failed")
+               for b in env.engine.backups.values())
+    assert all(t.phase.startswith("finished")
+               for t in env.engine.transfers.values())
+
+
+def test_backup_unknown_checkpoint(env, tmp_path):
+    disk = vm_disk(env, tmp_path)
+    env.engine.add_vm("vm1", [disk.id])
+    full = tmp_path / "full.qcow2"
+    env.run("backup-disk", disk.id, full)
+    gone = str(uuid.uuid4())
+    out = tmp_path / "incr.qcow2"
+    p = env.run("backup-disk", "--from-checkpoint", gone, "--backing-file",
+                full, disk.id, out, check=False)
+    assert p.returncode == 1
+    message = p.stderr.splitlines()[-1]
+    assert f"from checkpoint {gone}" in message
+    assert message.endswith("Take a full backup (without --from-checkpoint)")
+    assert not out.exists()
+    assert_backup_cleaned_up(env, disk)
+
+
+def test_backup_checkpoint_without_the_disk(env, tmp_path):
+    # The checkpoint is of the VM's other disk: the engine would take a
+    # full backup of this one; ovirt-img refuses rather than do so.
+    a = vm_disk(env, tmp_path, "disk-a")
+    b = vm_disk(env, tmp_path, "disk-b")
+    env.engine.add_vm("vm1", [a.id, b.id])
+    full_a = tmp_path / "a.qcow2"
+    p = env.run("backup-disk", a.id, full_a)
+    checkpoint = backup_result(p.stdout)[1]["checkpoint_id"]
+    out = tmp_path / "b-incr.qcow2"
+    p = env.run("backup-disk", "--from-checkpoint", checkpoint,
+                "--backing-file", full_a, b.id, out, check=False)
+    assert p.returncode == 1
+    assert p.stderr.splitlines()[-1] == (
+        f"ovirt-img: error: Checkpoint {checkpoint} does not cover disk "
+        f"{b.id}: the engine would copy all of it. Take a full backup "
+        f"(without --from-checkpoint)")
+    assert not out.exists()
+    assert_backup_cleaned_up(env, b)
+
+
+def test_backup_missing_bitmap(env, tmp_path):
+    disk = vm_disk(env, tmp_path)
+    env.engine.add_vm("vm1", [disk.id])
+    full = tmp_path / "full.qcow2"
+    p = env.run("backup-disk", disk.id, full)
+    checkpoint = backup_result(p.stdout)[1]["checkpoint_id"]
+    # The volume lost its bitmap (copied, restored by hand).
+    subprocess.run(["qemu-img", "bitmap", "--remove", "-f", "qcow2",
+                    disk.path, checkpoint], check=True, timeout=60)
+    out = tmp_path / "incr.qcow2"
+    p = env.run("backup-disk", "--from-checkpoint", checkpoint,
+                "--backing-file", full, disk.id, out, check=False)
+    assert p.returncode == 1
+    message = p.stderr.splitlines()[-1]
+    assert f"lost the bitmap of checkpoint {checkpoint}" in message
+    assert message.endswith("Take a full backup (without --from-checkpoint)")
+    assert not out.exists()
+    assert_backup_cleaned_up(env, disk)
+
+
+def test_backup_disk_not_attached(env, tmp_path):
+    disk = vm_disk(env, tmp_path)
+    p = env.run("backup-disk", disk.id, tmp_path / "b.qcow2", check=False)
+    assert p.returncode == 1
+    assert f"Disk {disk.id} is not attached to a VM" in p.stderr
+    assert not env.engine.backups
+
+
+def test_backup_disk_attached_to_several_vms(env, tmp_path):
+    disk = vm_disk(env, tmp_path)
+    vm1 = env.engine.add_vm("vm1", [disk.id])
+    vm2 = env.engine.add_vm("vm2", [disk.id])
+    p = env.run("backup-disk", disk.id, tmp_path / "b.qcow2", check=False)
+    assert p.returncode == 1
+    assert (f"attached to several VMs (vm1 ({vm1.id}), vm2 ({vm2.id}))"
+            in p.stderr)
+    assert not env.engine.backups
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from-checkpoint", str(uuid.uuid4())], "go together"),
+    (["--backing-file", "/etc/hostname"], "go together"),
+    (["--backing-file", "/nonexistent"], "not an existing file"),
+    (["--from-checkpoint", "not-an-id", "--backing-file", "/etc/hostname"],
+     "--from-checkpoint"),
+])
+def test_backup_usage_errors(env, tmp_path, args, message):
+    p = env.run("backup-disk", *args, str(uuid.uuid4()),
+                tmp_path / "b.qcow2", check=False)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert not env.engine.requests
+
+
+def test_backup_never_replaces_a_file(env, tmp_path):
+    existing = tmp_path / "b.qcow2"
+    existing.write_bytes(b"keep")
+    p = env.run("backup-disk", str(uuid.uuid4()), existing, check=False)
+    assert p.returncode == 2
+    assert "a backup never replaces a file" in p.stderr
+    assert existing.read_bytes() == b"keep"
