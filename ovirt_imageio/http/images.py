@@ -23,8 +23,11 @@ the daemon's own NBD client, in the handler's thread.
   TLS.
 - A GET asks block status for its range first and never reads zero
   extents: their bytes come from one shared zero buffer.
-- /extents and /checksum use a libnbd client (allocation depth, dirty
-  bitmaps); a link holds one of the two at a time.
+- /extents and /checksum use the same Stream: it negotiated
+  base:allocation, qemu:allocation-depth and the ticket's dirty bitmap,
+  so an HTTP connection alternating data and metadata requests keeps
+  its one NBD connection (issue 13: it used to switch to a libnbd client
+  and back, two NBD handshakes per switch).
 
 An image may move a whole range itself: the proxy's relay (relay.py) has
 send() and receive(), streaming each client request as one request to the
@@ -104,13 +107,13 @@ class Link:
     """
     One HTTP connection's NBD connection to one ticket's export.
 
-    To an NBD export, data requests (GET, PUT, PATCH) use a Stream
-    (nbd/stream.py), which on a plain (non-TLS) connection splices data
-    between the NBD socket and the client's socket; /extents and /checksum
-    use a libnbd client. A link holds one of the two at a time, switching
-    when a request needs the other, so an HTTP connection never costs more
-    than one NBD connection (vdsm's qemu-nbd allows 8). A proxy ticket's
-    link holds the relay's image.
+    To an NBD export the link holds one Stream (nbd/stream.py) for every
+    request: data (on a plain connection spliced between the NBD socket
+    and the client's socket), extents and checksums. So an HTTP
+    connection never costs more than one NBD connection (vdsm's qemu-nbd
+    allows 8), and never reconnects while it lives, unless the
+    connection failed or its owned qemu-nbd was restarted. A proxy
+    ticket's link holds the relay's image.
 
     The handler thread holds the lock while it uses the connection;
     cancel() from another thread closes it only if the link is idle, so an
@@ -133,7 +136,6 @@ class Link:
         # The client's socket, if data may be spliced to and from it.
         self.sock = sock if self.streams else None
         self.image = None
-        self.stream = None
         self.size = None
         self._lock = threading.Lock()
         self.closed = False
@@ -142,29 +144,14 @@ class Link:
 
     def open(self):
         """Connect now, so a missing export fails the first request."""
-        with self._holding():
-            if self.streams:
-                self.stream = self._open_stream()
-                self.size = self.stream.size
-            else:
-                self.image = self._open_image()
-                self.size = self.image.size
-
-    def _open_stream(self):
-        return self.resource.open_stream(interrupt=self.interrupt)
+        with self:
+            pass
 
     def _open_image(self):
         if self.streams:
-            return self.resource.open(interrupt=self.interrupt)
+            return self.resource.open_stream(interrupt=self.interrupt)
         # A proxy's relay.
         return self.resource.open()
-
-    def data(self):
-        """
-        Hold the link for a data request (GET, PUT, PATCH): a context
-        manager giving the Stream if the link splices, else the image.
-        """
-        return self.streaming() if self.streams else self
 
     @property
     def piece(self):
@@ -173,14 +160,14 @@ class Link:
         return piece_size(self.buffer_size)
 
     def __enter__(self):
-        """Hold the link; return its libnbd image (or relay)."""
+        """Hold the link; return its image: the Stream, or the relay's."""
         self._acquire()
         try:
             if self.image is not None and self._stale(self.image):
                 self._close_image()
             if self.image is None:
-                self._close_stream()
                 self.image = self._open_image()
+                self.size = self.image.size
             return self.image
         except BaseException as e:
             failure = self._release(e)
@@ -193,17 +180,6 @@ class Link:
         if failure is not None:
             raise failure from value
 
-    @contextlib.contextmanager
-    def streaming(self):
-        """Hold the link; yield its Stream."""
-        with self._holding():
-            if self.stream is not None and self._stale(self.stream):
-                self._close_stream()
-            if self.stream is None:
-                self._close_image()
-                self.stream = self._open_stream()
-            yield self.stream
-
     def _stale(self, conn):
         """
         True if conn is connected to an export that is gone: the owned
@@ -211,20 +187,6 @@ class Link:
         """
         serves = getattr(self.resource, "serves", None)
         return serves is not None and not serves(conn)
-
-    @contextlib.contextmanager
-    def _holding(self):
-        self._acquire()
-        error = None
-        try:
-            yield
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            failure = self._release(error)
-            if failure is not None:
-                raise failure from error
 
     def _acquire(self):
         self._lock.acquire()
@@ -246,10 +208,9 @@ class Link:
                 # The NBD connection may be unusable; the next request on
                 # this HTTP connection opens a new one.
                 self._close_image()
-                self._close_stream()
-            elif self.stream is not None and self.stream.broken:
+            elif self.streams and self.image is not None and self.image.broken:
                 # Interrupted in the middle of a payload.
-                self._close_stream()
+                self._close_image()
             return failure
         finally:
             self._lock.release()
@@ -304,17 +265,11 @@ class Link:
         if not self.closed:
             self.closed = True
             self._close_image()
-            self._close_stream()
 
     def _close_image(self):
         image, self.image = self.image, None
         if image is not None:
             image.close()
-
-    def _close_stream(self):
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            stream.close()
 
 
 def piece_size(buffer_size):
@@ -488,13 +443,13 @@ class Handler:
             resp.write(data)
 
         if lk.sock is not None:
-            with ticket.operation(offset) as op, lk.streaming() as stream:
+            with ticket.operation(offset) as op, lk as stream:
                 send_range(stream, offset, length, write, op.done,
                            sock=lk.sock)
             return
         if lk.streams:
             with self._buffer(lk) as buf, ticket.operation(offset) as op, \
-                    lk.streaming() as stream:
+                    lk as stream:
                 send_range(stream, offset, length, write, op.done, buf=buf)
             return
 
@@ -524,7 +479,7 @@ class Handler:
         ticket = self._authorize_write(req, ticket_id, offset, length)
         lk = self._link(req, ticket)
         if lk.sock is not None:
-            with ticket.operation(offset) as op, lk.streaming() as stream:
+            with ticket.operation(offset) as op, lk as stream:
                 prefix = req.take_body()
                 try:
                     stream.receive(lk.sock, offset, length, prefix, op.done)
@@ -539,7 +494,7 @@ class Handler:
             return
         if lk.streams:
             with self._buffer(lk) as buf, ticket.operation(offset) as op, \
-                    lk.streaming() as stream:
+                    lk as stream:
                 stream.write_from(body_reader(req, length), buf,
                                   offset, length, op.done)
                 if flush:
@@ -569,7 +524,7 @@ class Handler:
             flush = boolean(msg, "flush", False)
             ticket = self._authorize_write(req, ticket_id, offset, size)
             lk = self._link(req, ticket)
-            with ticket.operation(offset) as operation, lk.data() as image:
+            with ticket.operation(offset) as operation, lk as image:
                 end = offset + size
                 while offset < end:
                     n = min(end - offset, ZERO_STEP)
@@ -581,7 +536,7 @@ class Handler:
         else:
             ticket = self._authorize(req, ticket_id, "write")
             lk = self._link(req, ticket)
-            with ticket.operation(0), lk.data() as image:
+            with ticket.operation(0), lk as image:
                 image.flush()
 
 

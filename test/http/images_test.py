@@ -455,6 +455,95 @@ def test_inactivity_timeout(daemon, client, export):
         timeout=20, message="idle connection closed")
 
 
+def nbd_connections(server, listening):
+    """The sockets of qemu-nbd's client connections: its socket
+    descriptors other than the listening ones."""
+    found = set()
+    fd_dir = f"/proc/{server.pid}/fd"
+    for name in os.listdir(fd_dir):
+        try:
+            target = os.readlink(os.path.join(fd_dir, name))
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found - listening
+
+
+def alternate(client, server, requests):
+    """
+    Run (method, path, body, headers) requests on one HTTP connection;
+    after each, qemu-nbd must have the same one client connection as
+    after the first: no second connection, no reconnect. Returns the
+    responses (status, data).
+    """
+    listening = nbd_connections(server, set())
+    held = None
+    results = []
+    for method, path, body, headers in requests:
+        resp, data = client.request(method, path, body=body, headers=headers)
+        assert resp.status in (200, 206), (method, path, resp.status, data)
+        results.append((resp.status, data))
+        conns = nbd_connections(server, listening)
+        assert len(conns) == 1, (method, path)
+        if held is None:
+            held = conns
+        assert conns == held, f"{method} {path} reconnected to NBD"
+    return results
+
+
+def test_one_nbd_connection_alternating(daemon, client, qemu_nbd, image):
+    # --shared 1: qemu-nbd serves one client, and a second would wait.
+    srv = qemu_nbd(image, fmt="raw", shared=1)
+    add_ticket(daemon, url(srv), ops=["write"])
+    data = os.urandom(MiB)
+    path = "/images/tid-secret"
+    results = alternate(client, srv, [
+        ("GET", path, None, {"range": "bytes=0-1048575"}),
+        ("GET", path + "/extents", None, None),
+        ("GET", path, None, {"range": "bytes=2097152-2097161"}),
+        ("GET", path + "/checksum", None, None),
+        ("PUT", path, data, {"content-range": "bytes 1048576-2097151/*"}),
+        ("GET", path + "/extents", None, None),
+        ("PATCH", path, {"op": "zero", "offset": 0, "size": 65536}, None),
+        ("GET", path, None, {"range": "bytes=1048576-2097151"}),
+        ("GET", path + "/checksum", None, None),
+        ("OPTIONS", path, None, None),
+        ("GET", path, None, None),
+    ])
+    assert results[0][1] == b"\x41" * MiB
+    assert results[2][1] == b"\x42" * 10
+    assert results[7][1] == data
+    after = json.loads(results[5][1])
+    assert after[0] == {"start": 0, "length": 2 * MiB + 512 * 1024,
+                        "zero": False, "hole": False}
+    assert json.loads(results[3][1]) != json.loads(results[8][1])
+    assert results[10][1] == image_bytes(image)
+    assert daemon.api.get("tid-secret")["connections"] == 1
+
+
+def test_one_nbd_connection_dirty(daemon, client, qemu_nbd, make_image):
+    path = make_image(fmt="qcow2", size=4 * MiB, bitmaps=["b1"], commands=[
+        "write -P 0x55 1M 64k"])
+    srv = qemu_nbd(path, fmt="qcow2", read_only=True, bitmap="b1", shared=1)
+    add_ticket(daemon, url(srv), dirty=True)
+    ticket = "/images/tid-secret"
+    results = alternate(client, srv, [
+        ("GET", ticket + "/extents?context=dirty", None, None),
+        ("GET", ticket, None, {"range": "bytes=1048576-1114111"}),
+        ("GET", ticket + "/extents?context=zero", None, None),
+        ("GET", ticket + "/checksum", None, None),
+        ("GET", ticket + "/extents?context=dirty", None, None),
+    ])
+    dirty = json.loads(results[0][1])
+    assert dirty[1] == {"start": MiB, "length": 65536, "dirty": True,
+                        "zero": False}
+    assert results[4][1] == results[0][1]
+    assert results[1][1] == b"\x55" * 65536
+    assert json.loads(results[2][1])[1] == {
+        "start": MiB, "length": 65536, "zero": False, "hole": False}
+
+
 # PUT
 
 def test_put(daemon, client, rw_export, image):
