@@ -66,7 +66,6 @@ def request(conn, path, headers=None):
 
 
 def run(daemon, transport, rounds, second):
-    global connects
     conn = connection(daemon, transport)
     times = []
     request(conn, "/images/bench-secret", {"range": "bytes=0-4095"})
