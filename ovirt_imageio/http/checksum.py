@@ -10,7 +10,7 @@ is canceled. Zero extents are never read.
 
 from .. import checksum
 from .. import errors
-from . import images
+from . import params
 from . import server
 
 
@@ -31,7 +31,7 @@ class Handler:
         self.images = images_handler
 
     def get(self, req, resp, ticket_id):
-        images.require_id(ticket_id)
+        params.require_id(ticket_id)
         algorithm, block_size = checksum.validate(
             req.query.get("algorithm"), req.query.get("block_size"))
         try:

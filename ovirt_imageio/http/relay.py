@@ -7,7 +7,7 @@ daemon's HTTP API (ovirt_imageio.client.remote).
 State: a Relay lives as long as its proxy ticket and holds only what is
 needed to reach the daemon (URL, CA, timeout); it owns no connection. Each
 client connection to the proxy opens its own Image with open() (the Link in
-images.py), that is one keep-alive connection to the daemon per client
+link.py), that is one keep-alive connection to the daemon per client
 connection, released when the client connection ends or the ticket is
 canceled.
 
@@ -55,7 +55,7 @@ import urllib.parse
 
 from .. import errors
 from ..client import remote
-from . import images
+from . import bodies
 
 log = logging.getLogger("relay")
 
@@ -211,7 +211,7 @@ class Image:
         sink = _Sink(write)
         for start, n, zero in runs(found, offset, length):
             if zero:
-                images.send_zeros(write, n, done)
+                bodies.send_zeros(write, n, done)
                 continue
             with self._daemon_errors():
                 self._remote.copy_to(sink, start, n, buf, progress=done)

@@ -117,8 +117,10 @@ class Backend:
 
     def open(self, interrupt=None):
         """
-        Return a new NBD connection (client.Client) to the export; an
+        Return a new libnbd connection (client.Client) to the export; an
         interrupt (client.Interrupt) may stop its I/O from another thread.
+        Not in the daemon's request path (open_stream() is), kept for
+        callers that want libnbd's client.
 
         Raises errors.ExportError if the export cannot be reached.
         """
@@ -131,14 +133,16 @@ class Backend:
 
     def open_stream(self, interrupt=None):
         """
-        Return a new NBD connection for splicing data (stream.Stream).
+        Return a new NBD connection for splicing data (stream.Stream),
+        which also answers extents (with the ticket's dirty bitmap) and
+        reads for checksums: what the daemon uses for every request.
 
         Raises errors.ExportError if the export cannot be reached.
         """
         self._ensure_running()
         try:
             return stream.open(self.address, timeout=self.timeout,
-                               interrupt=interrupt)
+                               interrupt=interrupt, dirty=self.dirty)
         except client.Error as e:
             raise self._connect_error(e) from e
 

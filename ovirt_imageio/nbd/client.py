@@ -61,7 +61,6 @@ import traceback
 
 import nbd
 
-from ovirt_imageio import errors
 from ovirt_imageio.nbd import extents
 
 log = logging.getLogger(__name__)
@@ -539,14 +538,8 @@ class Client:
         Raises errors.Unsupported for "dirty" if the export does not have
         exactly one dirty bitmap.
         """
-        if context not in ("zero", "dirty"):
-            raise ValueError(
-                f"Unsupported extents context {context!r}, expecting one of "
-                f"['dirty', 'zero']")
-        if context == "dirty" and self.dirty_bitmap is None:
-            raise errors.Unsupported(
-                f"NBD export '{self.export_name}' does not support dirty "
-                f"extents")
+        extents.validate(context, bitmap=self.dirty_bitmap,
+                         export_name=self.export_name)
         end = self.size if length is None else min(offset + length,
                                                    self.size)
         if context == "zero" and not self.has_base_allocation:
@@ -643,29 +636,17 @@ class Client:
             raise self._error(op, offset, length, e) from None
 
     def _contexts(self, context):
-        if context == "zero":
-            names = [extents.BASE_ALLOCATION]
-            if self.has_allocation_depth:
-                names.append(extents.ALLOCATION_DEPTH)
-        else:
-            names = [extents.DIRTY_BITMAP_PREFIX + self.dirty_bitmap]
-            if self.has_base_allocation:
-                names.append(extents.BASE_ALLOCATION)
-        return names
+        return extents.contexts(
+            context, base_allocation=self.has_base_allocation,
+            allocation_depth=self.has_allocation_depth,
+            bitmap=self.dirty_bitmap)
 
     def _combine(self, context, offset, replies):
-        if context == "zero":
-            depth = None
-            if self.has_allocation_depth:
-                depth = replies.get(extents.ALLOCATION_DEPTH, [])
-            return extents.zero_extents(
-                offset, replies.get(extents.BASE_ALLOCATION, []), depth)
-        bitmap = replies.get(
-            extents.DIRTY_BITMAP_PREFIX + self.dirty_bitmap, [])
-        base = None
-        if self.has_base_allocation:
-            base = replies.get(extents.BASE_ALLOCATION, [])
-        return extents.dirty_extents(offset, bitmap, base)
+        return extents.combine(
+            context, offset, replies,
+            base_allocation=self.has_base_allocation,
+            allocation_depth=self.has_allocation_depth,
+            bitmap=self.dirty_bitmap)
 
     # Closing
 

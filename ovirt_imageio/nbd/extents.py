@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ovirt_imageio import errors
+
 # The NBD protocol's names and flags, spelled out rather than taken from
 # libnbd: the client library imports this module, and loading libnbd's
 # bindings for three constants cost every client command ~10 ms.
@@ -194,3 +196,54 @@ def clip(extents, end):
             ext = dataclasses.replace(ext, length=end - ext.start)
         clipped.append(ext)
     return clipped
+
+
+def contexts(context, *, base_allocation, allocation_depth, bitmap):
+    """
+    The meta contexts whose replies make the extents of context ("zero"
+    or "dirty") on an export that negotiated them: base_allocation and
+    allocation_depth say whether those were, bitmap is the dirty bitmap's
+    name or None.
+    """
+    if context == "zero":
+        names = [BASE_ALLOCATION]
+        if allocation_depth:
+            names.append(ALLOCATION_DEPTH)
+    else:
+        names = [DIRTY_BITMAP_PREFIX + bitmap]
+        if base_allocation:
+            names.append(BASE_ALLOCATION)
+    return names
+
+
+def combine(context, offset, replies, *, base_allocation, allocation_depth,
+            bitmap):
+    """
+    The extents of context ("zero" or "dirty") from one block status
+    request at offset: replies maps a context name to its flat list
+    (missing: an empty reply). Not merged.
+    """
+    if context == "zero":
+        depth = None
+        if allocation_depth:
+            depth = replies.get(ALLOCATION_DEPTH, [])
+        return zero_extents(offset, replies.get(BASE_ALLOCATION, []), depth)
+    base = None
+    if base_allocation:
+        base = replies.get(BASE_ALLOCATION, [])
+    return dirty_extents(
+        offset, replies.get(DIRTY_BITMAP_PREFIX + bitmap, []), base)
+
+
+def validate(context, *, bitmap, export_name):
+    """
+    Raise ValueError for an unknown context, errors.Unsupported for
+    "dirty" on an export without exactly one dirty bitmap (bitmap None).
+    """
+    if context not in ("zero", "dirty"):
+        raise ValueError(
+            f"Unsupported extents context {context!r}, expecting one of "
+            f"['dirty', 'zero']")
+    if context == "dirty" and bitmap is None:
+        raise errors.Unsupported(
+            f"NBD export '{export_name}' does not support dirty extents")

@@ -19,9 +19,14 @@ block status, errors.
 
 Protocol (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md):
 fixed newstyle handshake; NBD_OPT_STRUCTURED_REPLY; NBD_OPT_SET_META_CONTEXT
-with base:allocation, for skipping zero extents on a GET; NBD_OPT_GO with
-block size info. Reads carry NBD_CMD_FLAG_DF when the server offers it, so
-a read's data comes as one chunk that can be spliced whole.
+with base:allocation and qemu:allocation-depth, and for a dirty export
+the one dirty bitmap NBD_OPT_LIST_META_CONTEXT finds; NBD_OPT_GO with
+block size info. So one Stream serves every request of an HTTP
+connection: data, zero extents skipped on a GET, /extents (zero and
+dirty, as nbd/extents.py combines them) and /checksum (read_into), with
+the same answers as the libnbd client (nbd/client.py). Reads carry
+NBD_CMD_FLAG_DF when the server offers it, so a read's data comes as one
+chunk that can be spliced whole.
 
 Ordering: a read's reply is one chunk sent whole under qemu-nbd's send
 lock, so once its header has arrived, the next read may be sent and its
@@ -80,6 +85,7 @@ FLAG_NO_ZEROES = 1 << 1
 
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
 
 REP_ACK = 1
@@ -159,9 +165,13 @@ _ZEROS = memoryview(bytes(PIPE_SIZE))
 Interrupt = nbd_client.Interrupt
 
 
-def open(address, timeout=None, interrupt=None):
+def open(address, timeout=None, interrupt=None, dirty=False):
     """
     Connect to the export at address (url.Address); return a Stream.
+
+    Always requests base:allocation and qemu:allocation-depth. With
+    dirty=True, also lists the export's dirty bitmaps and requests the
+    bitmap if there is exactly one (as nbd.client.open does).
 
     timeout: seconds an NBD socket operation may make no progress (None:
     forever); the handshake and later calls fail with Error(ETIMEDOUT).
@@ -176,7 +186,7 @@ def open(address, timeout=None, interrupt=None):
             tv = _timeval(timeout)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        return Stream(sock, address, timeout, interrupt)
+        return Stream(sock, address, timeout, interrupt, dirty=dirty)
     except BaseException:
         interrupt.close(sock)
         raise
@@ -193,13 +203,17 @@ def _timeval(seconds):
 
 class Stream:
     """
-    An open connection. Attributes: address, size, read_only, can_zero,
-    can_flush, maximum_block_size, has_base_allocation, broken.
+    An open connection. Attributes: address, export_name, size,
+    read_only, can_zero, can_flush, maximum_block_size,
+    has_base_allocation, has_allocation_depth, dirty_bitmap (name or
+    None), broken.
     """
 
-    def __init__(self, sock, address, timeout=None, interrupt=None):
+    def __init__(self, sock, address, timeout=None, interrupt=None,
+                 dirty=False):
         self._sock = sock
         self.address = address
+        self.export_name = address.export
         self.timeout = timeout
         self._interrupt = interrupt or Interrupt()
         self.broken = False
@@ -208,15 +222,21 @@ class Stream:
         self._op = ("connect", 0, 0)
         self._cookies = itertools.count(1)
         self._structured = False
-        self._base_allocation_id = None
+        # Negotiated meta contexts: id -> name, and name -> id.
+        self._context_names = {}
+        self._context_ids = {}
         self._writes = 0
         self._pipe = None
         self._pipe_size = 0
         self._rbuf = bytearray(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rpos = self._rend = 0
-        self._handshake(address.export)
-        self.has_base_allocation = self._base_allocation_id is not None
+        self.dirty_bitmap = None
+        self._handshake(address.export, dirty)
+        self.has_base_allocation = (
+            extents.BASE_ALLOCATION in self._context_ids)
+        self.has_allocation_depth = (
+            extents.ALLOCATION_DEPTH in self._context_ids)
         self._max_request = min(self.maximum_block_size, MAX_REQUEST)
         self._max_write = min(self.maximum_block_size, MAX_WRITE)
 
@@ -256,6 +276,26 @@ class Stream:
 
         self._read_pieces(offset, length, min(self._max_request, len(view)),
                           move, begin, done)
+
+    def read_into(self, buf, offset):
+        """
+        Fill the whole writable buffer buf with the image's bytes from
+        offset (a checksum's blocks), with one read ahead as send() does.
+        """
+        self._check_open()
+        view = memoryview(buf).cast("B")
+        if view.readonly:
+            raise TypeError("read_into() needs a writable buffer")
+        self._op = ("read", offset, len(view))
+        pos = 0
+
+        def move(n):
+            nonlocal pos
+            self._recv_payload(view[pos:pos + n])
+            pos += n
+
+        self._read_pieces(offset, len(view), self._max_request, move,
+                          None, None)
 
     def _read_pieces(self, offset, length, step, move, begin, done):
         end = offset + length
@@ -418,32 +458,50 @@ class Stream:
 
     def extents(self, context="zero", offset=0, length=None):
         """
-        Zero extents from base:allocation only (enough to skip zeros on a
-        GET); the /extents API uses nbd.client, which merges allocation
-        depth and dirty bitmaps.
+        Return the merged extents covering the image from offset for
+        length bytes (default: to the end): ZeroExtent for context "zero"
+        (holes from allocation depth), DirtyExtent for "dirty". The same
+        answers as nbd.client.Client.extents().
+
+        Raises errors.Unsupported for "dirty" if the export does not have
+        exactly one dirty bitmap.
         """
         self._check_open()
         self._op = ("block_status", offset, length or 0)
-        if context != "zero":
-            raise ValueError(f"Unsupported extents context {context!r}")
+        extents.validate(context, bitmap=self.dirty_bitmap,
+                         export_name=self.export_name)
         end = self.size if length is None else min(offset + length,
                                                    self.size)
-        if not self.has_base_allocation:
+        if context == "zero" and not self.has_base_allocation:
             if offset >= end:
                 return []
             return [extents.ZeroExtent(offset, end - offset, zero=False,
                                        hole=False)]
+        names = self._contexts(context)
         result = []
         while offset < end:
             n = min(end - offset, nbd_client.MAX_BLOCK_STATUS)
-            entries = self._block_status(offset, n)
-            found = extents.clip(extents.zero_extents(offset, entries), end)
+            replies = self._block_status(offset, n)
+            found = extents.clip(
+                extents.combine(
+                    context, offset, replies,
+                    base_allocation=self.has_base_allocation,
+                    allocation_depth=self.has_allocation_depth,
+                    bitmap=self.dirty_bitmap),
+                offset + n)
             if not found:
                 raise Error("block_status", offset, n, errno.EPROTO,
-                            "server replied without extents")
+                            f"server replied without extents for some of "
+                            f"{sorted(names)}")
             result[-1:] = extents.merge(result[-1:] + found)
             offset = found[-1].start + found[-1].length
         return result
+
+    def _contexts(self, context):
+        return extents.contexts(
+            context, base_allocation=self.has_base_allocation,
+            allocation_depth=self.has_allocation_depth,
+            bitmap=self.dirty_bitmap)
 
     def close(self):
         """Disconnect; safe to call more than once."""
@@ -471,7 +529,7 @@ class Stream:
 
     # Handshake.
 
-    def _handshake(self, export):
+    def _handshake(self, export, dirty):
         magic = self._recv_exact(16)
         if magic[:8] != NBDMAGIC or magic[8:] != IHAVEOPT:
             raise Error("connect", 0, 0, errno.EPROTO,
@@ -485,11 +543,21 @@ class Stream:
 
         self._option(OPT_STRUCTURED_REPLY, b"")
         if self._structured:
-            name = export.encode("utf-8")
-            query = extents.BASE_ALLOCATION.encode()
-            data = (struct.pack(">I", len(name)) + name
-                    + struct.pack(">II", 1, len(query)) + query)
-            self._option(OPT_SET_META_CONTEXT, data)
+            queries = [extents.BASE_ALLOCATION, extents.ALLOCATION_DEPTH]
+            if dirty:
+                self.dirty_bitmap = self._find_bitmap(export)
+                if self.dirty_bitmap is not None:
+                    queries.append(
+                        extents.DIRTY_BITMAP_PREFIX + self.dirty_bitmap)
+            for ctx_id, name in self._option(
+                    OPT_SET_META_CONTEXT, _meta_query(export, queries)):
+                if name in queries:
+                    self._context_names[ctx_id] = name
+                    self._context_ids[name] = ctx_id
+            if (self.dirty_bitmap is not None
+                    and extents.DIRTY_BITMAP_PREFIX + self.dirty_bitmap
+                    not in self._context_ids):
+                self.dirty_bitmap = None
 
         name = export.encode("utf-8")
         data = (struct.pack(">I", len(name)) + name
@@ -501,9 +569,30 @@ class Stream:
             raise Error("connect", 0, 0, errno.EPROTO,
                         "Server did not send the export size")
 
+    def _find_bitmap(self, export):
+        """
+        The name of the export's dirty bitmap if it has exactly one, else
+        None. A server without NBD_OPT_LIST_META_CONTEXT has none.
+        """
+        prefix = extents.DIRTY_BITMAP_PREFIX
+        listed = self._option(OPT_LIST_META_CONTEXT,
+                              _meta_query(export, [prefix]))
+        bitmaps = sorted({name[len(prefix):] for _, name in listed
+                          if name.startswith(prefix)
+                          and len(name) > len(prefix)})
+        if len(bitmaps) > 1:
+            log.warning("NBD export %s has %d dirty bitmaps, expecting one",
+                        self.address, len(bitmaps))
+        return bitmaps[0] if len(bitmaps) == 1 else None
+
     def _option(self, option, data):
+        """
+        Send an option and read its replies; return the meta contexts
+        replied, [(id, name)].
+        """
         self._nbd_send(IHAVEOPT + struct.pack(">II", option, len(data))
                        + data)
+        contexts = []
         while True:
             magic, opt, kind, length = struct.unpack(
                 ">QIII", self._recv_exact(20))
@@ -517,7 +606,7 @@ class Stream:
             if kind == REP_ACK:
                 if option == OPT_STRUCTURED_REPLY:
                     self._structured = True
-                return
+                return contexts
             if kind & REP_FLAG_ERROR:
                 if option == OPT_GO:
                     raise Error("connect", 0, 0, errno.ENOENT,
@@ -525,13 +614,13 @@ class Stream:
                                 f"{self.address.export!r}: "
                                 f"{payload.decode('utf-8', 'replace')}")
                 # Optional features: go on without them.
-                return
+                return []
             if kind == REP_INFO and option == OPT_GO:
                 self._info(payload)
             elif kind == REP_META_CONTEXT and len(payload) >= 4:
                 (ctx_id,) = struct.unpack(">I", payload[:4])
-                if payload[4:] == extents.BASE_ALLOCATION.encode():
-                    self._base_allocation_id = ctx_id
+                contexts.append(
+                    (ctx_id, payload[4:].decode("utf-8", "replace")))
 
     def _info(self, payload):
         (kind,) = struct.unpack(">H", payload[:2])
@@ -662,10 +751,13 @@ class Stream:
         return cookie, 0, ""
 
     def _block_status(self, offset, length):
-        """Return base:allocation entries [length, flags, ...]."""
+        """
+        Return {context name: entries [length, flags, ...]}, the first
+        reply of each negotiated context.
+        """
         self._wait_writes(0)
         cookie = self._request(CMD_BLOCK_STATUS, 0, offset, length)
-        entries = None
+        replies = {}
         try:
             while True:
                 magic, flags, kind, got, size = CHUNK.unpack(
@@ -682,15 +774,16 @@ class Stream:
                     count = (size - 4) // 4
                     values = struct.unpack(f">{count}I",
                                            payload[4:4 + count * 4])
-                    if ctx_id == self._base_allocation_id and entries is None:
-                        entries = list(values)
+                    name = self._context_names.get(ctx_id)
+                    if name is not None and name not in replies:
+                        replies[name] = list(values)
                 if flags & CHUNK_FLAG_DONE:
                     break
         except Error as e:
             if e.errno == errno.EPROTO:
                 self.broken = True
             raise
-        return entries or []
+        return replies
 
     def _write_zeros(self, length, offset):
         end = offset + length
@@ -884,6 +977,17 @@ class Stream:
         """Splice exactly length bytes from the pipe r to dst."""
         while length:
             length -= _splice(dst, r, length, select.POLLOUT)
+
+
+def _meta_query(export, queries):
+    """The data of NBD_OPT_SET_META_CONTEXT or _LIST_META_CONTEXT."""
+    name = export.encode("utf-8")
+    data = (struct.pack(">I", len(name)) + name
+            + struct.pack(">I", len(queries)))
+    for query in queries:
+        q = query.encode("utf-8")
+        data += struct.pack(">I", len(q)) + q
+    return data
 
 
 def _send_all(sock, buffers, flags=0):

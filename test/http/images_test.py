@@ -1,4 +1,5 @@
-"""/images and /extents (API.md section 1) against real qemu-nbd exports."""
+"""/images and /extents (API.md section 1) against real qemu-nbd exports:
+the handlers (http/images.py)."""
 
 import http.client
 import json
@@ -12,59 +13,20 @@ import threading
 
 import pytest
 
+import imagesutil
 import testutil
+from imagesutil import (
+    BUFFER_SIZE, MiB, Client, add_ticket, image_bytes, raw_client, url,
+    wait_until_stalled)
 from ovirt_imageio import tls
+from ovirt_imageio.http import disposition
 from ovirt_imageio.http import images
 from ovirt_imageio.nbd import stream as nbd_stream
-
-MiB = 1024**2
-
-# Small buffers: a few MiB image goes through many pieces of the copy
-# loops, and through the zero-skipping path.
-BUFFER_SIZE = 256 * 1024
 
 
 @pytest.fixture
 def daemon(make_daemon):
-    return make_daemon(
-        backend_nbd={"buffer_size": str(BUFFER_SIZE)},
-        daemon={"max_connections": "4"})
-
-
-def add_ticket(daemon, url, **kw):
-    t = {"uuid": "tid-secret", "size": 4 * MiB, "ops": ["read"],
-         "timeout": 300, "url": url, "transfer_id": "tr-1"}
-    t.update(kw)
-    resp, data = daemon.api.put(t)
-    assert resp.status == 200, data
-    return t
-
-
-class Client:
-    """
-    A keep-alive HTTP client of the daemon: on the local unix socket,
-    where data is spliced between the sockets (nbd/stream.py), or over
-    HTTPS, where it goes through the copy loops (images.send/receive).
-    """
-
-    def __init__(self, daemon, transport="unix"):
-        if transport == "unix":
-            self.conn = testutil.UnixHTTPConnection(daemon.cfg.local.socket)
-        else:
-            ctx = ssl.create_default_context(cafile=daemon.cfg.tls.ca_file)
-            port = daemon.remote.server.address()[1]
-            self.conn = http.client.HTTPSConnection(
-                "localhost", port, context=ctx)
-
-    def request(self, method, path, body=None, headers=None):
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-        self.conn.request(method, path, body=body, headers=headers or {})
-        resp = self.conn.getresponse()
-        return resp, resp.read()
-
-    def close(self):
-        self.conn.close()
+    return make_daemon(**imagesutil.DAEMON_CONF)
 
 
 @pytest.fixture(params=["unix", "https"])
@@ -90,16 +52,6 @@ def export(qemu_nbd, image):
 @pytest.fixture
 def rw_export(qemu_nbd, image):
     return qemu_nbd(image, fmt="raw", shared=8)
-
-
-def url(server):
-    return f"nbd:unix:{server.socket}"
-
-
-def image_bytes(path, offset=0, length=None):
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length if length is not None else -1)
 
 
 # OPTIONS
@@ -227,26 +179,6 @@ def test_get_full(daemon, client, export, image):
     assert data == image_bytes(image)
 
 
-# RFC 6266: a quoted ASCII fallback and the UTF-8 name. A name outside
-# Latin-1 made every GET close without a response.
-@pytest.mark.parametrize("filename,header", [
-    ("disk.raw", "attachment; filename=\"disk.raw\"; "
-                 "filename*=UTF-8''disk.raw"),
-    ("my disk (1).qcow2", "attachment; filename=\"my disk (1).qcow2\"; "
-                          "filename*=UTF-8''my%20disk%20%281%29.qcow2"),
-    ('a"b\\c%d;e.raw', "attachment; filename=\"a_b_c_d;e.raw\"; "
-                       "filename*=UTF-8''a%22b%5Cc%25d%3Be.raw"),
-    ("d\u00efsk.raw", "attachment; filename=\"d_sk.raw\"; "
-                  "filename*=UTF-8''d%C3%AFsk.raw"),
-    ("\u05d3\u05d9\u05e1\u05e7.img", "attachment; filename=\"____.img\"; "
-     "filename*=UTF-8''%D7%93%D7%99%D7%A1%D7%A7.img"),
-    ("\U0001f4be", "attachment; filename=\"_\"; "
-               "filename*=UTF-8''%F0%9F%92%BE"),
-], ids=["ascii", "space", "specials", "latin-1", "hebrew", "emoji"])
-def test_content_disposition(filename, header):
-    assert images.content_disposition(filename) == header
-
-
 def test_get_filename_not_latin1(daemon, client, export, image):
     name = "\u05d3\u05d9\u05e1\u05e7.img"
     add_ticket(daemon, url(export), filename=name)
@@ -255,7 +187,7 @@ def test_get_filename_not_latin1(daemon, client, export, image):
                                     headers={"range": "bytes=0-99"})
         assert resp.status == 206
         assert resp.getheader("content-disposition") == (
-            images.content_disposition(name))
+            disposition.content_disposition(name))
     assert data == b""
     resp, data = client.request("GET", "/images/tid-secret")
     assert resp.status == 200
@@ -430,29 +362,6 @@ def test_transferred_and_active(daemon, client, export):
     info = testutil.wait_for_ticket(daemon.api, "tid-secret",
                                     transferred=1572864, active=False)
     assert info["connections"] == 1
-
-
-def test_connections_released(daemon, export):
-    add_ticket(daemon, url(export))
-    clients = [Client(daemon) for _ in range(3)]
-    for c in clients:
-        c.request("GET", "/images/tid-secret", headers={"range": "bytes=0-0"})
-    assert daemon.api.get("tid-secret")["connections"] == 3
-    for c in clients:
-        c.close()
-    testutil.wait_for(
-        lambda: daemon.api.get("tid-secret")["connections"] == 0,
-        message="connections closed")
-
-
-def test_inactivity_timeout(daemon, client, export):
-    add_ticket(daemon, url(export), inactivity_timeout=1)
-    client.request("GET", "/images/tid-secret", headers={"range": "bytes=0-0"})
-    assert daemon.api.get("tid-secret")["connections"] == 1
-    # The server closes the idle connection after the ticket's timeout.
-    testutil.wait_for(
-        lambda: daemon.api.get("tid-secret")["connections"] == 0,
-        timeout=20, message="idle connection closed")
 
 
 # PUT
@@ -931,75 +840,6 @@ def test_cors(daemon, client, export):
     assert resp.getheader("access-control-allow-origin") is None
 
 
-# Cancellation and failures
-
-def test_delete_cancels_get(daemon, nbdkit):
-    srv = nbdkit("pattern", "size=64M", "rdelay=100ms", filters=["delay"])
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=64 * MiB)
-    c = Client(daemon)
-    c.conn.request("GET", "/images/tid-secret")
-    resp = c.conn.getresponse()
-    assert resp.status == 200
-    outcome = []
-
-    def read():
-        try:
-            resp.read()
-            outcome.append("complete")
-        except (http.client.IncompleteRead, ConnectionError):
-            outcome.append("cut")
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    testutil.wait_for(lambda: daemon.api.get("tid-secret")["transferred"],
-                      message="transfer started")
-    r, _ = daemon.api.delete("tid-secret")
-    assert r.status == 204
-    reader.join(30)
-    # Cut at the next piece: far from the 64 MiB requested.
-    assert outcome == ["cut"]
-    c.close()
-
-
-def test_nbd_error(daemon, client, nbdkit, export):
-    srv = nbdkit("memory", "size=4M", "error-pread=EIO",
-                 "error-pread-rate=100%", filters=["error"])
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=4 * MiB)
-    resp, data = client.request("GET", "/images/tid-secret",
-                                headers={"range": "bytes=0-4095"})
-    assert resp.status == 500
-    assert data == b"Server failed to perform the request, check logs\n"
-    # Other tickets are served.
-    add_ticket(daemon, url(export), uuid="other")
-    c = Client(daemon)
-    resp, _ = c.request("GET", "/images/other", headers={"range": "bytes=0-0"})
-    assert resp.status == 206
-    c.close()
-
-
-def test_nbd_server_dies(daemon, nbdkit, export):
-    srv = nbdkit("pattern", "size=64M", "rdelay=100ms", filters=["delay"])
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=64 * MiB)
-    c = Client(daemon)
-    c.conn.request("GET", "/images/tid-secret")
-    resp = c.conn.getresponse()
-    srv.stop()
-    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
-        resp.read()
-    c.close()
-    add_ticket(daemon, url(export), uuid="other")
-    c = Client(daemon)
-    resp, _ = c.request("GET", "/images/other", headers={"range": "bytes=0-0"})
-    assert resp.status == 206
-    c.close()
-
-
-def test_export_unreachable(daemon, client):
-    add_ticket(daemon, "nbd:unix:/no/such.sock")
-    resp, data = client.request("GET", "/images/tid-secret")
-    assert resp.status == 500
-
-
 def test_ticket_id_not_logged(daemon, client, export, caplog):
     import logging
     caplog.set_level(logging.DEBUG)
@@ -1245,235 +1085,6 @@ def test_ticket_races(daemon, qemu_nbd, make_image, caplog, backend):
     bad = [r for r in caplog.records
            if r.levelno >= logging.ERROR or r.exc_info]
     assert not bad, [r.getMessage() for r in bad]
-
-
-# Hung exports: DELETE interrupts blocked NBD I/O, and NBD I/O times out.
-# nbdkit's delay filter stalls the chosen requests for 1000 s.
-
-def threads_and_fds():
-    """The in-process daemon's (and the test's) threads and open fds."""
-    return (len(os.listdir("/proc/self/task")),
-            len(os.listdir("/proc/self/fd")))
-
-
-def wait_for_baseline(baseline):
-    """Poll until threads and fds are back to the baseline."""
-    testutil.wait_for(
-        lambda: all(n <= b for n, b in zip(threads_and_fds(), baseline)),
-        timeout=20,
-        message=f"threads and fds back to {baseline} from "
-                f"{threads_and_fds()}")
-
-
-STALLS = {
-    "get": ("delay-read=1000", "GET", "/images/tid-secret",
-            {"range": "bytes=0-65535"}, None),
-    "put": ("delay-write=1000", "PUT", "/images/tid-secret", {},
-            b"x" * MiB),
-    "extents": ("delay-extents=1000", "GET", "/images/tid-secret/extents",
-                {}, None),
-    # The memory plugin's image is all zeros: only block status is asked.
-    "checksum": ("delay-extents=1000", "GET", "/images/tid-secret/checksum",
-                 {}, None),
-}
-
-
-@pytest.mark.parametrize("transport", ["unix", "https"])
-@pytest.mark.parametrize("stall", ["get", "put", "extents", "checksum"])
-def test_delete_interrupts_stalled_request(make_daemon, nbdkit, stall,
-                                           transport):
-    daemon = make_daemon(control={"remove_timeout": "20"})
-    delay, method, path, headers, body = STALLS[stall]
-    srv = nbdkit("memory", "size=4M", delay, filters=["delay"])
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"])
-    baseline = threads_and_fds()
-    c = Client(daemon, transport)
-    c.conn.request(method, path, body=body, headers=headers)
-    if stall == "extents":
-        # Not a ticket operation: wait for the request's NBD connection.
-        testutil.wait_for_ticket(daemon.api, "tid-secret", connections=1)
-    elif stall == "put":
-        # The whole body went to the export (a body cut short would end
-        # the request by itself): the write's reply is what stalls.
-        testutil.wait_for_ticket(daemon.api, "tid-secret", active=True,
-                                 transferred=MiB)
-    else:
-        testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
-    # The client gives up.
-    c.close()
-    resp, data = daemon.api.delete("tid-secret")
-    assert resp.status == 204, data
-    assert daemon.store.lookup("tid-secret") is None
-    wait_for_baseline(baseline)
-
-
-def test_delete_interrupts_stalled_handshake(make_daemon, nbdkit):
-    daemon = make_daemon(control={"remove_timeout": "20"})
-    srv = nbdkit("memory", "size=4M", "delay-open=1000", filters=["delay"])
-    add_ticket(daemon, f"nbd:unix:{srv.socket}")
-    baseline = threads_and_fds()
-    c = Client(daemon)
-    c.conn.request("GET", "/images/tid-secret",
-                   headers={"range": "bytes=0-4095"})
-    testutil.wait_for_ticket(daemon.api, "tid-secret", connections=1)
-    c.close()
-    resp, data = daemon.api.delete("tid-secret")
-    assert resp.status == 204, data
-    wait_for_baseline(baseline)
-
-
-def test_delete_during_stall_answers_client(make_daemon, nbdkit):
-    # The client waits: it learns that the transfer was canceled.
-    daemon = make_daemon(control={"remove_timeout": "20"})
-    srv = nbdkit("memory", "size=4M", "delay-read=1000", filters=["delay"])
-    add_ticket(daemon, f"nbd:unix:{srv.socket}")
-    c = Client(daemon)
-    c.conn.request("GET", "/images/tid-secret",
-                   headers={"range": "bytes=0-65535"})
-    testutil.wait_for_ticket(daemon.api, "tid-secret", active=True)
-    resp, _ = daemon.api.delete("tid-secret")
-    assert resp.status == 204
-    resp = c.conn.getresponse()
-    data = resp.read()
-    assert resp.status == 403
-    assert data == b"You are not allowed to access this resource: " \
-                   b"Transfer tr-1 was canceled\n"
-    assert resp.getheader("connection") == "close"
-    c.close()
-
-
-@pytest.mark.parametrize("transport", ["unix", "https"])
-@pytest.mark.parametrize("stall", ["get", "put", "extents", "checksum",
-                                   "handshake"])
-def test_nbd_timeout(make_daemon, nbdkit, stall, transport):
-    daemon = make_daemon(backend_nbd={"timeout": "0.5"})
-    if stall == "handshake":
-        delay, method, path, headers, body = (
-            "delay-open=1000", "GET", "/images/tid-secret",
-            {"range": "bytes=0-4095"}, None)
-    else:
-        delay, method, path, headers, body = STALLS[stall]
-    srv = nbdkit("memory", "size=4M", delay, filters=["delay"])
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"])
-    baseline = threads_and_fds()
-    c = Client(daemon, transport)
-    resp, data = c.request(method, path, body=body, headers=headers)
-    assert resp.status == 500
-    message = data.decode()
-    assert message.startswith("NBD export of transfer tr-1 failed: ")
-    assert "NBD server did not respond within 0.5 seconds" in message
-    assert resp.getheader("connection") == "close"
-    c.close()
-    # The ticket is still usable, and removable.
-    assert daemon.api.get("tid-secret")["active"] is False
-    resp, _ = daemon.api.delete("tid-secret")
-    assert resp.status == 204
-    wait_for_baseline(baseline)
-
-
-# Transfers blocked on their client, not on NBD: DELETE unblocks the
-# client's socket too (API.md 2.4).
-
-def raw_client(daemon, transport, rcvbuf=None):
-    """A socket to the daemon, TLS over TCP or the unix socket; rcvbuf
-    shrinks its receive buffer (before connecting: TCP's window)."""
-    if transport == "unix":
-        s = socket.socket(socket.AF_UNIX)
-    else:
-        s = socket.socket(socket.AF_INET)
-    if rcvbuf is not None:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(30)
-    if transport == "unix":
-        s.connect(daemon.cfg.local.socket)
-        return s
-    s.connect(("localhost", daemon.remote.server.address()[1]))
-    ctx = ssl.create_default_context(cafile=daemon.cfg.tls.ca_file)
-    return ctx.wrap_socket(s, server_hostname="localhost")
-
-
-def wait_until_stalled(daemon, ticket_id="tid-secret"):
-    """Poll until the ticket's transfer makes no progress between two
-    polls: its thread is blocked on the client."""
-    last = [None]
-
-    def stalled():
-        info = daemon.api.get(ticket_id)
-        now = (info["active"], info["transferred"])
-        done = now[0] and now == last[0]
-        last[0] = now
-        return done
-
-    testutil.wait_for(stalled, interval=0.2, message="transfer stalled")
-
-
-@pytest.mark.parametrize("transport", ["unix", "https"])
-def test_delete_stops_get_client_not_reading(make_daemon, nbdkit, transport):
-    # The client stopped reading: the daemon's send blocks, for the
-    # ticket's inactivity timeout (virt-v2v sets 3600 s) before.
-    daemon = make_daemon(control={"remove_timeout": "20"})
-    size = 64 * MiB
-    srv = nbdkit("pattern", f"size={size}")
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", size=size,
-               inactivity_timeout=3600)
-    baseline = threads_and_fds()
-    s = raw_client(daemon, transport, rcvbuf=4096)
-    try:
-        s.sendall(b"GET /images/tid-secret HTTP/1.1\r\n"
-                  b"host: localhost\r\n\r\n")
-        wait_until_stalled(daemon)
-        resp, data = daemon.api.delete("tid-secret")
-        assert resp.status == 204, data
-        assert daemon.store.lookup("tid-secret") is None
-        # The response was cut: the client reads less than the image.
-        got = 0
-        while True:
-            try:
-                chunk = s.recv(MiB)
-            except (ConnectionResetError, ssl.SSLError):
-                break
-            if not chunk:
-                break
-            got += len(chunk)
-        assert got < size
-    finally:
-        s.close()
-    wait_for_baseline(baseline)
-
-
-@pytest.mark.parametrize("transport", ["unix", "https"])
-def test_delete_stops_put_client_not_sending(make_daemon, nbdkit, transport):
-    # The client sent half the body and waits: the daemon's receive
-    # blocks. It learns that the transfer was canceled, then the
-    # connection closes.
-    daemon = make_daemon(control={"remove_timeout": "20"})
-    srv = nbdkit("memory", "size=4M")
-    add_ticket(daemon, f"nbd:unix:{srv.socket}", ops=["write"],
-               inactivity_timeout=3600)
-    baseline = threads_and_fds()
-    s = raw_client(daemon, transport)
-    try:
-        s.sendall(b"PUT /images/tid-secret?flush=n HTTP/1.1\r\n"
-                  b"host: localhost\r\n"
-                  b"content-length: 4194304\r\n\r\n" + b"x" * (2 * MiB))
-        wait_until_stalled(daemon)
-        resp, data = daemon.api.delete("tid-secret")
-        assert resp.status == 204, data
-        assert daemon.store.lookup("tid-secret") is None
-        reply = http.client.HTTPResponse(s)
-        reply.begin()
-        assert reply.status == 403
-        assert reply.read() == (b"You are not allowed to access this "
-                                b"resource: Transfer tr-1 was canceled\n")
-        assert reply.getheader("connection") == "close"
-        # Then the daemon closes the connection.
-        try:
-            assert s.recv(1) == b""
-        except (ConnectionResetError, ssl.SSLError):
-            pass
-    finally:
-        s.close()
-    wait_for_baseline(baseline)
 
 
 # Buffers (http/buffers.py): a request over HTTPS holds one from the

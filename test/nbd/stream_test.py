@@ -5,6 +5,8 @@ import threading
 
 import pytest
 
+from ovirt_imageio import errors
+from ovirt_imageio.nbd import client
 from ovirt_imageio.nbd import extents
 from ovirt_imageio.nbd import stream
 from ovirt_imageio.nbd import url
@@ -332,13 +334,84 @@ def test_extents_clipped(qemu_nbd, image):
     path, fmt = image
     srv = qemu_nbd(path, fmt=fmt, read_only=True)
     with stream.open(address(srv)) as s:
-        # base:allocation only: zeros, never holes (no allocation depth).
+        assert s.has_allocation_depth
+        # With allocation depth, an unallocated qcow2 cluster is a hole;
+        # a raw file has no holes.
+        hole = fmt == "qcow2"
         assert s.extents("zero", 64 * K - 10, 20) == [
             extents.ZeroExtent(64 * K - 10, 10, zero=False, hole=False),
-            extents.ZeroExtent(64 * K, 10, zero=True, hole=False)]
+            extents.ZeroExtent(64 * K, 10, zero=True, hole=hole)]
         assert s.extents("zero", 4 * M, 10) == []
-        with pytest.raises(ValueError):
+        with pytest.raises(errors.Unsupported):
             s.extents("dirty")
+        with pytest.raises(ValueError):
+            s.extents("nope")
+
+
+@pytest.mark.parametrize("allocation_depth", [True, False])
+def test_zero_extents_as_libnbd(qemu_nbd, image, allocation_depth):
+    # The daemon's /extents comes from the Stream now: it must answer as
+    # the libnbd client did.
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt, read_only=True,
+                   allocation_depth=allocation_depth)
+    with stream.open(address(srv)) as s, client.open(address(srv)) as c:
+        assert s.has_allocation_depth == c.has_allocation_depth
+        for offset, length in [(0, None), (64 * K - 10, 2 * M),
+                               (M + 4 * K, 5)]:
+            assert s.extents("zero", offset, length) == c.extents(
+                "zero", offset, length)
+
+
+def test_dirty_extents_as_libnbd(qemu_nbd, make_image, qemu_io):
+    path = make_image(fmt="qcow2", size=4 * M, bitmaps=["b0"],
+                      commands=["write -P 1 0 1M"])
+    qemu_io(path, "qcow2", "write -P 2 512k 64k", "write -z 3M 64k")
+    srv = qemu_nbd(path, fmt="qcow2", read_only=True, bitmap="b0")
+    with stream.open(address(srv), dirty=True) as s, \
+            client.open(address(srv), dirty=True) as c:
+        assert s.dirty_bitmap == "b0"
+        found = s.extents("dirty")
+        assert found == c.extents("dirty")
+        assert s.extents("zero") == c.extents("zero")
+        # Data still flows on the same connection.
+        assert send_all(s, 512 * K, 4) == b"\x02" * 4
+    D = extents.DirtyExtent
+    assert found == [D(0, M, dirty=True, zero=False),
+                     D(M, 2 * M, dirty=False, zero=True),
+                     D(3 * M, 64 * K, dirty=True, zero=True),
+                     D(3 * M + 64 * K, M - 64 * K, dirty=False, zero=True)]
+
+
+def test_dirty_without_bitmap(qemu_nbd, image):
+    path, fmt = image
+    srv = qemu_nbd(path, fmt=fmt, read_only=True)
+    with stream.open(address(srv), dirty=True) as s:
+        assert s.dirty_bitmap is None
+        with pytest.raises(errors.Unsupported):
+            s.extents("dirty")
+        assert s.extents("zero") == s.extents("zero", 0, 4 * M)
+
+
+def test_read_into(qemu_nbd, make_image):
+    data = os.urandom(3 * M + 4096)
+    path = make_image(size=4 * M)
+    with open(path, "r+b") as f:
+        f.write(data)
+    srv = qemu_nbd(path)
+    with stream.open(address(srv)) as s:
+        # Larger than one request (the stream's maximum is 8 MiB, but the
+        # server's may be less), and unaligned.
+        buf = bytearray(3 * M + 100)
+        s.read_into(buf, 1000)
+        assert buf == data[1000:1000 + len(buf)]
+        view = memoryview(bytearray(10))
+        s.read_into(view[2:7], 5)
+        assert bytes(view) == b"\0\0" + data[5:10] + b"\0\0\0"
+        with pytest.raises(TypeError):
+            s.read_into(b"immutable", 0)
+        # The stream is still usable.
+        assert send_all(s, 0, 4) == data[:4]
 
 
 def test_write_zeros_without_write_zeroes(nbdkit):

@@ -1,5 +1,5 @@
 """
-Generated input for the PATCH validation helpers of http/images.py
+Generated input for the validation helpers of http/params.py
 (read_json, integer, boolean, choice, require_id): no exception but
 server.Error(400) for any message, and accepted values satisfy what the
 handlers rely on. Settings: test/properties.py.
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import properties  # noqa: F401 (loads the hypothesis profile)
-from ovirt_imageio.http import images
+from ovirt_imageio.http import params
 from ovirt_imageio.http import server
 
 json_scalars = st.one_of(
@@ -65,7 +65,7 @@ def bodies():
 @example(b"[" * 200000)
 def test_read_json(data):
     try:
-        msg = images.read_json(Message(data))
+        msg = params.read_json(Message(data))
     except server.Error as e:
         assert e.status == 400
         assert e.message.startswith("Invalid JSON message")
@@ -77,7 +77,7 @@ def test_read_json(data):
        st.one_of(st.none(), st.integers(0, 2**64)))
 def test_integer(msg, name, default):
     try:
-        value = images.integer(msg, name, default)
+        value = params.integer(msg, name, default)
     except server.Error as e:
         assert e.status == 400
         return
@@ -89,7 +89,7 @@ def test_integer(msg, name, default):
 @given(patch_messages, st.booleans())
 def test_boolean(msg, default):
     try:
-        value = images.boolean(msg, "flush", default)
+        value = params.boolean(msg, "flush", default)
     except server.Error as e:
         assert e.status == 400
         return
@@ -103,7 +103,7 @@ def test_boolean(msg, default):
 def test_choice(query, values):
     name = "flush" if values == ["n", "y"] else "context"
     try:
-        value = images.choice(query, name, values, values[-1])
+        value = params.choice(query, name, values, values[-1])
     except server.Error as e:
         assert e.status == 400
         assert name in query and query[name] not in values
@@ -114,7 +114,7 @@ def test_choice(query, values):
 @given(st.one_of(st.none(), st.text(max_size=5)))
 def test_require_id(ticket_id):
     try:
-        images.require_id(ticket_id)
+        params.require_id(ticket_id)
     except server.Error as e:
         assert e.status == 400
         assert not ticket_id
