@@ -112,6 +112,8 @@ FAULTS = {
     "start_transfer": "a transfer cannot start, as when qemu-nbd cannot "
                       "open the volume: an upload pauses (paused_system), "
                       "a download is cancelled",
+    "create_snapshot": "vdsm cannot create a VM snapshot's new layers: the "
+                       "engine removes the snapshot, with an event",
 }
 FINISHED = ("finished_success", "finished_failure", "finished_cleanup")
 
@@ -861,6 +863,23 @@ class Engine:
                 disk.active.snapshot = vm.active_snapshot
             return vm
 
+    def take_snapshot(self, vm_id, description="snapshot",
+                      timeout=COMMAND_TIMEOUT):
+        """A snapshot of all the VM's disks, as taken in the UI; returns
+        it once it is ok (a new qcow2 layer on each disk)."""
+        e = ET.Element("snapshot")
+        sub(e, "description", description)
+        snap = self.add_snapshot(vm_id, e)
+        deadline = time.monotonic() + timeout
+        while snap.status != "ok":
+            if snap not in snap.vm.snapshots:
+                raise RuntimeError(f"Snapshot {snap.id} failed")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Timeout creating snapshot {snap.id}")
+            if self.stopping.wait(0.02):
+                raise RuntimeError("engine stopping")
+        return snap
+
     # SSO.
 
     def login(self, username, password):
@@ -1490,6 +1509,8 @@ class Engine:
         named by it relative (vdsm's backing links)."""
         made = []
         try:
+            if self._injected("create_snapshot"):
+                raise RuntimeError("injected fault create_snapshot")
             for disk, image_id in chosen:
                 parent = disk.active
                 ident = image_id or str(uuid.uuid4())
