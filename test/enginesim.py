@@ -112,6 +112,8 @@ FAULTS = {
     "start_transfer": "a transfer cannot start, as when qemu-nbd cannot "
                       "open the volume: an upload pauses (paused_system), "
                       "a download is cancelled",
+    "create_snapshot": "vdsm cannot create a VM snapshot's new layers: the "
+                       "engine removes the snapshot, with an event",
 }
 FINISHED = ("finished_success", "finished_failure", "finished_cleanup")
 
@@ -246,25 +248,22 @@ class Host:
         return e
 
 
-class Disk:
+class Volume:
+    """
+    One layer of a disk, as vdsm keeps it: a volume file whose id is the
+    engine's image id (a disk snapshot's id). A qcow2 layer names its
+    parent by the parent's file name, relative, as vdsm does. snapshot:
+    the VM snapshot that holds this layer (None for a floating disk's
+    active layer).
+    """
 
-    def __init__(self, ident, name, fmt, sparse, backup, content_type,
-                 provisioned_size, initial_size, sd, description, path):
+    def __init__(self, ident, path, fmt, parent=None):
         self.id = ident
-        self.image_id = str(uuid.uuid4())
-        self.name = name
-        self.format = fmt                      # "raw" or "cow"
-        self.sparse = sparse
-        self.backup = backup                   # "incremental" or "none"
-        self.content_type = content_type
-        self.provisioned_size = provisioned_size
-        self.initial_size = initial_size
-        self.sd = sd
-        self.description = description
         self.path = path
-        self.status = "locked"
-        self.backup_mode = None
-        self.removed = False
+        self.format = fmt                      # "raw" or "cow"
+        self.parent = parent
+        self.snapshot = None
+        self.creation_date = now_iso()
 
     @property
     def qemu_format(self):
@@ -275,6 +274,61 @@ class Disk:
             return os.stat(self.path).st_blocks * 512
         except FileNotFoundError:
             return 0
+
+
+class Disk:
+
+    def __init__(self, ident, name, fmt, sparse, backup, content_type,
+                 provisioned_size, initial_size, sd, description, path):
+        self.id = ident
+        self.name = name
+        self.sparse = sparse
+        self.backup = backup                   # "incremental" or "none"
+        self.content_type = content_type
+        self.provisioned_size = provisioned_size
+        self.initial_size = initial_size
+        self.sd = sd
+        self.description = description
+        # Base first; the last one is the active layer, the one a disk
+        # transfer writes.
+        self.volumes = [Volume(str(uuid.uuid4()), path, fmt)]
+        self.status = "locked"
+        self.backup_mode = None
+        self.removed = False
+
+    @property
+    def active(self):
+        return self.volumes[-1]
+
+    @property
+    def image_id(self):
+        return self.active.id
+
+    @property
+    def path(self):
+        return self.active.path
+
+    @property
+    def format(self):
+        # The engine shows the active layer's format: a raw disk with a
+        # snapshot is a cow disk.
+        return self.active.format
+
+    @property
+    def qemu_format(self):
+        return self.active.qemu_format
+
+    def volume(self, volume_id):
+        for v in self.volumes:
+            if v.id == volume_id:
+                return v
+        return None
+
+    def actual_size(self):
+        return self.active.actual_size()
+
+    def total_size(self):
+        return sum(v.actual_size() for v in self.volumes)
 
     def xml(self, tag="disk"):
         e = ET.Element(tag, href=f"{API}/disks/{self.id}", id=self.id)
@@ -296,8 +350,46 @@ class Disk:
         sub(e, "sparse", self.sparse)
         sub(e, "status", self.status)
         sub(e, "storage_type", "image")
-        sub(e, "total_size", self.actual_size())
+        sub(e, "total_size", self.total_size())
         sub(e, "wipe_after_delete", False)
+        sds = sub(e, "storage_domains")
+        link(sds, "storage_domain", "storagedomains", self.sd.id)
+        return e
+
+    def snapshot_xml(self, volume, base):
+        """
+        A layer as a disk snapshot (DiskSnapshotMapper): the disk's
+        fields, with the layer's id, format and size, its parent layer,
+        the VM snapshot holding it and the disk it belongs to. base: the
+        collection's path (storagedomains/{sd} or disks/{d}).
+        """
+        e = ET.Element("disk_snapshot",
+                       href=f"{API}/{base}/disksnapshots/{volume.id}",
+                       id=volume.id)
+        sub(e, "actual_size", volume.actual_size())
+        sub(e, "alias", self.name)
+        sub(e, "content_type", self.content_type)
+        sub(e, "description", self.description)
+        sub(e, "format", volume.format)
+        sub(e, "image_id", volume.id)
+        sub(e, "name", self.name)
+        sub(e, "propagate_errors", False)
+        sub(e, "provisioned_size", self.provisioned_size)
+        if volume.format == "cow":
+            sub(e, "qcow_version", "qcow2_v3")
+        sub(e, "shareable", False)
+        sub(e, "sparse", self.sparse or volume is not self.volumes[0])
+        sub(e, "status", self.status)
+        sub(e, "storage_type", "image")
+        sub(e, "total_size", volume.actual_size())
+        sub(e, "wipe_after_delete", False)
+        link(e, "disk", "disks", self.id)
+        if volume.parent is not None:
+            link(e, "parent", f"storagedomains/{self.sd.id}/disksnapshots",
+                 volume.parent.id)
+        if volume.snapshot is not None:
+            link(e, "snapshot", f"vms/{volume.snapshot.vm.id}/snapshots",
+                 volume.snapshot.id)
         sds = sub(e, "storage_domains")
         link(sds, "storage_domain", "storagedomains", self.sd.id)
         return e
@@ -311,11 +403,46 @@ class Vm:
         self.disks = list(disks)
         self.status = status
         self.checkpoints = []               # oldest first
+        # The "Active VM" snapshot first, then the regular ones, oldest
+        # first.
+        self.snapshots = [VmSnapshot(str(uuid.uuid4()), self, "Active VM",
+                                     "active")]
+        self.snapshots[0].status = "ok"
+
+    @property
+    def active_snapshot(self):
+        return self.snapshots[0]
 
     def xml(self):
         e = ET.Element("vm", href=f"{API}/vms/{self.id}", id=self.id)
         sub(e, "name", self.name)
         sub(e, "status", self.status)
+        return e
+
+
+class VmSnapshot:
+    """A VM snapshot: the VM's disks' layers as they were when it was
+    taken (the layers whose snapshot it is), or the VM as it runs now
+    ("Active VM", type active)."""
+
+    def __init__(self, ident, vm, description, kind="regular"):
+        self.id = ident
+        self.vm = vm
+        self.description = description
+        self.type = kind
+        self.status = "locked"
+        self.date = now_iso()
+
+    def xml(self):
+        e = ET.Element("snapshot",
+                       href=f"{API}/vms/{self.vm.id}/snapshots/{self.id}",
+                       id=self.id)
+        sub(e, "date", self.date)
+        sub(e, "description", self.description)
+        sub(e, "persist_memorystate", False)
+        sub(e, "snapshot_status", self.status)
+        sub(e, "snapshot_type", self.type)
+        link(e, "vm", "vms", self.vm.id)
         return e
 
 
@@ -385,6 +512,9 @@ class Transfer:
         self.inactivity_timeout = inactivity_timeout
         self.timeout_policy = timeout_policy
         self.shallow = shallow
+        # The layer exported: the disk's active one, or a disk snapshot.
+        self.volume = disk.active
+        self.snapshot_transfer = False
         self.phase = "initializing"
         # The host the client asked for (None: the engine chose one).
         self.requested_host = None
@@ -729,7 +859,26 @@ class Engine:
             disks = [self._disk(d) for d in disk_ids]
             vm = Vm(name, disks, status)
             self.vms[vm.id] = vm
+            for disk in disks:
+                disk.active.snapshot = vm.active_snapshot
             return vm
+
+    def take_snapshot(self, vm_id, description="snapshot",
+                      timeout=COMMAND_TIMEOUT):
+        """A snapshot of all the VM's disks, as taken in the UI; returns
+        it once it is ok (a new qcow2 layer on each disk)."""
+        e = ET.Element("snapshot")
+        sub(e, "description", description)
+        snap = self.add_snapshot(vm_id, e)
+        deadline = time.monotonic() + timeout
+        while snap.status != "ok":
+            if snap not in snap.vm.snapshots:
+                raise RuntimeError(f"Snapshot {snap.id} failed")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Timeout creating snapshot {snap.id}")
+            if self.stopping.wait(0.02):
+                raise RuntimeError("engine stopping")
+        return snap
 
     # SSO.
 
@@ -870,11 +1019,13 @@ class Engine:
             self._delete_disk(disk)
 
     def _delete_disk(self, disk):
+        """RemoveDisk: all of the disk's layers go."""
         disk.removed = True
-        try:
-            os.unlink(disk.path)
-        except FileNotFoundError:
-            pass
+        for volume in disk.volumes:
+            try:
+                os.unlink(volume.path)
+            except FileNotFoundError:
+                pass
         for vm in self.vms.values():
             if disk in vm.disks:
                 vm.disks.remove(disk)
@@ -883,13 +1034,22 @@ class Engine:
 
     def add_transfer(self, e):
         disk_id = child_id(e, "disk") or child_id(e, "image")
-        if disk_id is None:
+        snapshot_id = child_id(e, "snapshot")
+        if disk_id is None and snapshot_id is None:
             raise Fault(400, "Incomplete parameters",
                         "ImageTransfer [disk.id|snapshot.id] required for add")
         direction = child_text(e, "direction", "upload")
         fmt = child_text(e, "format")
         with self.lock:
-            disk = self._disk(disk_id)
+            volume = None
+            if snapshot_id is not None:
+                # addForSnapshot: the disk is the snapshot's.
+                disk, volume = self._disk_snapshot(snapshot_id)
+                if direction != "download":
+                    raise conflict("Cannot transfer Virtual Disk. A disk "
+                                   "snapshot can only be downloaded.")
+            else:
+                disk = self._disk(disk_id)
             if "add_transfer" in self.faults:
                 raise conflict("Cannot transfer Virtual Disk. Injected "
                                "fault add_transfer.")
@@ -919,8 +1079,10 @@ class Engine:
                     raise conflict("Cannot transfer Virtual Disk: Disk "
                                    f"{disk.name} is locked. Please try again "
                                    "later.")
+                # A snapshot's layer is read only: the VM may run.
                 for vm in self.vms.values():
-                    if disk in vm.disks and vm.status == "up":
+                    if disk in vm.disks and vm.status == "up" and \
+                            volume is None:
                         raise conflict("Cannot transfer Virtual Disk. The VM "
                                        "is running.")
             host_id = child_id(e, "host")
@@ -936,6 +1098,9 @@ class Engine:
                 child_bool(e, "shallow", False))
             if host_id:
                 t.requested_host = self.host
+            if volume is not None:
+                t.volume = volume
+                t.snapshot_transfer = True
             disk.status = "locked"
             self.transfers[t.id] = t
             if backup:
@@ -967,7 +1132,7 @@ class Engine:
                         disk.backup_mode == "incremental":
                     bitmap = t.backup.from_checkpoint_id
                 cmd = qemu_nbd_command(
-                    sock, disk.path, disk.qemu_format, readonly,
+                    sock, t.volume.path, t.volume.qemu_format, readonly,
                     discard=disk.sparse and file_sd, bitmap=bitmap,
                     shallow=t.shallow)
                 log.debug("Starting %s", cmd)
@@ -978,7 +1143,7 @@ class Engine:
                 url = f"nbd:unix:{sock}"
                 size = disk.provisioned_size
             else:
-                url = f"file://{disk.path}"
+                url = f"file://{t.volume.path}"
                 size = self._file_ticket_size(t)
             ticket = {
                 "uuid": t.ticket_uuid,
@@ -1014,10 +1179,10 @@ class Engine:
 
     def _file_ticket_size(self, t):
         disk = t.disk
-        if disk.format == "raw":
+        if t.volume.format == "raw":
             return disk.provisioned_size
         if t.direction == "download":
-            return os.path.getsize(disk.path)
+            return os.path.getsize(t.volume.path)
         if disk.sd.block:
             return disk.initial_size or disk.provisioned_size
         return -(-disk.provisioned_size * 11 // 10) + (1 << 20)
@@ -1164,7 +1329,7 @@ class Engine:
         try:
             self._teardown(t)
             if t.direction == "upload":
-                self._verify(disk)
+                self._verify(disk, t.volume)
         except Exception as exc:
             log.error("Finalizing transfer %s failed: %s", t.id, exc)
             with self.lock:
@@ -1179,21 +1344,25 @@ class Engine:
             disk.status = "locked" if t.backup else "ok"
             t.phase = "finished_success"
 
-    def _verify(self, disk):
-        """vdsm verify_untrusted_volume."""
+    def _verify(self, disk, volume):
+        """vdsm verify_untrusted_volume: the backing file must be the
+        volume's parent (none for a base)."""
         out = run("qemu-img", "info", "--output", "json", "-U",
-                  "-f", disk.qemu_format, disk.path)
+                  "-f", volume.qemu_format, volume.path)
         info = json.loads(out)
-        if info.get("format") != disk.qemu_format:
+        if info.get("format") != volume.qemu_format:
             raise RuntimeError(f"volume format {info.get('format')} is not "
-                               f"{disk.qemu_format}")
+                               f"{volume.qemu_format}")
         if info["virtual-size"] > disk.provisioned_size:
             raise RuntimeError(f"virtual size {info['virtual-size']} is "
                                f"larger than {disk.provisioned_size}")
-        if "backing-filename" in info:
-            raise RuntimeError(f"unexpected backing file "
-                               f"{info['backing-filename']}")
-        if disk.format == "cow" and \
+        expected = (os.path.basename(volume.parent.path)
+                    if volume.parent else None)
+        if info.get("backing-filename") != expected:
+            raise RuntimeError(f"backing file "
+                               f"{info.get('backing-filename')} is not "
+                               f"{expected}")
+        if volume.format == "cow" and \
                 info.get("format-specific", {}).get("data", {}).get(
                     "compat") not in ("1.1", None):
             raise RuntimeError("unsupported qcow2 compat")
@@ -1234,6 +1403,160 @@ class Engine:
     def _cleaned(self, t):
         with self.lock:
             self._fail(t)
+
+    # Disk snapshots (the layers of disks, GetAllDiskSnapshotsByStorageDomainId).
+
+    def _disk_snapshot(self, volume_id, sd_id=None, disk_id=None):
+        """(disk, volume) of the layer volume_id, on storage domain sd_id
+        or of disk disk_id if given."""
+        for disk in self.disks.values():
+            if disk.removed or disk_id not in (None, disk.id) or \
+                    sd_id not in (None, disk.sd.id):
+                continue
+            volume = disk.volume(volume_id)
+            if volume is not None:
+                return disk, volume
+        raise not_found("disk snapshot", volume_id)
+
+    def disk_snapshots(self, sd_id=None, disk_id=None, include_active=False):
+        """(disk, volume) of every layer on sd_id or of disk_id; the
+        active layers only with include_active, as the engine does."""
+        if sd_id is not None and sd_id not in self.storage_domains:
+            raise not_found("storage domain", sd_id)
+        if disk_id is not None:
+            self._disk(disk_id)
+        found = []
+        for disk in self.disks.values():
+            if disk.removed or disk_id not in (None, disk.id) or \
+                    sd_id not in (None, disk.sd.id):
+                continue
+            for volume in disk.volumes:
+                if include_active or volume is not disk.active:
+                    found.append((disk, volume))
+        return found
+
+    # VM disks and snapshots (AttachDiskToVm, CreateSnapshotForVm, cold).
+
+    def attach_disk(self, vm_id, e):
+        disk_id = child_id(e, "disk")
+        if disk_id is None:
+            raise Fault(400, "Incomplete parameters",
+                        "DiskAttachment [disk.id] required for add")
+        with self.lock:
+            vm = self._vm(vm_id)
+            disk = self._disk(disk_id)
+            if any(disk in v.disks for v in self.vms.values()):
+                raise conflict("Cannot attach Virtual Disk. The disk is "
+                               "already attached to a VM.")
+            if disk.status == "locked":
+                raise conflict(f"Cannot attach Virtual Disk: Disk "
+                               f"{disk.name} is locked.")
+            if len(disk.volumes) > 1:
+                raise conflict("Cannot attach Virtual Disk. The disk has "
+                               "snapshots.")
+            vm.disks.append(disk)
+            disk.active.snapshot = vm.active_snapshot
+            return vm, disk
+
+    def add_snapshot(self, vm_id, e):
+        """
+        A snapshot of the VM's disks (all of them, or those its
+        disk_attachments name; an image_id there is the new layer's id,
+        as in a restore from backup): each disk gets a new empty qcow2
+        layer on top of its active one, made in the background while the
+        snapshot and the disks are locked.
+        """
+        with self.lock:
+            vm = self._vm(vm_id)
+            if vm.status not in ("up", "down"):
+                raise conflict("Cannot create Snapshot. The VM status is "
+                               f"{vm.status}.")
+            if any(s.status == "locked" for s in vm.snapshots):
+                raise conflict("Cannot create Snapshot. Snapshot is "
+                               "currently being created for VM "
+                               f"{vm.name}.")
+            attachments = e.find("disk_attachments")
+            if attachments is None:
+                chosen = [(d, None) for d in vm.disks]
+            else:
+                chosen = []
+                for a in attachments.findall("disk_attachment"):
+                    d = a.find("disk")
+                    disk = self._disk(d.get("id") if d is not None else None)
+                    if disk not in vm.disks:
+                        raise conflict(f"Cannot create Snapshot. Disk "
+                                       f"{disk.id} is not attached to the "
+                                       f"VM.")
+                    chosen.append((disk, child_text(d, "image_id")))
+            for disk, image_id in chosen:
+                if disk.status != "ok":
+                    raise conflict(f"Cannot create Snapshot. Disk "
+                                   f"{disk.name} is {disk.status}.")
+                if image_id and any(x.volume(image_id)
+                                    for x in self.disks.values()):
+                    raise conflict(f"Cannot create Snapshot. Image "
+                                   f"{image_id} already exists.")
+            ident = e.get("id") or str(uuid.uuid4())
+            snap = VmSnapshot(ident, vm, child_text(e, "description", ""))
+            vm.snapshots.append(snap)
+            for disk, _ in chosen:
+                disk.status = "locked"
+        self.later(self._snapshot_created, snap, chosen)
+        return snap
+
+    def _snapshot_created(self, snap, chosen):
+        """vdsm createVolume per disk: qcow2 on top of the active layer,
+        named by it relative (vdsm's backing links)."""
+        made = []
+        try:
+            if self._injected("create_snapshot"):
+                raise RuntimeError("injected fault create_snapshot")
+            for disk, image_id in chosen:
+                parent = disk.active
+                ident = image_id or str(uuid.uuid4())
+                path = os.path.join(self.store_dir, f"{ident}.img")
+                run("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "compat=1.1", "-b", os.path.basename(parent.path),
+                    "-F", parent.qemu_format, path,
+                    str(disk.provisioned_size))
+                made.append((disk, Volume(ident, path, "cow", parent)))
+        except Exception as exc:
+            log.error("Creating snapshot %s failed: %s", snap.id, exc)
+            for _, volume in made:
+                os.unlink(volume.path)
+            with self.lock:
+                snap.vm.snapshots.remove(snap)
+                for disk, _ in chosen:
+                    if not disk.removed:
+                        disk.status = "ok"
+                self.event(1, f"Failed to complete snapshot "
+                           f"'{snap.description}' creation for VM "
+                           f"{snap.vm.name}: {exc}", snap.id, snap.vm.id)
+            return
+        with self.lock:
+            for disk, volume in made:
+                disk.active.snapshot = snap
+                volume.snapshot = snap.vm.active_snapshot
+                disk.volumes.append(volume)
+                disk.status = "ok"
+            snap.status = "ok"
+            self.event(68, f"Snapshot '{snap.description}' creation for VM "
+                       f"'{snap.vm.name}' has been completed.", snap.id,
+                       snap.vm.id)
+
+    def _vm_snapshot(self, vm, snapshot_id):
+        for s in vm.snapshots:
+            if s.id == snapshot_id:
+                return s
+        raise not_found("snapshot", snapshot_id)
+
+    def snapshot_disks(self, vm_id, snapshot_id):
+        """The disks as the snapshot holds them: (disk, its layer)."""
+        with self.lock:
+            vm = self._vm(vm_id)
+            snap = self._vm_snapshot(vm, snapshot_id)
+            return [(d, v) for d in self.disks.values() if not d.removed
+                    for v in d.volumes if v.snapshot is snap]
 
     # Backups (StartVmBackupCommand, cold backup).
 
@@ -1387,8 +1710,13 @@ ROUTES = [
     ("POST", r"/disks", "post_disk"),
     ("GET", r"/disks/([^/]+)", "get_disk"),
     ("DELETE", r"/disks/([^/]+)", "delete_disk"),
+    ("GET", r"/disks/([^/]+)/disksnapshots", "list_disk_snapshots"),
+    ("GET", r"/disks/([^/]+)/disksnapshots/([^/]+)", "get_disk_snapshot"),
     ("GET", r"/storagedomains", "list_sds"),
     ("GET", r"/storagedomains/([^/]+)", "get_sd"),
+    ("GET", r"/storagedomains/([^/]+)/disksnapshots", "list_sd_snapshots"),
+    ("GET", r"/storagedomains/([^/]+)/disksnapshots/([^/]+)",
+     "get_sd_snapshot"),
     ("GET", r"/datacenters", "list_dcs"),
     ("GET", r"/datacenters/([^/]+)", "get_dc"),
     ("GET", r"/hosts", "list_hosts"),
@@ -1401,6 +1729,11 @@ ROUTES = [
     ("GET", r"/vms", "list_vms"),
     ("GET", r"/vms/([^/]+)", "get_vm"),
     ("GET", r"/vms/([^/]+)/diskattachments", "list_attachments"),
+    ("POST", r"/vms/([^/]+)/diskattachments", "post_attachment"),
+    ("GET", r"/vms/([^/]+)/snapshots", "list_snapshots"),
+    ("POST", r"/vms/([^/]+)/snapshots", "post_snapshot"),
+    ("GET", r"/vms/([^/]+)/snapshots/([^/]+)", "get_snapshot"),
+    ("GET", r"/vms/([^/]+)/snapshots/([^/]+)/disks", "list_snapshot_disks"),
     ("GET", r"/vms/([^/]+)/backups", "list_backups"),
     ("POST", r"/vms/([^/]+)/backups", "post_backup"),
     ("GET", r"/vms/([^/]+)/backups/([^/]+)", "get_backup"),
@@ -1606,8 +1939,51 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def list_sds(self, _):
         eng = self.engine
+        terms = search_terms(self.query.get("search", ""))
         self._collection("storage_domains", [
-            sd.xml(eng.dc) for sd in eng.storage_domains.values()])
+            sd.xml(eng.dc) for sd in eng.storage_domains.values()
+            if terms.get("name") in (None, sd.name)])
+
+    def _flag(self, name):
+        return self.query.get(name, "false").lower() == "true"
+
+    def list_sd_snapshots(self, _, sd_id):
+        """GET /storagedomains/{sd}/disksnapshots[?include_active=true]:
+        every layer of the domain's disks; the active layers only if
+        asked (include_template: no templates here)."""
+        with self.engine.lock:
+            elems = [d.snapshot_xml(v, f"storagedomains/{sd_id}")
+                     for d, v in self.engine.disk_snapshots(
+                         sd_id=sd_id,
+                         include_active=self._flag("include_active"))]
+        self._collection("disk_snapshots", elems)
+
+    def get_sd_snapshot(self, _, sd_id, snapshot_id):
+        with self.engine.lock:
+            if sd_id not in self.engine.storage_domains:
+                raise not_found("storage domain", sd_id)
+            disk, volume = self.engine._disk_snapshot(snapshot_id,
+                                                      sd_id=sd_id)
+            out = disk.snapshot_xml(volume, f"storagedomains/{sd_id}")
+        self._xml(out)
+
+    def list_disk_snapshots(self, _, disk_id):
+        """GET /disks/{d}/disksnapshots[?include_active=true]: the disk's
+        layers (API 4.5, list_disk_snapshots.py)."""
+        with self.engine.lock:
+            elems = [d.snapshot_xml(v, f"disks/{disk_id}")
+                     for d, v in self.engine.disk_snapshots(
+                         disk_id=disk_id,
+                         include_active=self._flag("include_active"))]
+        self._collection("disk_snapshots", elems)
+
+    def get_disk_snapshot(self, _, disk_id, snapshot_id):
+        with self.engine.lock:
+            self.engine._disk(disk_id)
+            disk, volume = self.engine._disk_snapshot(snapshot_id,
+                                                      disk_id=disk_id)
+            out = disk.snapshot_xml(volume, f"disks/{disk_id}")
+        self._xml(out)
 
     def get_sd(self, _, sd_id):
         sd = self.engine.storage_domains.get(sd_id)
@@ -1702,6 +2078,44 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.engine.lock:
             elems = self._attachments(self.engine._vm(vm_id))
         self._collection("disk_attachments", elems)
+
+    def post_attachment(self, e, vm_id):
+        if e is None or e.tag != "disk_attachment":
+            raise Fault(400, "Bad Request", "Expected <disk_attachment>")
+        vm, disk = self.engine.attach_disk(vm_id, e)
+        with self.engine.lock:
+            out = self._attachments(vm)[vm.disks.index(disk)]
+        self._xml(out, 201, [("Location", out.get("href"))])
+
+    def list_snapshots(self, _, vm_id):
+        with self.engine.lock:
+            elems = [s.xml() for s in self.engine._vm(vm_id).snapshots]
+        self._collection("snapshots", elems)
+
+    def post_snapshot(self, e, vm_id):
+        if e is None or e.tag != "snapshot":
+            raise Fault(400, "Bad Request", "Expected <snapshot>")
+        snap = self.engine.add_snapshot(vm_id, e)
+        with self.engine.lock:
+            out = snap.xml()
+        self._xml(out, 201, [("Location", out.get("href"))])
+
+    def get_snapshot(self, _, vm_id, snapshot_id):
+        eng = self.engine
+        with eng.lock:
+            out = eng._vm_snapshot(eng._vm(vm_id), snapshot_id).xml()
+        self._xml(out)
+
+    def list_snapshot_disks(self, _, vm_id, snapshot_id):
+        """The snapshot's disks, each with the layer the snapshot holds
+        as its image_id."""
+        elems = []
+        for disk, volume in self.engine.snapshot_disks(vm_id, snapshot_id):
+            with self.engine.lock:
+                e = disk.xml()
+            e.find("image_id").text = volume.id
+            elems.append(e)
+        self._collection("disks", elems)
 
     def _attachments(self, vm):
         elems = []

@@ -282,18 +282,23 @@ def measure(filename, dst_fmt, member=None):
 
 
 def checksum(filename, member=None, block_size=_CHECKSUM_BLOCK_SIZE,
-             algorithm=_CHECKSUM_ALGORITHM, detect_zeroes=True):
+             algorithm=_CHECKSUM_ALGORITHM, detect_zeroes=True,
+             backing_chain=True):
     """
     Return the checksum of the guest data of filename (or its tar
     member): {"algorithm", "block_size", "checksum"}, equal to the
     server's /checksum of the same image with the same block size and
     algorithm. Zero blocks are always detected (detect_zeroes is kept for
-    compatibility; the result does not depend on it).
+    compatibility; the result does not depend on it). backing_chain=False
+    reads a qcow2 without its backing files (unallocated areas read as
+    zeros): the checksum of one layer, equal to the server's for a
+    shallow transfer of it.
     """
     from ovirt_imageio import checksum as blkhash
 
     image_info = info(filename, member=member)
-    with _open_local(filename, image_info, read_only=True, shared=1) as exp:
+    with _open_local(filename, image_info, read_only=True, shared=1,
+                     backing_chain=backing_chain) as exp:
         with exp.connect() as image:
             return blkhash.compute(image, algorithm=algorithm,
                                    block_size=block_size)

@@ -1,8 +1,9 @@
 """
 ovirt-img's side of the oVirt engine, through the oVirt SDK
 (ovirt-engine-sdk-python 4.6.3): the disks, storage domains, hosts and
-image transfers of ENGINE-SIM.md sections 1.1 and 1.2, and the VM
-backups of section 1.5.
+image transfers of ENGINE-SIM.md sections 1.1 and 1.2, the VM
+backups of section 1.5, and the disk snapshots, VM snapshots and disk
+attachments of doc/engine-api.md.
 
 Every engine error comes out as Error with one line that says what was
 being done and the engine's fault reason and detail, never the SDK's
@@ -293,20 +294,28 @@ class Engine:
         return self.system.image_transfers_service().image_transfer_service(
             transfer_id)
 
-    def add_transfer(self, disk, direction, host=None, backup=None):
+    def add_transfer(self, disk, direction, host=None, backup=None,
+                     snapshot=None, shallow=None):
         """Create an image transfer of disk (raw: the guest's view, over
         NBD), cancelled by the engine if the client goes away; of the
-        disk as a backup sees it with backup."""
+        disk as a backup sees it with backup; of the disk snapshot (a
+        layer) snapshot instead of the disk. shallow: only the layer
+        itself (the disk's active one, or snapshot), its holes reported,
+        not its backing chain."""
         types = self.types
         transfer = types.ImageTransfer(
-            disk=types.Disk(id=disk.id),
+            disk=types.Disk(id=disk.id) if snapshot is None else None,
+            snapshot=(types.DiskSnapshot(id=snapshot.id)
+                      if snapshot is not None else None),
             host=types.Host(id=host.id) if host is not None else None,
             backup=types.Backup(id=backup.id) if backup is not None else None,
             direction=types.ImageTransferDirection(direction),
             format=types.DiskFormat.RAW,
+            shallow=shallow,
             timeout_policy=types.ImageTransferTimeoutPolicy.CANCEL)
-        with self.step(f"Cannot create {direction} transfer for disk "
-                       f"{disk.id}"):
+        what = (f"disk snapshot {snapshot.id} of disk {disk.id}"
+                if snapshot is not None else f"disk {disk.id}")
+        with self.step(f"Cannot create {direction} transfer for {what}"):
             return self.system.image_transfers_service().add(transfer)
 
     def unfinished_transfers(self, disk_id):
@@ -525,6 +534,97 @@ class Engine:
             if current.phase == phase.FAILED:
                 raise Error(f"Backup {backup.id} failed to finalize"
                             f"{self._backup_event(backup.id)}")
+
+
+    # Disk snapshots, VM snapshots, disk attachments (doc/engine-api.md).
+
+    def disk_chain(self, disk):
+        """
+        The disk's layers, base first, the active one last: its disk
+        snapshots with the active one (include_active), ordered by their
+        parent links. Error if they do not make one chain.
+        """
+        with self.step(f"Cannot list the snapshots of disk {disk.id}"):
+            layers = self.disk_service(disk.id).disk_snapshots_service().list(
+                include_active=True, include_template=True)
+        return chain(disk.id, layers)
+
+    def vm_service(self, vm_id):
+        return self.system.vms_service().vm_service(vm_id)
+
+    def get_vm(self, vm_id):
+        with self.step(f"Cannot get VM {vm_id}"):
+            return self.vm_service(vm_id).get()
+
+    def attach_disk(self, vm, disk_id):
+        """Attach the disk to the VM, not bootable, active (plugged)."""
+        types = self.types
+        attachment = types.DiskAttachment(
+            disk=types.Disk(id=disk_id), active=True, bootable=False,
+            interface=types.DiskInterface.VIRTIO_SCSI)
+        with self.step(f"Cannot attach disk {disk_id} to VM {vm.id}"):
+            return self.vm_service(vm.id).disk_attachments_service().add(
+                attachment)
+
+    def add_vm_snapshot(self, vm, disk_id, description):
+        """A snapshot of one disk of the VM (disk_attachments names
+        only it): a new empty layer on top of the disk."""
+        types = self.types
+        snapshot = types.Snapshot(
+            description=description,
+            persist_memorystate=False,
+            disk_attachments=[types.DiskAttachment(
+                disk=types.Disk(id=disk_id))])
+        with self.step(f"Cannot create a snapshot of disk {disk_id} on "
+                       f"VM {vm.id}"):
+            return self.vm_service(vm.id).snapshots_service().add(snapshot)
+
+    def wait_for_vm_snapshot(self, vm, snapshot, timeout=START_TIMEOUT):
+        """Wait until the snapshot is ok; Error with the engine's event
+        if it failed (the engine removes a failed snapshot)."""
+        status = self.types.SnapshotStatus
+        service = self.vm_service(vm.id).snapshots_service() \
+            .snapshot_service(snapshot.id)
+        poller = Poller(timeout, f"snapshot {snapshot.id} to be created")
+        current = snapshot
+        while current.snapshot_status != status.OK:
+            poller.wait()
+            try:
+                current = service.get()
+            except self.sdk.NotFoundError:
+                raise Error(f"Snapshot {snapshot.id} failed"
+                            f"{self._backup_event(snapshot.id)}") from None
+            except self.sdk.Error as e:
+                raise Error(f"Cannot get snapshot {snapshot.id}: "
+                            f"{describe(e)}") from e
+        return current
+
+
+def chain(disk_id, layers):
+    """Layers (DiskSnapshot) ordered base first by their parent links;
+    Error unless they form one chain."""
+    by_parent = {}
+    for layer in layers:
+        parent = _id(layer.parent)
+        if parent in by_parent:
+            raise Error(f"Disk {disk_id} has layers that are not one "
+                        f"chain: {layer.id} and {by_parent[parent].id} "
+                        f"have the same parent")
+        by_parent[parent] = layer
+    ids = {layer.id for layer in layers}
+    bases = [p for p in by_parent if p not in ids]
+    if len(bases) != 1:
+        raise Error(f"Disk {disk_id} has no layers, or layers that are "
+                    f"not one chain")
+    ordered = []
+    parent = bases[0]
+    while parent in by_parent:
+        layer = by_parent.pop(parent)
+        ordered.append(layer)
+        parent = layer.id
+    if by_parent:
+        raise Error(f"Disk {disk_id} has layers that are not one chain")
+    return ordered
 
 
 def _id(entity):

@@ -7,6 +7,8 @@ output and exit codes (ENGINE-SIM.md section 4).
     ovirt-img download-disk -c engine1 DISK_ID fedora.qcow2
     ovirt-img checksum -c engine1 DISK_ID
     ovirt-img info -c engine1 -o json DISK_ID
+    ovirt-img download-snapshot -c engine1 DISK_ID DIR
+    ovirt-img upload-snapshot -c engine1 -s nfs-01 --vm VM_ID DIR/TOP.qcow2
 
 Upload: inspect the image with qemu-img, create a disk of the right
 format, allocation and initial size for the storage domain, wait for it,
@@ -28,6 +30,12 @@ gives for a local image with the same algorithm and block size, so a copy
 can be checked against the disk.
 
 Info: what the engine knows of a disk, as text or one JSON object.
+
+Snapshots: download-snapshot copies a disk's layers (its disk snapshots
+and the active layer) into a folder as a local qcow2 chain, one file per
+layer; upload-snapshot makes a new disk with the same layers from such a
+chain, through VM snapshots of a VM it attaches the disk to
+(doc/engine-api.md).
 
 Exit codes: 0 done, 1 failed (one line on stderr; the traceback in the
 debug log), 2 usage, 128+N killed by signal N (SIGINT, SIGTERM), after
@@ -438,6 +446,416 @@ class _Entity:
         self.id = ident
 
 
+# Snapshots.
+
+# A chain deeper than this is refused (a loop qemu would reject too).
+MAX_LAYERS = 256
+
+# A backing file name qemu would take for a protocol or a json:
+# specification, not a file: "nbd:...", "http://...", "json:{...}".
+_PROTOCOL = re.compile(r"[^/]*:")
+
+
+def download_snapshot(args):
+    """
+    A disk's layers, base first, into DIR as a qcow2 chain: one file per
+    layer named by its id (the disk snapshot's, <id>.qcow2), each the
+    layer alone through a shallow transfer (its holes stay unallocated,
+    its zeros are zero clusters hiding the layers below), backed by the
+    file of the layer below by its relative name. Each layer is verified
+    against the server's checksum of the same shallow export. On failure
+    the files written are removed. Prints the chain.
+    """
+    folder = args.directory
+    written = []
+    with progress_bar(args, "listing snapshots") as bar:
+        with connect(args) as engine:
+            disk = engine.get_disk(args.disk_id)
+            layers = engine.disk_chain(disk)
+            names = [f"{layer.id}.qcow2" for layer in layers]
+            _check_new_files(folder, names)
+            host = _download_host(engine, disk)
+            # Each layer's transfer covers the whole virtual size.
+            bar.size = disk.provisioned_size * len(layers)
+            try:
+                for i, layer in enumerate(layers):
+                    path = os.path.join(folder, names[i])
+                    written.append(path)
+                    active = i == len(layers) - 1
+                    _download_layer(
+                        args, engine, bar, disk, host, path,
+                        snapshot=None if active else layer,
+                        backing_file=names[i - 1] if i else None,
+                        what=f"layer {i + 1}/{len(layers)}")
+            except BaseException:
+                bar.phase = "removing files"
+                for path in reversed(written):
+                    _cleanup(_remove_file, path)
+                raise
+            bar.phase = "download completed"
+    _print_result(args, {
+        "disk_id": disk.id,
+        "directory": folder,
+        "layers": [_layer_result(layer, name, names[i - 1] if i else None)
+                   for i, (layer, name) in enumerate(zip(layers, names))],
+        "top": os.path.join(folder, names[-1]),
+    })
+
+
+def _check_new_files(folder, names):
+    existing = [n for n in names if os.path.lexists(os.path.join(folder, n))]
+    if existing:
+        raise _ovirt.Error(f"{folder} already holds {', '.join(existing)}; "
+                           f"a download never replaces a file")
+
+
+def _download_layer(args, engine, bar, disk, host, path, snapshot,
+                    backing_file, what):
+    """One layer through a shallow transfer: of the disk snapshot, or of
+    the disk for the active layer (not reachable as a disk snapshot)."""
+    bar.phase = f"creating transfer ({what})"
+    transfer = engine.add_transfer(disk, "download", host,
+                                   snapshot=snapshot, shallow=True)
+    try:
+        transfer = engine.wait_for_transfer(transfer)
+        bar.phase = f"downloading {what}"
+        url, proxy_url = transfer_urls(transfer)
+        client.download(
+            url, path, args.cafile,
+            proxy_url=proxy_url,
+            fmt="qcow2",
+            backing_file=backing_file,
+            backing_format="qcow2" if backing_file else None,
+            secure=args.secure,
+            buffer_size=args.buffer_size,
+            max_workers=args.max_workers,
+            progress=_Share(bar))
+        if args.verify:
+            bar.phase = f"verifying {what}"
+            _verify_layer(args, url, proxy_url, path, what)
+    except BaseException:
+        bar.phase = "finalizing transfer"
+        _cleanup(engine.finalize_transfer, transfer, disk.id)
+        raise
+    bar.phase = "finalizing transfer"
+    engine.finalize_transfer(transfer, disk.id)
+
+
+def _verify_layer(args, url, proxy_url, path, what):
+    """The server's checksum of the shallow export against the local
+    layer's, read without its backing file: both read the layer's holes
+    as zeros."""
+    with client._open_remote(url, args.cafile, args.secure,
+                             proxy_url) as image:
+        timeout = max(CHECKSUM_MIN_TIMEOUT, image.size // CHECKSUM_MIN_RATE)
+        remote = image.checksum(timeout=timeout)
+    local = client.checksum(path, algorithm=remote["algorithm"],
+                            block_size=remote["block_size"],
+                            backing_chain=False)
+    if local["checksum"] != remote["checksum"]:
+        raise _ovirt.Error(
+            f"Verification of {what} failed: the server's checksum "
+            f"{remote['checksum']} differs from {path}'s "
+            f"{local['checksum']}")
+
+
+def _layer_result(layer, filename, backing_file):
+    snapshot = getattr(layer, "snapshot", None)
+    return {"id": layer.id, "filename": filename,
+            "backing_file": backing_file,
+            "snapshot_id": snapshot.id if snapshot is not None else None}
+
+
+def _remove_file(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _Share:
+    """One transfer's progress as a part of the command's bar, whose
+    size (set once) covers every transfer of the command."""
+
+    def __init__(self, bar):
+        self._bar = bar
+
+    @property
+    def size(self):
+        return self._bar.size
+
+    @size.setter
+    def size(self, value):
+        pass
+
+    def update(self, n):
+        self._bar.update(n)
+
+
+class Layer:
+    """A local layer: its path, qemu-img info, format and virtual size."""
+
+    def __init__(self, path, info):
+        self.path = path
+        self.info = info
+        self.format = info["format"]
+        self.size = info["virtual-size"]
+        self.done = False
+
+
+def inspect_chain(filename, allow_backing=False):
+    """
+    The local chain whose top is filename, base first. Walked here, one
+    `qemu-img info` per layer (which opens no backing file), so that no
+    file is opened before it is checked: every layer must be a file in
+    the top's folder (after symlinks), named by a plain file name, and
+    name no other file (a qcow2 data file, vmdk extents elsewhere);
+    --allow-backing lifts the folder and data file checks, never the
+    plain name one. All layers but the base are qcow2, all of one
+    virtual size.
+    """
+    folder = os.path.dirname(os.path.realpath(filename))
+    layers = []
+    seen = set()
+    path = filename
+    while True:
+        real = os.path.realpath(path)
+        if real in seen or len(seen) >= MAX_LAYERS:
+            raise _ovirt.Error(f"The backing chain of {filename} loops or "
+                               f"is deeper than {MAX_LAYERS} layers")
+        seen.add(real)
+        if not allow_backing and os.path.dirname(real) != folder:
+            raise _ovirt.Error(
+                f"Layer {path} is outside {folder}, the folder of "
+                f"{filename}. Use --allow-backing to upload it")
+        try:
+            info = client.info(path)
+        except client.qemu_img.Error as e:
+            raise _ovirt.Error(f"Cannot read layer {path}: {e}") from None
+        others = [r for r in sources.unsafe_references(path, info)
+                  if not r.startswith("backing file")]
+        if others and not allow_backing:
+            raise _ovirt.Error(
+                f"Layer {path} refers to other files: {'; '.join(others)}. "
+                f"Use --allow-backing to upload them")
+        layer = Layer(path, info)
+        if layers and layers[-1].info.get("backing-filename-format") not in \
+                (None, layer.format):
+            raise _ovirt.Error(
+                f"Layer {layers[-1].path} names {path} as a "
+                f"{layers[-1].info['backing-filename-format']} backing file, "
+                f"but it is {layer.format}")
+        layers.append(layer)
+        backing = info.get("backing-filename")
+        if not backing:
+            break
+        if layer.format != "qcow2":
+            raise _ovirt.Error(f"Layer {path} is {layer.format}: only a "
+                               f"qcow2 layer may have a backing file")
+        if _PROTOCOL.match(backing):
+            raise _ovirt.Error(f"Layer {path} names {backing!r} as its "
+                               f"backing file, which is not a file name")
+        path = os.path.join(os.path.dirname(path), backing)
+    layers.reverse()
+    sizes = {layer.size for layer in layers}
+    if len(sizes) > 1:
+        raise _ovirt.Error(
+            f"The layers of {filename} have different virtual sizes "
+            f"({', '.join(str(n) for n in sorted(sizes))}); a disk's "
+            f"layers have the disk's size")
+    return layers
+
+
+def upload_snapshot(args):
+    """
+    A local qcow2 chain into a new disk with the same layers: the disk
+    is made for the base, attached to the VM, and each further layer
+    comes through a VM snapshot of that disk (a new empty layer), into
+    which the local layer alone is uploaded (backing_chain=False: its
+    holes stay holes, exposing the layers below). Then the disk's
+    checksum is compared with the local chain's.
+
+    Clean-up: until the base's transfer has finished, a failure removes
+    the new disk (as upload-disk). After that the disk holds complete
+    layers and stays, attached to the VM, and the error says what is
+    left; except that the engine itself removes the disk when a layer's
+    upload fails (its transfer is cancelled), which the error says too.
+    """
+    with progress_bar(args, "inspecting images") as bar:
+        layers = inspect_chain(args.filename, args.allow_backing)
+        with connect(args) as engine:
+            vm = engine.get_vm(args.vm)
+            if vm.status is None or vm.status.value != "down":
+                raise _ovirt.Error(
+                    f"VM {vm.id} is {vm.status.value if vm.status else '?'}"
+                    f": layers can be uploaded to the disks of a VM that "
+                    f"is down")
+            sd = engine.storage_domain(args.storage_domain)
+            block = engine.is_block(sd)
+            params = _snapshot_disk_params(args, layers, block)
+            bar.size = layers[0].size * len(layers)
+            disk, host = _upload_base(args, engine, bar, sd, params,
+                                      block, layers)
+            snapshots = []
+            try:
+                engine.attach_disk(vm, disk.id)
+                _upload_layers(args, engine, bar, vm, disk, host, layers,
+                               snapshots)
+                if args.verify:
+                    bar.phase = "verifying disk"
+                    _verify_disk(args, engine, disk, host, layers[-1].path)
+            except BaseException as e:
+                bar.phase = "upload failed"
+                left = _left_behind(engine, vm, disk, layers, snapshots)
+                if isinstance(e, Exception):
+                    raise _ovirt.Error(f"{error_message(e)}. {left}") \
+                        from e
+                log.error("%s", left)
+                raise
+            chain = engine.disk_chain(engine.get_disk(disk.id))
+            bar.phase = "upload completed"
+    _print_result(args, {
+        "disk_id": disk.id,
+        "vm_id": vm.id,
+        "layers": [dict(_layer_result(remote, layer.path, None),
+                        backing_file=layers[i - 1].path if i else None)
+                   for i, (remote, layer) in enumerate(zip(chain, layers))],
+        "top": layers[-1].path,
+    })
+
+
+def _snapshot_disk_params(args, layers, block):
+    """The new disk: the format asked for, sparse (a raw disk on block
+    storage is preallocated), of the chain's size."""
+    types = _sdk_types()
+    fmt = args.format
+    sparse = not (fmt == "raw" and block)
+    name = args.name or os.path.splitext(
+        os.path.basename(args.filename))[0]
+    params = dict(
+        id=str(uuid.uuid4()),
+        name=name,
+        description=args.description,
+        format=types.DiskFormat.COW if fmt == "qcow2" else types.DiskFormat.RAW,
+        provisioned_size=layers[0].size,
+        sparse=sparse,
+        content_type=types.DiskContentType.DATA)
+    if fmt == "qcow2":
+        params["backup"] = types.DiskBackup.INCREMENTAL
+        params["initial_size"] = client.measure(
+            layers[0].path, "qcow2")["required"]
+    return params
+
+
+def _upload_base(args, engine, bar, sd, params, block, layers):
+    """Create the disk and upload the base into it; any failure removes
+    the disk (our own id: also when the engine's answer never came)."""
+    what = f"layer 1/{len(layers)}"
+    bar.phase = "creating disk"
+    try:
+        disk = engine.add_disk(storage_domain=sd.name, **params)
+    except BaseException:
+        bar.phase = "removing disk"
+        _cleanup(engine.remove_disk, params["id"])
+        raise
+    log.info("Created disk %s", disk.id)
+    try:
+        disk = engine.wait_for_disk(disk.id, args.disk_timeout)
+        host = engine.this_host(sd.name)
+        _upload_layer(args, engine, bar, disk, host, layers[0], what,
+                      backing_chain=True,
+                      disk_is_zero=new_disk_is_zero(params, block))
+    except BaseException:
+        bar.phase = "removing disk"
+        _cleanup(_remove_new_disk, engine, disk.id)
+        raise
+    layers[0].done = True
+    return disk, host
+
+
+def _upload_layers(args, engine, bar, vm, disk, host, layers, snapshots):
+    for i in range(1, len(layers)):
+        what = f"layer {i + 1}/{len(layers)}"
+        bar.phase = f"creating snapshot ({what})"
+        snapshot = engine.add_vm_snapshot(
+            vm, disk.id, f"ovirt-img upload-snapshot: {what} of "
+                         f"{os.path.basename(args.filename)}")
+        snapshots.append(snapshot.id)
+        engine.wait_for_vm_snapshot(vm, snapshot)
+        _upload_layer(args, engine, bar, disk, host, layers[i], what,
+                      backing_chain=False, disk_is_zero=False)
+        layers[i].done = True
+
+
+def _upload_layer(args, engine, bar, disk, host, layer, what,
+                  backing_chain, disk_is_zero):
+    bar.phase = f"creating transfer ({what})"
+    transfer = engine.add_transfer(disk, "upload", host)
+    try:
+        transfer = engine.wait_for_transfer(transfer)
+        bar.phase = f"uploading {what}"
+        url, proxy_url = transfer_urls(transfer)
+        client.upload(
+            layer.path, url, args.cafile,
+            proxy_url=proxy_url,
+            secure=args.secure,
+            buffer_size=args.buffer_size,
+            max_workers=args.max_workers,
+            backing_chain=backing_chain,
+            disk_is_zero=disk_is_zero,
+            progress=_Share(bar))
+    except BaseException:
+        # The engine removes the disk of a cancelled upload.
+        bar.phase = "cancelling transfer"
+        _cleanup(engine.cancel_transfer, transfer)
+        raise
+    bar.phase = "finalizing transfer"
+    engine.finalize_transfer(transfer, disk.id)
+
+
+def _verify_disk(args, engine, disk, host, top):
+    """The disk's checksum (computed on its host) against the local
+    chain's."""
+    transfer = engine.add_transfer(disk, "download", host)
+    try:
+        transfer = engine.wait_for_transfer(transfer)
+        url, proxy_url = transfer_urls(transfer)
+        with client._open_remote(url, args.cafile, args.secure,
+                                 proxy_url) as image:
+            timeout = max(CHECKSUM_MIN_TIMEOUT,
+                          image.size // CHECKSUM_MIN_RATE)
+            remote = image.checksum(timeout=timeout)
+    finally:
+        engine.finalize_transfer(transfer, disk.id)
+    local = client.checksum(top, algorithm=remote["algorithm"],
+                            block_size=remote["block_size"])
+    if local["checksum"] != remote["checksum"]:
+        raise _ovirt.Error(
+            f"Verification failed: disk {disk.id}'s checksum "
+            f"{remote['checksum']} differs from {top}'s {local['checksum']}")
+
+
+def _left_behind(engine, vm, disk, layers, snapshots):
+    """What a failure after the base left on the engine, in words. An
+    unfinished transfer is cancelled first (it would keep the disk
+    locked); the engine then removes the disk."""
+    try:
+        for transfer in engine.unfinished_transfers(disk.id):
+            engine.cancel_transfer(transfer)
+        engine.get_disk(disk.id)
+    except _ovirt.Error as e:
+        if isinstance(e.__cause__, engine.sdk.NotFoundError):
+            made = (f"; VM snapshots {', '.join(snapshots)} remain on VM "
+                    f"{vm.id} without it" if snapshots else "")
+            return (f"The engine removed disk {disk.id} (a failed upload "
+                    f"removes its disk){made}")
+        return f"Disk {disk.id} may be left on VM {vm.id}: {e}"
+    done = 1 + sum(1 for layer in layers[1:] if layer.done)
+    return (f"Disk {disk.id}, attached to VM {vm.id}, is left with the "
+            f"first {done} of the {len(layers)} layers of "
+            f"{layers[-1].path}")
+
+
 # Checksum.
 
 # The daemon reads the disk's data at a few hundred MiB/s and skips
@@ -524,8 +942,20 @@ def _print_result(args, result):
     if args.output == "json":
         print(json.dumps(result), flush=True)
         return
-    width = max(len(k) for k in result) + 2
+    items = []
     for key, value in result.items():
+        if key == "layers":
+            items.append((key, len(value)))
+            for i, layer in enumerate(value, 1):
+                extra = [f"id {layer['id']}"]
+                if layer["snapshot_id"]:
+                    extra.append(f"snapshot {layer['snapshot_id']}")
+                items.append((f"layer {i}",
+                              f"{layer['filename']} ({', '.join(extra)})"))
+        else:
+            items.append((key, value))
+    width = max(len(k) for k, _ in items) + 2
+    for key, value in items:
         if key == "storage_domains":
             key, value = "storage_domain", ", ".join(
                 f"{sd['name']} ({sd['id']})" for sd in value)
@@ -558,6 +988,13 @@ def _new_file(path):
     path = opts.text(path)
     if os.path.lexists(path):
         raise opts.Invalid("exists; a backup never replaces a file")
+    return path
+
+
+def _existing_directory(path):
+    path = opts.text(path)
+    if not os.path.isdir(path):
+        raise opts.Invalid("not an existing directory")
     return path
 
 
@@ -824,6 +1261,50 @@ def parser():
             metavar="FILE", type=_argtype(_new_file),
             help="the qcow2 image to write"))],
         validate=_check_backup_args)
+    opts.Command(
+        p, "download-snapshot", download_snapshot,
+        "Download a disk's layers (its snapshots and the active layer) "
+        "into a folder as a qcow2 chain, one file <layer id>.qcow2 per "
+        "layer, each backed by the one below.",
+        options=(
+            opts.Flag("--verify", negate=True, default=True,
+                      help="compare the server's checksum of each layer "
+                           "with the file's (default: on)"),
+        ),
+        positionals=[disk_id, (("directory",), dict(
+            metavar="DIR", type=_argtype(_existing_directory),
+            help="an existing folder for the layers"))])
+    opts.Command(
+        p, "upload-snapshot", upload_snapshot,
+        "Create a disk with the layers of a local qcow2 chain: the base, "
+        "then each layer through a snapshot of the VM the disk is "
+        "attached to.",
+        options=(
+            opts.Option("-s", "--storage-domain", required=True,
+                        config=False, help="the storage domain's name"),
+            opts.Option("--vm", required=True, type=opts.disk_id,
+                        config=False,
+                        help="the id of the VM (down) to attach the disk "
+                             "to; its snapshots make the layers"),
+            opts.Option("-f", "--format", choices=("raw", "qcow2"),
+                        type=opts.choice("raw", "qcow2"), config=False,
+                        default="qcow2",
+                        help="the base layer's format on the disk "
+                             "(default qcow2); the others are qcow2"),
+            opts.Option("--name", config=False,
+                        help="the disk's name (default: the top file's "
+                             "name without its extension)"),
+            opts.Flag("--verify", negate=True, default=True,
+                      help="compare the disk's checksum with the "
+                           "chain's at the end (default: on)"),
+            opts.Flag("--allow-backing", config=False, default=False,
+                      help="upload a chain whose layers are outside the "
+                           "top's folder or name qcow2 data files; "
+                           "refused by default"),
+        ),
+        positionals=[(("filename",), dict(
+            metavar="TOP", type=_argtype(_existing_file),
+            help="the chain's top layer (download-snapshot's top)"))])
     opts.Command(
         p, "info", disk_info,
         "Show a disk: alias, format, sizes, storage domain, backup mode.",

@@ -1351,3 +1351,304 @@ def test_backup_never_replaces_a_file(env, tmp_path):
     assert p.returncode == 2
     assert "a backup never replaces a file" in p.stderr
     assert existing.read_bytes() == b"keep"
+
+
+# download-snapshot and upload-snapshot
+
+def layer_spec(path, fmt="qcow2"):
+    """The image as one layer: a qcow2 opened without its backing file."""
+    node = {"driver": fmt, "file": {"driver": "file", "filename": str(path)}}
+    if fmt == "qcow2":
+        node["backing"] = None
+    return "json:" + json.dumps(node)
+
+
+def compare_layer(a, b, a_fmt="qcow2", b_fmt="qcow2"):
+    compare(layer_spec(a, a_fmt), layer_spec(b, b_fmt))
+
+
+def layer_data(path):
+    """Bytes allocated with data in the layer itself."""
+    out = subprocess.run(["qemu-img", "map", "--output=json",
+                          layer_spec(path)], check=True, capture_output=True,
+                         timeout=60).stdout
+    return sum(e["length"] for e in json.loads(out) if e["data"])
+
+
+# What the guest writes after each snapshot: data, and zeros over data of
+# a layer below (a zero cluster hiding it, not a hole).
+GUEST_WRITES = (
+    ("write -P 0x51 1m 64k", "write -z 0 64k"),
+    ("write -P 0x52 2m 128k",),
+    ("write -P 0x53 3m 64k", "write -z 1m 64k"),
+)
+
+
+def snapshot_chain(env, tmp_path, snapshots=3):
+    """A disk on a VM with snapshots taken between guest writes: a chain
+    of snapshots + 1 layers, the base from make_image."""
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = env.engine.add_disk_from_image(src)
+    vm = env.engine.add_vm("vm1", [disk.id])
+    for writes in GUEST_WRITES[:snapshots]:
+        env.engine.take_snapshot(vm.id)
+        qemu_io(disk.path, "qcow2", *writes)
+    return disk, vm
+
+
+def test_snapshot_download_upload_chain(env, tmp_path):
+    disk, vm = snapshot_chain(env, tmp_path)
+    volumes = list(disk.volumes)
+    assert len(volumes) == 4
+    down = tmp_path / "down"
+    down.mkdir()
+    p = env.run("download-snapshot", disk.id, down)
+    *lines, result = progress(p.stdout)
+    assert result["disk_id"] == disk.id
+    assert [x["id"] for x in result["layers"]] == [v.id for v in volumes]
+    names = [f"{v.id}.qcow2" for v in volumes]
+    assert [x["filename"] for x in result["layers"]] == names
+    assert [x["backing_file"] for x in result["layers"]] == [None, *names[:-1]]
+    # Each regular layer is its VM snapshot's; the active one the VM's.
+    assert [x["snapshot_id"] for x in result["layers"]] == \
+        [s.id for s in vm.snapshots[1:]] + [vm.active_snapshot.id]
+    assert result["top"] == str(down / names[-1])
+    phases = [r["description"] for r in lines]
+    assert "verifying layer 4/4" in phases
+    assert phases[-1] == "download completed"
+    assert lines[-1]["transferred"] == lines[-1]["size"] == 4 * 4 * MiB
+    # Every layer alone equals the volume, with the same data allocated,
+    # backed by the one below by its relative name.
+    for name, volume in zip(names, volumes):
+        compare_layer(down / name, volume.path)
+        assert layer_data(down / name) == layer_data(volume.path)
+    for lower, upper in zip(names, names[1:]):
+        info = json.loads(subprocess.check_output(
+            ["qemu-img", "info", "--output=json", str(down / upper)]))
+        assert info["backing-filename"] == lower
+    compare(down / names[-1], disk.path)
+    # Shallow transfers: of the snapshots, and of the disk for the top.
+    transfers = [t for t in env.engine.transfers.values() if t.disk is disk]
+    assert [(t.snapshot_transfer, t.shallow, t.volume.id)
+            for t in transfers] == \
+        [(True, True, v.id) for v in volumes[:-1]] + \
+        [(False, True, volumes[-1].id)]
+    assert disk.status == "ok"
+
+    # Up again, into a new disk on another VM: the same layers.
+    vm2 = env.engine.add_vm("vm2", [])
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", vm2.id,
+                down / names[-1])
+    *lines, result = progress(p.stdout)
+    new = env.engine.disks[result["disk_id"]]
+    assert new is not disk and new in vm2.disks
+    assert result["vm_id"] == vm2.id
+    assert len(new.volumes) == 4
+    assert [x["id"] for x in result["layers"]] == [v.id for v in new.volumes]
+    assert [x["filename"] for x in result["layers"]] == \
+        [str(down / n) for n in names]
+    for name, volume in zip(names, new.volumes):
+        compare_layer(down / name, volume.path)
+    compare(new.path, disk.path)
+    phases = [r["description"] for r in lines]
+    for step in ("creating disk", "uploading layer 1/4",
+                 "creating snapshot (layer 2/4)", "uploading layer 4/4",
+                 "verifying disk"):
+        assert step in phases
+    assert phases[-1] == "upload completed"
+    assert lines[-1]["transferred"] == lines[-1]["size"] == 4 * 4 * MiB
+    # Three VM snapshots of the new disk only.
+    assert len(vm2.snapshots) == 4
+    assert all(s.status == "ok" for s in vm2.snapshots)
+    assert new.status == "ok"
+
+
+def test_download_snapshot_text_output(env, tmp_path):
+    disk, vm = snapshot_chain(env, tmp_path, snapshots=1)
+    p = subprocess.run(
+        [OVIRT_IMG, "download-snapshot", *env.common("text"), disk.id,
+         str(tmp_path)], env=env.environ, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.replace("\r", "\n").splitlines()
+    result = [line for line in lines if not TEXT_LINE.fullmatch(line.strip())
+              and line.strip()]
+    base, top = disk.volumes
+    assert result == [
+        f"disk id:   {disk.id}",
+        f"directory: {tmp_path}",
+        "layers:    2",
+        f"layer 1:   {base.id}.qcow2 (id {base.id}, snapshot "
+        f"{vm.snapshots[1].id})",
+        f"layer 2:   {top.id}.qcow2 (id {top.id}, snapshot "
+        f"{vm.active_snapshot.id})",
+        f"top:       {tmp_path / (top.id + '.qcow2')}",
+    ]
+
+
+def test_download_snapshot_floating_disk(env, tmp_path):
+    # One layer, no VM: the disk alone.
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = env.engine.add_disk_from_image(src)
+    down = tmp_path / "down"
+    down.mkdir()
+    result = progress(env.run("download-snapshot", disk.id, down).stdout)[-1]
+    layer, = result["layers"]
+    assert layer == {"id": disk.image_id, "filename": f"{disk.image_id}.qcow2",
+                     "backing_file": None, "snapshot_id": None}
+    compare(down / layer["filename"], src)
+
+
+def test_download_snapshot_never_replaces_a_file(env, tmp_path):
+    disk, vm = snapshot_chain(env, tmp_path, snapshots=1)
+    existing = tmp_path / f"{disk.volumes[1].id}.qcow2"
+    existing.write_bytes(b"keep")
+    p = env.run("download-snapshot", disk.id, tmp_path, check=False)
+    assert p.returncode == 1
+    assert "a download never replaces a file" in p.stderr
+    assert existing.read_bytes() == b"keep"
+    assert not (tmp_path / f"{disk.volumes[0].id}.qcow2").exists()
+    assert not env.engine.transfers
+
+
+def test_download_snapshot_errors(env, tmp_path):
+    unknown = str(uuid.uuid4())
+    p = env.run("download-snapshot", unknown, tmp_path, check=False)
+    assert p.returncode == 1
+    assert f"Cannot get disk {unknown}" in p.stderr
+    p = env.run("download-snapshot", unknown, tmp_path / "nosuch",
+                check=False)
+    assert p.returncode == 2
+    assert "not an existing directory" in p.stderr
+
+
+def test_download_snapshot_failure_removes_files(env, tmp_path):
+    disk, vm = snapshot_chain(env, tmp_path, snapshots=2)
+    # The top layer's transfer cannot start: the layers done are removed.
+    os.unlink(disk.path)
+    p = env.run("download-snapshot", disk.id, tmp_path / "..", check=False)
+    assert p.returncode == 1
+    assert "did not start" in p.stderr
+    assert not [n for n in os.listdir(tmp_path.parent)
+                if n.endswith(".qcow2")]
+    assert all(t.phase in enginesim.FINISHED
+               for t in env.engine.transfers.values())
+
+
+def local_chain(tmp_path, layers=3):
+    """A local qcow2 chain named by relative links, top last."""
+    paths = [tmp_path / f"layer{i}.qcow2" for i in range(layers)]
+    make_image(paths[0], "qcow2")
+    for lower, upper, writes in zip(paths, paths[1:], GUEST_WRITES):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
+                        lower.name, "-F", "qcow2", str(upper)], check=True)
+        qemu_io(upper, "qcow2", *writes)
+    return paths
+
+
+def test_upload_snapshot_text_and_raw_base(env, tmp_path):
+    paths = local_chain(tmp_path, layers=2)
+    vm = env.engine.add_vm("vm1", [])
+    p = subprocess.run(
+        [OVIRT_IMG, "upload-snapshot", *env.common("text"), "-s", "nfs",
+         "--vm", vm.id, "-f", "raw", "--name", "restored", str(paths[-1])],
+        env=env.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    disk, = env.disks("restored")
+    base, top = disk.volumes
+    assert (base.format, top.format) == ("raw", "cow")
+    compare_layer(paths[0], base.path, b_fmt="raw")
+    compare_layer(paths[1], top.path)
+    compare(paths[-1], disk.path)
+    assert f"disk id: {disk.id}" in p.stdout
+    assert f"layer 2: {paths[1]} (id {top.id}, snapshot " \
+        f"{vm.active_snapshot.id})" in p.stdout
+
+
+def test_upload_snapshot_refuses_layer_outside_folder(env, tmp_path):
+    paths = local_chain(tmp_path, layers=2)
+    other = tmp_path / "other"
+    other.mkdir()
+    top = other / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b",
+                    str(paths[-1]), "-F", "qcow2", str(top)], check=True)
+    vm = env.engine.add_vm("vm1", [])
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", vm.id, top,
+                check=False)
+    assert p.returncode == 1
+    assert f"Layer {paths[-1]} is outside {other}" in p.stderr
+    assert "--allow-backing" in p.stderr
+    assert not env.engine.requests
+    # Allowed: the three layers.
+    result = progress(env.run("upload-snapshot", "-s", "nfs", "--vm", vm.id,
+                              "--allow-backing", top).stdout)[-1]
+    assert len(env.engine.disks[result["disk_id"]].volumes) == 3
+
+
+@pytest.mark.parametrize("backing", ["json:{\"driver\": \"raw\"}",
+                                     "nbd://localhost/x"])
+def test_upload_snapshot_refuses_protocol_backing(env, tmp_path, backing):
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
+                    backing, "-F", "raw", str(top), "1m"], check=True)
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", str(uuid.uuid4()),
+                "--allow-backing", top, check=False)
+    assert p.returncode == 1
+    assert "which is not a file name" in p.stderr
+    assert not env.engine.requests
+
+
+def test_upload_snapshot_vm_errors(env, tmp_path):
+    paths = local_chain(tmp_path, layers=2)
+    unknown = str(uuid.uuid4())
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", unknown, paths[-1],
+                check=False)
+    assert p.returncode == 1
+    assert f"Cannot get VM {unknown}" in p.stderr
+    vm = env.engine.add_vm("vm1", [], status="up")
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", vm.id, paths[-1],
+                check=False)
+    assert p.returncode == 1
+    assert f"VM {vm.id} is up" in p.stderr
+    assert not [d for d in env.engine.disks.values() if not d.removed]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vm", "not-an-id"], "--vm"),
+    ([], "--vm"),
+])
+def test_upload_snapshot_usage_errors(env, tmp_path, args, message):
+    p = env.run("upload-snapshot", "-s", "nfs", *args, "/etc/hostname",
+                check=False)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert not env.engine.requests
+
+
+def test_upload_snapshot_base_failure_removes_disk(env, tmp_path):
+    paths = local_chain(tmp_path, layers=2)
+    vm = env.engine.add_vm("vm1", [])
+    env.engine.inject("start_transfer")
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", vm.id, paths[-1],
+                check=False)
+    assert p.returncode == 1
+    assert not [d for d in env.engine.disks.values() if not d.removed]
+    assert vm.disks == [] and len(vm.snapshots) == 1
+
+
+def test_upload_snapshot_later_failure_keeps_layers_done(env, tmp_path):
+    paths = local_chain(tmp_path, layers=2)
+    vm = env.engine.add_vm("vm1", [])
+    # The base is uploaded; the snapshot for the second layer fails.
+    env.engine.inject("create_snapshot")
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", vm.id, paths[-1],
+                check=False)
+    assert p.returncode == 1
+    disk, = [d for d in env.engine.disks.values() if not d.removed]
+    assert len(disk.volumes) == 1 and disk.status == "ok"
+    assert disk in vm.disks and len(vm.snapshots) == 1
+    assert "injected fault create_snapshot" in p.stderr
+    assert (f"Disk {disk.id}, attached to VM {vm.id}, is left with the "
+            f"first 1 of the 2 layers of {paths[-1]}") in p.stderr
+    compare_layer(paths[0], disk.path)
