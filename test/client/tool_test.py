@@ -1652,3 +1652,22 @@ def test_upload_snapshot_later_failure_keeps_layers_done(env, tmp_path):
     assert (f"Disk {disk.id}, attached to VM {vm.id}, is left with the "
             f"first 1 of the 2 layers of {paths[-1]}") in p.stderr
     compare_layer(paths[0], disk.path)
+
+
+def test_upload_snapshot_layer_failure_engine_removes_disk(env, tmp_path):
+    paths = local_chain(tmp_path, layers=2)
+    vm = env.engine.add_vm("vm1", [])
+    # The second layer's transfer cannot start: ovirt-img cancels it, and
+    # the engine removes the disk of a failed upload, base and all.
+    env.engine.inject("start_layer_upload")
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", vm.id, paths[-1],
+                check=False)
+    assert p.returncode == 1
+    disk, = env.engine.disks.values()
+    snapshot = vm.snapshots[1]
+    assert (f"The engine removes disk {disk.id} (a failed upload removes "
+            f"its disk); VM snapshots {snapshot.id} remain on VM "
+            f"{vm.id} without it") in p.stderr
+    testutil.wait_for(lambda: disk.removed, message="disk removed")
+    assert all(t.phase in enginesim.FINISHED
+               for t in env.engine.transfers.values())
