@@ -10,16 +10,23 @@ engine and vdsm do behind each call (/work/shared/ENGINE-SIM.md).
   sparse ticket) while its volumes are still files; a new raw volume
   there holds stale data, as a new logical volume does.
 - Volumes are real raw/qcow2 files under the store directory, made with
-  qemu-img. Transfers start qemu-nbd with vdsm's flags and add, extend
-  and remove tickets on the daemon's control socket as vdsm does.
+  qemu-img. A disk is a chain of them: its base ({disk id}.img), then a
+  qcow2 layer per VM snapshot taken of it ({volume id}.img), each naming
+  its parent by file name, relative, as vdsm does; the last one is the
+  active layer. The layers are the API's disk snapshots
+  (doc/engine-api.md).
+- Transfers start qemu-nbd with vdsm's flags and add, extend and remove
+  tickets on the daemon's control socket as vdsm does: of the disk's
+  active layer, or of a disk snapshot's (download only); shallow, that
+  layer alone, else with the chain below it.
 - Phases move forward in background threads, after delays scaled down
   from the engine's (Engine(delay=...)): clients poll.
 
 Not the product: this module lives with the tests.
 
 State: everything is in the Engine, under engine.lock: entities by id
-(disks, transfers, VMs with their checkpoints, backups), events, SSO
-tokens. A transfer's ticket calls to the daemon are serialized by its
+(disks with their volumes, transfers, VMs with their checkpoints and
+snapshots, backups), events, SSO tokens. A transfer's ticket calls to the daemon are serialized by its
 own lock. Background steps run in threads started by Engine.later().
 
 Transfer phases (ENGINE-SIM.md 2.8), as this simulator moves them:
@@ -53,6 +60,7 @@ answer, as with a slow engine.
     engine.start()
     engine.url              # https://127.0.0.1:PORT (the SDK adds the path)
     vm = engine.add_vm("vm1", [disk_id])
+    engine.take_snapshot(vm.id)     # a new layer on each of its disks
     engine.stop()
 
 Run as a script for a manual session:
@@ -114,6 +122,8 @@ FAULTS = {
                       "a download is cancelled",
     "create_snapshot": "vdsm cannot create a VM snapshot's new layers: the "
                        "engine removes the snapshot, with an event",
+    "start_layer_upload": "an upload into a layer on top of others (a disk "
+                          "with snapshots) cannot start, as start_transfer",
 }
 FINISHED = ("finished_success", "finished_failure", "finished_cleanup")
 
@@ -1125,6 +1135,9 @@ class Engine:
         try:
             if self._injected("start_transfer"):
                 raise RuntimeError("injected fault start_transfer")
+            if self._injected("start_layer_upload") and \
+                    t.direction == "upload" and len(disk.volumes) > 1:
+                raise RuntimeError("injected fault start_layer_upload")
             if t.backend == "nbd":
                 sock = os.path.join(self.run_dir, f"{t.id}.sock")
                 bitmap = None
@@ -1404,7 +1417,7 @@ class Engine:
         with self.lock:
             self._fail(t)
 
-    # Disk snapshots (the layers of disks, GetAllDiskSnapshotsByStorageDomainId).
+    # Disk snapshots: the disks' layers.
 
     def _disk_snapshot(self, volume_id, sd_id=None, disk_id=None):
         """(disk, volume) of the layer volume_id, on storage domain sd_id

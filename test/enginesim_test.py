@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import uuid
 
 import pytest
 
@@ -35,7 +36,8 @@ SDK_VERSION = "4.6.3"
 SDK_REQUIREMENT = f"ovirt-engine-sdk-python=={SDK_VERSION}"
 SDK_NAME = f"ovirt_engine_sdk_python-{SDK_VERSION}"
 EXAMPLES = ("upload_disk.py", "download_disk.py", "backup_vm.py",
-            "checksum_disk.py")
+            "checksum_disk.py", "download_disk_snapshot.py",
+            "list_disk_snapshots.py")
 EXAMPLE_TIMEOUT = 120
 MiB = 1 << 20
 
@@ -100,14 +102,39 @@ def image_info(path):
     return json.loads(out)
 
 
+def layer_spec(path):
+    """A qcow2 image as one layer, opened without its backing file."""
+    return "json:" + json.dumps({
+        "driver": "qcow2", "backing": None,
+        "file": {"driver": "file", "filename": str(path)}})
+
+
 def top_data(path):
     """Bytes of data allocated in the qcow2 image itself (not its
     backing chain)."""
-    spec = json.dumps({"driver": "qcow2", "backing": None,
-                       "file": {"driver": "file", "filename": str(path)}})
     out = subprocess.check_output(
-        ["qemu-img", "map", "--output", "json", "json:" + spec])
+        ["qemu-img", "map", "--output", "json", layer_spec(path)])
     return sum(e["length"] for e in json.loads(out) if e["data"])
+
+
+# Guest writes between VM snapshots: data, and zeros over the data of a
+# layer below.
+GUEST_WRITES = (
+    ("write -P 0x51 1m 64k", "write -z 0 64k"),
+    ("write -P 0x52 2m 128k",),
+    ("write -P 0x53 3m 64k", "write -z 1m 64k"),
+)
+
+
+def snapshot_chain(engine, src, name="vm1"):
+    """A disk from src on a new VM, with a VM snapshot before each of
+    GUEST_WRITES: four layers."""
+    disk = engine.add_disk_from_image(src)
+    vm = engine.add_vm(name, [disk.id])
+    for writes in GUEST_WRITES:
+        engine.take_snapshot(vm.id)
+        qemu_io(disk.path, "qcow2", *writes)
+    return disk, vm
 
 
 # The SDK's example scripts. Each spends seconds in its own one-second
@@ -287,9 +314,31 @@ def upstream_ovirt_img(ex, workdir):
     return src, disk, dst, up, down
 
 
+def disk_snapshots(ex, workdir):
+    """A disk with three VM snapshots: list_disk_snapshots.py shows the
+    chain, download_disk_snapshot.py downloads each snapshot layer on
+    top of the one below (--backing-file: shallow; the base without it:
+    the chain up to it, itself). test_snapshot_transfer checks the
+    non-shallow export of an upper layer; each example run costs seconds
+    of its own polling."""
+    src = make_image(os.path.join(workdir, "src.qcow2"), "qcow2")
+    disk, vm = snapshot_chain(ex.engine, src, name="vm-snapshots")
+    listed = json.loads(ex.run("list_disk_snapshots.py", disk.id).stdout)
+    files = []
+    for volume in disk.volumes[:-1]:
+        dst = os.path.join(workdir, f"{volume.id}.qcow2")
+        backing = ["--backing-file", files[-1]] if files else []
+        p = ex.run("download_disk_snapshot.py", "nfs", volume.id, dst,
+                   *backing)
+        assert "Download completed successfully" in p.stdout
+        files.append(dst)
+    return disk, listed, files
+
+
 SCENARIOS = (upload_download_raw, upload_qcow2,
              upload_qcow2_to_raw_block_disk, download_qcow2, checksum_disk,
-             failed_uploads, backup_full_and_incremental, upstream_ovirt_img)
+             failed_uploads, backup_full_and_incremental, upstream_ovirt_img,
+             disk_snapshots)
 
 
 @pytest.fixture(scope="module")
@@ -411,6 +460,32 @@ def test_upstream_ovirt_img(ex):
     assert up[-1]["description"] == "upload completed"
     assert down[-1]["description"] == "download completed"
     assert up[-1]["transferred"] == down[-1]["transferred"] == 8 * MiB
+
+
+def test_disk_snapshots(ex):
+    disk, listed, files = ex.result("disk_snapshots")
+    volumes = disk.volumes
+    ids = [v.id for v in volumes]
+    # The chain from parent links, base first, the active layer last.
+    assert [x["id"] for x in listed] == ids
+    assert [x["parent"] for x in listed] == [None, *ids[:-1]]
+    assert {x["status"] for x in listed} == {"ok"}
+    assert {x["format"] for x in listed} == {"cow"}
+    # Each shallow download is its layer alone, holes kept, on top of the
+    # one below by name.
+    for path, volume in zip(files, volumes):
+        compare(layer_spec(path), layer_spec(volume.path))
+        assert top_data(path) == top_data(volume.path)
+    for lower, upper in zip(files, files[1:]):
+        assert image_info(upper)["backing-filename"] == \
+            os.path.basename(lower)
+    compare(files[-1], volumes[-2].path)
+    transfers = ex.transfers(disk)
+    assert [(t.volume.id, t.shallow, t.snapshot_transfer, t.phase)
+            for t in transfers] == \
+        [(v.id, i > 0, True, "finished_success")
+         for i, v in enumerate(volumes[:-1])]
+    assert disk.status == "ok"
 
 
 def test_examples_clean_up(ex):
@@ -922,3 +997,137 @@ def test_main(tmp_path, make_daemon, pki):
         proc.terminate()
         assert proc.wait(30) == 0
         proc.stdout.close()
+
+
+# VM snapshots, disk attachments and disk snapshots (doc/engine-api.md),
+# through the SDK.
+
+
+def test_vm_snapshot_adds_layer(engine, connection, tmp_path):
+    from ovirtsdk4 import types
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk = engine.add_disk_from_image(src)
+    other = engine.add_disk_from_image(src)
+    vm = engine.add_vm("vm1", [])
+    vm_service = connection.system_service().vms_service().vm_service(vm.id)
+    vm_service.disk_attachments_service().add(types.DiskAttachment(
+        disk=types.Disk(id=disk.id), active=True, bootable=False,
+        interface=types.DiskInterface.VIRTIO_SCSI))
+    vm_service.disk_attachments_service().add(types.DiskAttachment(
+        disk=types.Disk(id=other.id), active=True,
+        interface=types.DiskInterface.VIRTIO_SCSI))
+    assert [a.disk.id for a in vm_service.disk_attachments_service().list()] \
+        == [disk.id, other.id]
+    base = disk.volumes[0]
+    # add_vm_snapshot.py, for one of the two disks, with the new layer's
+    # id chosen (a restore keeps the ids of a backup's layers).
+    new_id = str(uuid.uuid4())
+    snapshots = vm_service.snapshots_service()
+    snap = snapshots.add(types.Snapshot(
+        description="My snapshot", persist_memorystate=False,
+        disk_attachments=[types.DiskAttachment(disk=types.Disk(
+            id=disk.id, image_id=new_id))]))
+    assert snap.snapshot_status == types.SnapshotStatus.LOCKED
+    assert disk.status == "locked"
+    service = snapshots.snapshot_service(snap.id)
+    testutil.wait_for(
+        lambda: service.get().snapshot_status == types.SnapshotStatus.OK,
+        message="snapshot ok")
+    assert [(s.description, s.snapshot_type.value)
+            for s in snapshots.list()] == \
+        [("Active VM", "active"), ("My snapshot", "regular")]
+    assert [v.id for v in disk.volumes] == [base.id, new_id]
+    assert len(other.volumes) == 1
+    assert disk.status == "ok"
+    top = image_info(disk.path)
+    assert (top["format"], top["backing-filename"]) == \
+        ("qcow2", os.path.basename(base.path))
+    compare(disk.path, src)
+    # The snapshot holds the disk's old layer.
+    held, = service.disks_service().list()
+    assert (held.id, held.image_id) == (disk.id, base.id)
+
+    # list_disk_snapshots.py's request; without include_active, only the
+    # snapshots' layers.
+    disk_snapshots = connection.system_service().disks_service() \
+        .disk_service(disk.id).disk_snapshots_service()
+    layers = disk_snapshots.list(include_active=True, include_template=True)
+    assert [(x.id, x.parent and x.parent.id, x.snapshot.id, x.disk.id)
+            for x in layers] == [
+        (base.id, None, snap.id, disk.id),
+        (new_id, base.id, vm.active_snapshot.id, disk.id)]
+    assert [x.id for x in disk_snapshots.list()] == [base.id]
+    # download_disk_snapshot.py's: the storage domain's, by id.
+    sd = connection.system_service().storage_domains_service().list(
+        search="name=nfs")
+    assert [x.name for x in sd] == ["nfs"]
+    sd_snapshots = connection.system_service().storage_domains_service() \
+        .storage_domain_service(sd[0].id).disk_snapshots_service()
+    assert sd_snapshots.snapshot_service(base.id).get().disk.id == disk.id
+    assert {x.id for x in sd_snapshots.list(include_active=True)} == \
+        {base.id, new_id, other.image_id}
+    import ovirtsdk4 as sdk
+    with pytest.raises(sdk.NotFoundError):
+        sd_snapshots.snapshot_service(str(uuid.uuid4())).get()
+
+
+def test_snapshot_transfer(engine, connection, tmp_path):
+    import ovirtsdk4 as sdk
+    from ovirtsdk4 import types
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk, vm = snapshot_chain(engine, src)
+    middle = disk.volumes[1]
+    transfers = connection.system_service().image_transfers_service()
+
+    def start(shallow, direction="download"):
+        t = transfers.add(types.ImageTransfer(
+            snapshot=types.DiskSnapshot(id=middle.id), shallow=shallow,
+            direction=types.ImageTransferDirection(direction),
+            format=types.DiskFormat.RAW))
+        service = transfers.image_transfer_service(t.id)
+        return service, wait_phase(service, "transferring")
+
+    for shallow in (True, False):
+        service, t = start(shallow)
+        image = json.loads(nbd_args(engine, t.id)[-1][len("json:"):])
+        assert image["file"]["filename"] == middle.path
+        assert ("backing" in image) is shallow
+        assert "--read-only" in nbd_args(engine, t.id)
+        service.finalize()
+        wait_phase(service, "finished_success")
+    with pytest.raises(sdk.Error, match="can only be downloaded"):
+        start(False, "upload")
+    assert disk.status == "ok"
+
+
+def test_attachment_rules(engine, connection, tmp_path):
+    import ovirtsdk4 as sdk
+    from ovirtsdk4 import types
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    disk, vm = snapshot_chain(engine, src)
+    vm2 = engine.add_vm("vm2", [])
+    attachments = connection.system_service().vms_service().vm_service(
+        vm2.id).disk_attachments_service()
+    with pytest.raises(sdk.Error, match="already attached"):
+        attachments.add(types.DiskAttachment(disk=types.Disk(id=disk.id)))
+    vm.disks.remove(disk)
+    with pytest.raises(sdk.Error, match="has snapshots"):
+        attachments.add(types.DiskAttachment(disk=types.Disk(id=disk.id)))
+    assert vm2.disks == []
+
+
+def test_failed_vm_snapshot(engine, connection, tmp_path):
+    from ovirtsdk4 import types
+    disk = engine.add_disk_from_image(make_image(tmp_path / "s", "qcow2"))
+    vm = engine.add_vm("vm1", [disk.id])
+    engine.inject("create_snapshot")
+    snapshots = connection.system_service().vms_service().vm_service(
+        vm.id).snapshots_service()
+    snap = snapshots.add(types.Snapshot(description="x"))
+    # The engine removes a snapshot it could not make, with an event.
+    testutil.wait_for(lambda: len(snapshots.list()) == 1,
+                      message="snapshot removed")
+    events = connection.system_service().events_service().list(
+        search=snap.id)
+    assert events and "Failed" in events[0].description
+    assert len(disk.volumes) == 1 and disk.status == "ok"

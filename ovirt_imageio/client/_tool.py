@@ -472,6 +472,10 @@ def download_snapshot(args):
         with connect(args) as engine:
             disk = engine.get_disk(args.disk_id)
             layers = engine.disk_chain(disk)
+            if disk.image_id and layers[-1].id != disk.image_id:
+                raise _ovirt.Error(
+                    f"The top of disk {disk.id}'s chain, {layers[-1].id}, "
+                    f"is not its active layer {disk.image_id}")
             names = [f"{layer.id}.qcow2" for layer in layers]
             _check_new_files(folder, names)
             host = _download_host(engine, disk)
@@ -736,7 +740,8 @@ def _snapshot_disk_params(args, layers, block):
         id=str(uuid.uuid4()),
         name=name,
         description=args.description,
-        format=types.DiskFormat.COW if fmt == "qcow2" else types.DiskFormat.RAW,
+        format=(types.DiskFormat.COW if fmt == "qcow2"
+                else types.DiskFormat.RAW),
         provisioned_size=layers[0].size,
         sparse=sparse,
         content_type=types.DiskContentType.DATA)
@@ -838,19 +843,22 @@ def _verify_disk(args, engine, disk, host, top):
 def _left_behind(engine, vm, disk, layers, snapshots):
     """What a failure after the base left on the engine, in words. An
     unfinished transfer is cancelled first (it would keep the disk
-    locked); the engine then removes the disk."""
+    locked); the engine then removes the disk, as after any failed
+    upload."""
     try:
         for transfer in engine.unfinished_transfers(disk.id):
             engine.cancel_transfer(transfer)
-        engine.get_disk(disk.id)
+        current = engine.get_disk(disk.id)
     except _ovirt.Error as e:
-        if isinstance(e.__cause__, engine.sdk.NotFoundError):
-            made = (f"; VM snapshots {', '.join(snapshots)} remain on VM "
-                    f"{vm.id} without it" if snapshots else "")
-            return (f"The engine removed disk {disk.id} (a failed upload "
-                    f"removes its disk){made}")
-        return f"Disk {disk.id} may be left on VM {vm.id}: {e}"
-    done = 1 + sum(1 for layer in layers[1:] if layer.done)
+        if not isinstance(e.__cause__, engine.sdk.NotFoundError):
+            return f"Disk {disk.id} may be left on VM {vm.id}: {e}"
+        current = None
+    if current is None or current.status == engine.types.DiskStatus.ILLEGAL:
+        made = (f"; VM snapshots {', '.join(snapshots)} remain on VM "
+                f"{vm.id} without it" if snapshots else "")
+        return (f"The engine removes disk {disk.id} (a failed upload "
+                f"removes its disk){made}")
+    done = sum(1 for layer in layers if layer.done)
     return (f"Disk {disk.id}, attached to VM {vm.id}, is left with the "
             f"first {done} of the {len(layers)} layers of "
             f"{layers[-1].path}")

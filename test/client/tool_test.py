@@ -1526,11 +1526,14 @@ def test_download_snapshot_failure_removes_files(env, tmp_path):
     disk, vm = snapshot_chain(env, tmp_path, snapshots=2)
     # The top layer's transfer cannot start: the layers done are removed.
     os.unlink(disk.path)
-    p = env.run("download-snapshot", disk.id, tmp_path / "..", check=False)
+    down = tmp_path / "down"
+    down.mkdir()
+    p = env.run("download-snapshot", disk.id, down, check=False)
     assert p.returncode == 1
     assert "did not start" in p.stderr
-    assert not [n for n in os.listdir(tmp_path.parent)
-                if n.endswith(".qcow2")]
+    assert os.listdir(down) == []
+    assert [t.volume for t in env.engine.transfers.values()] == \
+        disk.volumes
     assert all(t.phase in enginesim.FINISHED
                for t in env.engine.transfers.values())
 
@@ -1652,3 +1655,52 @@ def test_upload_snapshot_later_failure_keeps_layers_done(env, tmp_path):
     assert (f"Disk {disk.id}, attached to VM {vm.id}, is left with the "
             f"first 1 of the 2 layers of {paths[-1]}") in p.stderr
     compare_layer(paths[0], disk.path)
+
+
+def test_upload_snapshot_layer_failure_engine_removes_disk(env, tmp_path):
+    paths = local_chain(tmp_path, layers=2)
+    vm = env.engine.add_vm("vm1", [])
+    # The second layer's transfer cannot start: ovirt-img cancels it, and
+    # the engine removes the disk of a failed upload, base and all.
+    env.engine.inject("start_layer_upload")
+    p = env.run("upload-snapshot", "-s", "nfs", "--vm", vm.id, paths[-1],
+                check=False)
+    assert p.returncode == 1
+    disk, = env.engine.disks.values()
+    snapshot = vm.snapshots[1]
+    assert (f"The engine removes disk {disk.id} (a failed upload removes "
+            f"its disk); VM snapshots {snapshot.id} remain on VM "
+            f"{vm.id} without it") in p.stderr
+    testutil.wait_for(lambda: disk.removed, message="disk removed")
+    assert all(t.phase in enginesim.FINISHED
+               for t in env.engine.transfers.values())
+
+
+def test_download_snapshot_interrupted(env, spawn, tmp_path):
+    # A small base, then 64 MiB of data in the active layer: interrupted
+    # in the middle of the second layer.
+    disk = env.engine.add_disk_from_image(
+        make_image(tmp_path / "base.qcow2", "qcow2", 64 * MiB))
+    vm = env.engine.add_vm("vm1", [disk.id])
+    env.engine.take_snapshot(vm.id)
+    qemu_io(disk.path, "qcow2", f"write -P 0x5a 0 {64 * MiB}")
+    down = tmp_path / "down"
+    down.mkdir()
+    proc = spawn("download-snapshot", *SLOW, disk.id, down)
+
+    def top_transfer():
+        with env.engine.lock:
+            return next((t for t in env.engine.transfers.values()
+                         if t.volume is disk.active), None)
+    t = testutil.wait_for(top_transfer, timeout=DEADLINE,
+                          message="the top layer's transfer")
+    interrupt(env, proc, t, signal.SIGINT, 64 * MiB)
+    code, _, err = finish(proc)
+    assert code == 128 + signal.SIGINT, err
+    assert err == ["ovirt-img: interrupted"]
+    # Both transfers finalized, the files written removed.
+    assert [x.phase for x in env.engine.transfers.values()] == \
+        ["finished_success"] * 2
+    assert disk.status == "ok"
+    assert os.listdir(down) == []
+    no_qemu_nbd(str(down))
