@@ -51,6 +51,10 @@ class Error(Exception):
     """A failure to report in one line."""
 
 
+class NotStarted(Error):
+    """A transfer that ended, or went away, before it started."""
+
+
 class Poller:
     """
     Intervals for polling something that changes soon: POLL_FIRST, then
@@ -348,13 +352,14 @@ class Engine:
             if current.phase not in (phase.INITIALIZING, phase.RESUMING,
                                      phase.UNKNOWN):
                 name = current.phase.value if current.phase else "unknown"
-                raise Error(f"Transfer {transfer.id} did not start: phase "
-                            f"is {name}")
+                raise NotStarted(f"Transfer {transfer.id} did not start: "
+                                 f"phase is {name}")
             poller.wait()
             try:
                 current = service.get()
             except self.sdk.NotFoundError:
-                raise Error(f"Transfer {transfer.id} was removed") from None
+                raise NotStarted(
+                    f"Transfer {transfer.id} was removed") from None
             except self.sdk.Error as e:
                 raise Error(f"Cannot get transfer {transfer.id}: "
                             f"{describe(e)}") from e

@@ -42,6 +42,7 @@ debug log), 2 usage, 128+N killed by signal N (SIGINT, SIGTERM), after
 cleaning up.
 """
 
+import contextlib
 import getpass
 import json
 import logging
@@ -284,11 +285,9 @@ def download_disk(args):
         with connect(args) as engine:
             disk = engine.get_disk(args.disk_id)
             host = _download_host(engine, disk)
-            transfer = engine.add_transfer(disk, "download", host)
-            try:
-                transfer = engine.wait_for_transfer(transfer)
+            with download_transfer(engine, bar, disk, host) as urls:
                 bar.phase = "downloading image"
-                url, proxy_url = transfer_urls(transfer)
+                url, proxy_url = urls
                 client.download(
                     url, args.filename, args.cafile,
                     proxy_url=proxy_url,
@@ -298,13 +297,6 @@ def download_disk(args):
                     max_workers=args.max_workers,
                     verify=args.verify,
                     progress=bar)
-            except BaseException:
-                # A download cannot harm the disk: finalize, also now.
-                bar.phase = "finalizing transfer"
-                _cleanup(engine.finalize_transfer, transfer, disk.id)
-                raise
-            bar.phase = "finalizing transfer"
-            engine.finalize_transfer(transfer, disk.id)
             bar.phase = "download completed"
 
 
@@ -376,46 +368,39 @@ def backup_disk(args):
 
 def _backup_transfer(args, engine, bar, disk, backup, incremental):
     bar.phase = "creating transfer"
-    transfer = engine.add_transfer(disk, "download", backup=backup)
     try:
-        try:
-            transfer = engine.wait_for_transfer(transfer)
-        except _ovirt.Error as e:
-            if not incremental:
-                raise
-            # vdsm could not export the changes: no bitmap for the
-            # checkpoint (the disk was copied, restored, or the bitmap
-            # removed).
-            raise _ovirt.Error(
-                f"{e}; the disk may have lost the bitmap of checkpoint "
-                f"{args.from_checkpoint}. Take a full backup (without "
-                f"--from-checkpoint)") from None
-        bar.phase = "downloading image"
-        url, proxy_url = transfer_urls(transfer)
-        try:
-            client.download(
-                url, args.filename, args.cafile,
-                proxy_url=proxy_url,
-                fmt="qcow2",
-                incremental=incremental,
-                backing_file=_relative_backing(args),
-                secure=args.secure,
-                buffer_size=args.buffer_size,
-                max_workers=args.max_workers,
-                verify=args.verify,
-                progress=bar)
-        except errors.Unsupported as e:
-            # The server has no dirty extents: the disk lost the bitmap.
-            raise _ovirt.Error(
-                f"Disk {disk.id} has no changed blocks since checkpoint "
-                f"{args.from_checkpoint} ({e}). Take a full backup "
-                f"(without --from-checkpoint)") from None
-    except BaseException:
-        bar.phase = "finalizing transfer"
-        _cleanup(engine.finalize_transfer, transfer, disk.id)
-        raise
-    bar.phase = "finalizing transfer"
-    engine.finalize_transfer(transfer, disk.id)
+        with download_transfer(engine, bar, disk,
+                               backup=backup) as (url, proxy_url):
+            bar.phase = "downloading image"
+            try:
+                client.download(
+                    url, args.filename, args.cafile,
+                    proxy_url=proxy_url,
+                    fmt="qcow2",
+                    incremental=incremental,
+                    backing_file=_relative_backing(args),
+                    secure=args.secure,
+                    buffer_size=args.buffer_size,
+                    max_workers=args.max_workers,
+                    verify=args.verify,
+                    progress=bar)
+            except errors.Unsupported as e:
+                # The server has no dirty extents: the disk lost the
+                # bitmap.
+                raise _ovirt.Error(
+                    f"Disk {disk.id} has no changed blocks since "
+                    f"checkpoint {args.from_checkpoint} ({e}). Take a full "
+                    f"backup (without --from-checkpoint)") from None
+    except _ovirt.NotStarted as e:
+        if not incremental:
+            raise
+        # vdsm could not export the changes: no bitmap for the
+        # checkpoint (the disk was copied, restored, or the bitmap
+        # removed).
+        raise _ovirt.Error(
+            f"{e}; the disk may have lost the bitmap of checkpoint "
+            f"{args.from_checkpoint}. Take a full backup (without "
+            f"--from-checkpoint)") from None
 
 
 def _check_backup_args(args):
@@ -518,12 +503,9 @@ def _download_layer(args, engine, bar, disk, host, path, snapshot,
     """One layer through a shallow transfer: of the disk snapshot, or of
     the disk for the active layer (not reachable as a disk snapshot)."""
     bar.phase = f"creating transfer ({what})"
-    transfer = engine.add_transfer(disk, "download", host,
-                                   snapshot=snapshot, shallow=True)
-    try:
-        transfer = engine.wait_for_transfer(transfer)
+    with download_transfer(engine, bar, disk, host, snapshot=snapshot,
+                           shallow=True) as (url, proxy_url):
         bar.phase = f"downloading {what}"
-        url, proxy_url = transfer_urls(transfer)
         client.download(
             url, path, args.cafile,
             proxy_url=proxy_url,
@@ -537,12 +519,6 @@ def _download_layer(args, engine, bar, disk, host, path, snapshot,
         if args.verify:
             bar.phase = f"verifying {what}"
             _verify_layer(args, url, proxy_url, path, what)
-    except BaseException:
-        bar.phase = "finalizing transfer"
-        _cleanup(engine.finalize_transfer, transfer, disk.id)
-        raise
-    bar.phase = "finalizing transfer"
-    engine.finalize_transfer(transfer, disk.id)
 
 
 def _verify_layer(args, url, proxy_url, path, what):
@@ -821,17 +797,9 @@ def _upload_layer(args, engine, bar, disk, host, layer, what,
 def _verify_disk(args, engine, disk, host, top):
     """The disk's checksum (computed on its host) against the local
     chain's."""
-    transfer = engine.add_transfer(disk, "download", host)
-    try:
-        transfer = engine.wait_for_transfer(transfer)
-        url, proxy_url = transfer_urls(transfer)
-        with client._open_remote(url, args.cafile, args.secure,
-                                 proxy_url) as image:
-            timeout = max(CHECKSUM_MIN_TIMEOUT,
-                          image.size // CHECKSUM_MIN_RATE)
-            remote = image.checksum(timeout=timeout)
-    finally:
-        engine.finalize_transfer(transfer, disk.id)
+    with download_transfer(engine, None, disk, host) as (url, proxy_url):
+        remote = _remote_checksum(args, url, proxy_url, algorithm=None,
+                                  block_size=None)
     local = client.checksum(top, algorithm=remote["algorithm"],
                             block_size=remote["block_size"])
     if local["checksum"] != remote["checksum"]:
@@ -877,18 +845,11 @@ def checksum_disk(args):
         with connect(args) as engine:
             disk = engine.get_disk(args.disk_id)
             host = _download_host(engine, disk)
-            transfer = engine.add_transfer(disk, "download", host)
-            try:
-                transfer = engine.wait_for_transfer(transfer)
+            with download_transfer(engine, bar, disk, host) as urls:
                 bar.phase = "computing checksum"
-                url, proxy_url = transfer_urls(transfer)
-                result = _remote_checksum(args, url, proxy_url)
-            except BaseException:
-                bar.phase = "finalizing transfer"
-                _cleanup(engine.finalize_transfer, transfer, disk.id)
-                raise
-            bar.phase = "finalizing transfer"
-            engine.finalize_transfer(transfer, disk.id)
+                result = _remote_checksum(args, *urls,
+                                          algorithm=args.algorithm,
+                                          block_size=args.block_size)
             bar.phase = "checksum completed"
     result = {"disk_id": disk.id, "algorithm": result["algorithm"],
               "block_size": result["block_size"],
@@ -896,12 +857,14 @@ def checksum_disk(args):
     _print_result(args, result)
 
 
-def _remote_checksum(args, url, proxy_url):
+def _remote_checksum(args, url, proxy_url, algorithm, block_size):
+    """The daemon's checksum of the transfer's image (None: its
+    defaults), waiting as long as a slow host takes to read it."""
     with client._open_remote(url, args.cafile, args.secure,
                              proxy_url) as image:
         timeout = max(CHECKSUM_MIN_TIMEOUT, image.size // CHECKSUM_MIN_RATE)
-        return image.checksum(algorithm=args.algorithm,
-                              block_size=args.block_size, timeout=timeout)
+        return image.checksum(algorithm=algorithm, block_size=block_size,
+                              timeout=timeout)
 
 
 def _checksum_block_size(text):
@@ -1026,6 +989,27 @@ def _source(path):
 
 
 # Common parts.
+
+@contextlib.contextmanager
+def download_transfer(engine, bar, disk, host=None, **kwargs):
+    """
+    A download transfer of disk (add_transfer()'s keywords: backup,
+    snapshot, shallow) for the block, which gets (url, proxy_url). It is
+    finalized when the block ends, also after a failure: a download
+    cannot harm the disk. bar (or None) shows the finalizing phase.
+    """
+    transfer = engine.add_transfer(disk, "download", host, **kwargs)
+    try:
+        transfer = engine.wait_for_transfer(transfer)
+        yield transfer_urls(transfer)
+    except BaseException:
+        if bar is not None:
+            bar.phase = "finalizing transfer"
+        _cleanup(engine.finalize_transfer, transfer, disk.id)
+        raise
+    if bar is not None:
+        bar.phase = "finalizing transfer"
+    engine.finalize_transfer(transfer, disk.id)
 
 def transfer_urls(transfer):
     """(transfer_url, proxy_url): the host's URL, the proxy's as the
