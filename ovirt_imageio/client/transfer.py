@@ -54,6 +54,10 @@ import time
 from ovirt_imageio import errors
 from ovirt_imageio.nbd import extents as nbd_extents
 
+# ovirt_imageio.image (the Image contract's helpers) is imported where it
+# is used: it imports typing, which the client library does not load when
+# it starts.
+
 log = logging.getLogger(__name__)
 
 MiB = 1024**2
@@ -411,6 +415,17 @@ class _Sparse:
 
     def flush(self):
         self._dst.flush()
+
+    # What RemoteImage.copy_to uses of an image (ovirt_imageio/image.py):
+    # the pieces come through buf, each given to write().
+
+    can_splice = False
+
+    def receive(self, src, offset, length, *, buf=None, prefix=b"",
+                done=None, flush=False):
+        from ovirt_imageio import image
+        image.receive_through(self, src, offset, length, buf, prefix, done,
+                              flush)
 
 
 def _splices(remote):
