@@ -32,6 +32,7 @@ import collections
 import logging
 import os
 
+from ..nbd import extents as nbd_extents
 from . import local
 from . import progress as _progress
 from . import qemu_img
@@ -490,7 +491,7 @@ def _nbytes(buffer):
 
 
 def _public_extent(ext):
-    if hasattr(ext, "hole"):
+    if isinstance(ext, nbd_extents.ZeroExtent):
         return ZeroExtent(ext.start, ext.length, ext.zero, ext.hole)
     return DirtyExtent(ext.start, ext.length, ext.dirty, ext.zero)
 
