@@ -32,6 +32,7 @@ import collections
 import logging
 import os
 
+from ..nbd import extents as nbd_extents
 from . import local
 from . import progress as _progress
 from . import qemu_img
@@ -445,15 +446,15 @@ class ImageioClient:
         Send length bytes from reader (anything with readinto(buf), e.g.
         a file) to offset, in one request.
         """
-        self._image.copy_from(_Reader(reader), offset, length,
-                              self._buffer())
+        self._image.receive(_Reader(reader), offset, length,
+                            buf=self._buffer())
 
     def write_to(self, writer, offset, length):
         """
         Get length bytes at offset and write them to writer (anything
         with write(buf), e.g. a file), in one request.
         """
-        self._image.copy_to(_Writer(writer), offset, length, self._buffer())
+        self._image.send(_Writer(writer), offset, length, buf=self._buffer())
 
     def close(self):
         """Close the connection."""
@@ -481,12 +482,13 @@ class ImageioClient:
 
 
 class _Reader:
-    """A file's readinto() as an image's read_into()."""
+    """A file's readinto() as an image's receive() source: a callable
+    filling the whole buffer (ovirt_imageio/image.py)."""
 
     def __init__(self, reader):
         self._reader = reader
 
-    def read_into(self, buf, offset):
+    def __call__(self, buf):
         pos = 0
         while pos < len(buf):
             n = self._reader.readinto(buf[pos:])
@@ -497,12 +499,12 @@ class _Reader:
 
 
 class _Writer:
-    """A file's write() as an image's write()."""
+    """A file's write() as an image's send() destination, a callable."""
 
     def __init__(self, writer):
         self._writer = writer
 
-    def write(self, buf, offset):
+    def __call__(self, buf):
         pos = 0
         while pos < len(buf):
             n = self._writer.write(buf[pos:])
@@ -518,7 +520,7 @@ def _nbytes(buffer):
 
 
 def _public_extent(ext):
-    if hasattr(ext, "hole"):
+    if isinstance(ext, nbd_extents.ZeroExtent):
         return ZeroExtent(ext.start, ext.length, ext.zero, ext.hole)
     return DirtyExtent(ext.start, ext.length, ext.dirty, ext.zero)
 

@@ -51,10 +51,16 @@ block device's st_size is 0, and it is all data (no SEEK_DATA there).
 import errno
 import os
 import select
+import socket
 import stat
 
+from ovirt_imageio import errors
 from ovirt_imageio import pipes
 from ovirt_imageio.nbd import extents as nbd_extents
+
+# ovirt_imageio.image (the Image contract's helpers) is imported where it
+# is used: it imports typing, which the client library does not load when
+# it starts.
 
 # Most bytes moved by one sendfile or splice call, and so between two
 # progress reports and two checks for a stopped transfer.
@@ -164,10 +170,9 @@ class Export:
 
 class File:
     """
-    One open descriptor of a raw image of size bytes. The methods are the
-    ones transfers and verification use of an NBD connection (size,
-    extents, read_into, write, zero, flush, close) and of a Stream (send,
-    receive).
+    One open descriptor of a raw image of size bytes: an Image
+    (ovirt_imageio/image.py) whose send() and receive() use sendfile(2)
+    and splice(2) with a socket.
     """
 
     def __init__(self, filename, size, read_only=True):
@@ -206,6 +211,8 @@ class File:
         fails there with EINVAL).
         """
         self._check_open()
+        if context == "dirty":
+            raise errors.Unsupported("A raw file has no 'dirty' extents")
         if context != "zero":
             raise ValueError(
                 f"A raw file has no {context!r} extents")
@@ -333,9 +340,37 @@ class File:
         self._check_open()
         os.fsync(self._fd)
 
+    # The Image contract (ovirt_imageio/image.py): a socket's bytes are
+    # spliced, a callable's pass through buf.
+
+    can_zero = True
+    can_flush = True
+    can_extents = True
+    can_splice = True
+
+    def send(self, dst, offset, length, *, buf=None, begin=None, done=None):
+        from ovirt_imageio import image
+        if isinstance(dst, socket.socket):
+            self._sendfile(dst, offset, length, begin, done)
+        else:
+            self._check_range(offset, length)
+            image.send_through(self, dst, offset, length, buf, begin, done)
+
+    def receive(self, src, offset, length, *, buf=None, prefix=b"",
+                done=None, flush=False):
+        from ovirt_imageio import image
+        if isinstance(src, socket.socket):
+            self._splice_from(src, offset, length, prefix, done)
+        else:
+            self._check_range(offset, length)
+            image.receive_through(self, src, offset, length, buf, prefix,
+                                  done)
+        if flush:
+            self.flush()
+
     # Data between the file and a socket, not through this process.
 
-    def send(self, sock, offset, length, begin=None, done=None):
+    def _sendfile(self, sock, offset, length, begin=None, done=None):
         """
         Send length bytes of the image at offset to the socket sock with
         sendfile(2). done(n) is called after each step; begin() before
@@ -378,7 +413,7 @@ class File:
             if done is not None:
                 done(pos - start)
 
-    def receive(self, sock, offset, length, prefix=b"", done=None):
+    def _splice_from(self, sock, offset, length, prefix=b"", done=None):
         """
         Write length bytes at offset: first the bytes of prefix (body
         bytes the caller had buffered), then the rest spliced from the

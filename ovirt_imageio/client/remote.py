@@ -1,11 +1,12 @@
 """
 An image on an imageio server, over HTTP(S) or the server's unix socket.
 
-RemoteImage speaks the daemon's data API (API.md section 1) and offers the
-same Image interface as an NBD connection: size, read_into(buf, offset),
-write(buf, offset), zero(length, offset), flush(), extents(context),
-close(). The client pipeline copies between it and a local NBD export;
-the proxy uses it as its backend and passes its errors on unchanged.
+RemoteImage speaks the daemon's data API (API.md section 1) and is an
+Image (ovirt_imageio/image.py), like an NBD connection: size, the
+capabilities the server's OPTIONS gave, read_into, write, zero, flush,
+extents, send, receive, close. The client pipeline copies between it
+and a local NBD export; the proxy uses it as its backend and passes its
+errors on unchanged.
 
 State: connection. A RemoteImage owns one persistent HTTP connection and
 is used by one thread at a time; parallel transfers use clone(), which
@@ -23,9 +24,11 @@ Theory of operation.
   end have the same IP), every further request goes over the unix socket:
   no TLS, no TCP. If connecting to it fails, HTTPS stays.
 - No copies. read_into() reads the body straight into the caller's
-  buffer (readinto); write() sends the caller's buffer with sendall. The
-  streaming copy_from()/copy_to() move a whole request's range in pieces
-  of one reused buffer, so a 128 MiB request costs one HTTP round trip.
+  buffer (readinto); write() sends the caller's buffer with sendall.
+  send() and receive() move a whole request's range in pieces of one
+  reused buffer, so a 128 MiB request costs one HTTP round trip;
+  copy_from() and copy_to() do the same between this image and a local
+  one, spliced on the unix socket when the local one can_splice.
 - Errors. Every unexpected status raises errors.PeerError(status,
   message), message being the first line of the body (at most 512
   bytes): the proxy returns it to its own client as it is. A 404 from
@@ -59,6 +62,10 @@ import urllib.parse
 from ovirt_imageio import errors
 from ovirt_imageio import tls
 from ovirt_imageio.nbd import extents as nbd_extents
+
+# ovirt_imageio.image (the Image contract's helpers) is imported where it
+# is used: it imports typing, which the client library does not load when
+# it starts.
 
 log = logging.getLogger(__name__)
 
@@ -332,81 +339,124 @@ class RemoteImage:
             if self._con is not None and self._con.sock is not None:
                 self._con.sock.settimeout(self._timeout)
 
-    # Streaming copies, one request for a whole range.
+    # The Image contract (ovirt_imageio/image.py): one request moves a
+    # whole range, in pieces of buf.
+
+    can_splice = False
+
+    def send(self, dst, offset, length, *, buf=None, begin=None, done=None):
+        """
+        GET length bytes at offset and give them to dst (a socket or a
+        callable write(data)) in pieces of buf, reused.
+        """
+        from ovirt_imageio import image
+        if length == 0:
+            return
+        write = image.writer(dst)
+        view = image.pieces(buf, length)
+        resp = self._get_range(offset, length)
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(len(view), end - pos)
+                piece = view[:n]
+                _read_full(resp, piece, pos)
+                if begin is not None:
+                    begin()
+                    begin = None
+                write(piece)
+                pos += n
+                if done is not None:
+                    done(n)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def receive(self, src, offset, length, *, buf=None, prefix=b"",
+                done=None, flush=False):
+        """
+        PUT length bytes at offset read from src (a socket, after prefix,
+        or a callable read_into(view)) in pieces of buf, reused. Each piece
+        is read once, in order: never resent.
+        """
+        from ovirt_imageio import image
+        if length == 0:
+            if flush:
+                self.flush()
+            return
+        read_into = image.reader(src, prefix)
+        view = image.pieces(buf, length)
+
+        def send_body():
+            pos, end = offset, offset + length
+            while pos < end:
+                n = min(len(view), end - pos)
+                piece = view[:n]
+                read_into(piece)
+                self._con.send(piece)
+                pos += n
+                if done is not None:
+                    done(n)
+
+        self._put(offset, length, flush, send_body, resend=False)
+
+    # Copies between this image and a local one, one request for a whole
+    # range.
 
     def copy_from(self, src, offset, length, buf, flush=False,
                   progress=None):
         """
-        PUT length bytes at offset, read from src (anything with
-        read_into(buf, offset)) in pieces of buf, reused. Each piece is
-        read once, in order, so src may be a stream. progress(n) is
-        called after each piece is sent; if it raises, the request is
-        abandoned (the connection closed) and the error propagates.
+        PUT length bytes at offset, read from the image src: src.send()
+        writes the body to our connection, spliced when both sides can
+        (the daemon's unix socket and a local image that splices), else
+        through buf. If progress(n) raises, the request is abandoned (the
+        connection closed) and the error propagates.
         """
         if length == 0:
             return
-        if self._splices(src, "send"):
-            # Spliced from the local NBD socket to ours (nbd/stream.py).
-            def send_spliced():
+
+        def send_body():
+            if self._splices(src):
                 src.send(self._con.sock, offset, length, done=progress)
+            else:
+                src.send(self._con.send, offset, length, buf=buf,
+                         done=progress)
 
-            self._put(offset, length, flush, send_spliced, resend=False)
-            return
-        with memoryview(buf) as mv, mv.cast("B") as view:
-            step = len(view)
-
-            def send_body():
-                pos = offset
-                end = offset + length
-                while pos < end:
-                    n = min(step, end - pos)
-                    piece = view[:n]
-                    src.read_into(piece, pos)
-                    self._con.send(piece)
-                    pos += n
-                    if progress:
-                        progress(n)
-
-            # Never sent twice: src may be a stream (the proxy's client).
-            self._put(offset, length, flush, send_body, resend=False)
+        # Never sent twice: what src sends is not kept.
+        self._put(offset, length, flush, send_body, resend=False)
 
     def copy_to(self, dst, offset, length, buf, progress=None):
         """
-        GET length bytes at offset and write them to dst (anything with
-        write(buf, offset)) in pieces of buf, reused. progress(n) is
-        called after each piece is written.
+        GET length bytes at offset and write them to the image dst with
+        dst.receive(): spliced from our socket when both sides can, else
+        through buf. progress(n) is called after each piece is written.
         """
         if length == 0:
             return
-        if self._splices(dst, "receive"):
+        if self._splices(dst):
             self._splice_to(dst, offset, length, progress)
             return
-        with memoryview(buf) as mv, mv.cast("B") as view:
-            step = len(view)
-            resp = self._get_range(offset, length)
-            try:
-                pos = offset
-                end = offset + length
-                while pos < end:
-                    n = min(step, end - pos)
-                    piece = view[:n]
-                    _read_full(resp, piece, pos)
-                    dst.write(piece, pos)
-                    pos += n
-                    if progress:
-                        progress(n)
-            except BaseException:
-                self._abandon()
-                raise
+        resp = self._get_range(offset, length)
+        pos = offset
 
-    def _splices(self, local, method):
+        def read_into(piece):
+            nonlocal pos
+            _read_full(resp, piece, pos)
+            pos += len(piece)
+
+        try:
+            dst.receive(read_into, offset, length, buf=buf, done=progress)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _splices(self, local):
         """
-        True if data moves between our socket and local (an
-        nbd.stream.Stream, which has send and receive) by splice(2): on
-        the daemon's unix socket, with no TLS, no byte is copied through
-        this process.
+        True if data moves between our socket and the local image by
+        splice(2): on the daemon's unix socket, with no TLS, no byte is
+        copied through this process.
         """
-        return self.transport == "unix" and hasattr(local, method)
+        return self.transport == "unix" and local.can_splice
 
     def _splice_to(self, dst, offset, length, progress):
         resp = self._get_range(offset, length)
@@ -422,7 +472,8 @@ class RemoteImage:
             n = min(len(buffered), length)
             prefix = resp.fp.read(n) if n else b""
             try:
-                dst.receive(sock, offset, length, prefix, done=progress)
+                dst.receive(sock, offset, length, prefix=prefix,
+                            done=progress)
             except EOFError as e:
                 raise ProtocolError(
                     f"Server closed the response after {e.args[0]} of "

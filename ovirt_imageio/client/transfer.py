@@ -54,6 +54,10 @@ import time
 from ovirt_imageio import errors
 from ovirt_imageio.nbd import extents as nbd_extents
 
+# ovirt_imageio.image (the Image contract's helpers) is imported where it
+# is used: it imports typing, which the client library does not load when
+# it starts.
+
 log = logging.getLogger(__name__)
 
 MiB = 1024**2
@@ -280,16 +284,19 @@ def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
 
         def open_worker(index):
             if index == 0 and not _splices(dst):
-                return _Worker(primary, dst, buffer_size, owned=())
+                return _Worker(primary, dst, buffer_size, owned=(),
+                               remote=dst)
             src = _connect(export, dst)
             if index == 0:
-                return _Worker(src, dst, buffer_size, owned=(src,))
+                return _Worker(src, dst, buffer_size, owned=(src,),
+                               remote=dst)
             try:
                 other = dst.clone()
             except BaseException:
                 src.close()
                 raise
-            return _Worker(src, other, buffer_size, owned=(other, src))
+            return _Worker(src, other, buffer_size, owned=(other, src),
+                           remote=other)
 
         run(split(requests), open_worker, max_workers, progress=progress,
             name="upload", copy_op="write",
@@ -333,14 +340,16 @@ def download(src, export, *, dirty=False, zero=False, hole=False,
     try:
         def open_worker(index):
             if index == 0:
-                return _Worker(src, primary_dst, buffer_size, owned=())
+                return _Worker(src, primary_dst, buffer_size, owned=(),
+                               remote=src)
             conn, dst = _connect_download(export, src, zero_found)
             try:
                 other = src.clone()
             except BaseException:
                 conn.close()
                 raise
-            return _Worker(other, dst, buffer_size, owned=(conn, other))
+            return _Worker(other, dst, buffer_size, owned=(conn, other),
+                           remote=other)
 
         run(split(requests), open_worker, max_workers, progress=progress,
             name="download", copy_op="read",
@@ -376,7 +385,7 @@ def _connect_download(export, remote, zero):
     """
     if SPLICE_DOWNLOADS:
         conn = _connect(export, remote)
-        if hasattr(conn, "receive"):
+        if conn.can_splice:
             return conn, conn
     else:
         conn = export.connect()
@@ -412,20 +421,32 @@ class _Sparse:
     def flush(self):
         self._dst.flush()
 
+    # What RemoteImage.copy_to uses of an image (ovirt_imageio/image.py):
+    # the pieces come through buf, each given to write().
+
+    can_splice = False
+
+    def receive(self, src, offset, length, *, buf=None, prefix=b"",
+                done=None, flush=False):
+        from ovirt_imageio import image
+        image.receive_through(self, src, offset, length, buf, prefix, done,
+                              flush)
+
 
 def _splices(remote):
     """True if data moves between remote and the local qemu-nbd by
     splice(2) (remote on the daemon's unix socket, no TLS)."""
-    return getattr(remote, "transport", None) == "unix"
+    return remote.transport == "unix"
 
 
 def _connect(export, remote):
     """
-    A worker's connection to the local export: a Stream when its data is
-    spliced to and from remote's socket (RemoteImage.copy_to/copy_from),
-    else a libnbd client.
+    A worker's connection to the local export: one that splices (a
+    Stream, or a raw file) when its data moves to and from remote's
+    socket (RemoteImage.copy_to/copy_from), else a libnbd client. Every
+    export (local.Export, local.LazyExport, rawfile.Export) has both.
     """
-    if _splices(remote) and hasattr(export, "connect_stream"):
+    if _splices(remote):
         return export.connect_stream()
     return export.connect()
 
@@ -567,22 +588,23 @@ class _Stopped(Exception):
 
 class _Worker:
 
-    def __init__(self, src, dst, buffer_size, owned):
+    def __init__(self, src, dst, buffer_size, owned, remote=None):
         self.src = src
         self.dst = dst
         self.buf = bytearray(buffer_size)
         self._owned = owned
+        # The RemoteImage of src and dst: the one abort() can stop.
+        self._remote = remote
 
     def abort(self):
         """End the I/O this worker is blocked on, from another thread:
-        shut down its connections to the server (remote images)."""
-        for image in (self.src, self.dst):
-            abort = getattr(image, "abort", None)
-            if abort is not None:
-                try:
-                    abort()
-                except Exception:
-                    log.exception("Error aborting %s", image)
+        shut down its connection to the server (RemoteImage.abort); a
+        local image's I/O does not hang."""
+        if self._remote is not None:
+            try:
+                self._remote.abort()
+            except Exception:
+                log.exception("Error aborting %s", self._remote)
 
     def close(self):
         for image in self._owned:

@@ -17,6 +17,7 @@ and which are zeros (plan), sending a range to a GET's response
 
 import threading
 
+from .. import image as image_contract
 from . import server
 
 # GETs at least this long ask block status first, to skip zero extents.
@@ -65,34 +66,33 @@ def plan(image, offset, length, piece):
         covered += n
 
 
-def send_range(stream, offset, length, write, done, sock=None, buf=None):
+def send_range(image, offset, length, dst, begin, done, buf=None):
     """
-    Send the range from the Stream: data spliced to sock on a plain
-    connection, else received into buf and given to write() (TLS); zero
-    extents from the shared zero buffer. write(b"") starts the response.
+    Send the range of image (ovirt_imageio/image.py) to dst, the client's
+    socket (spliced) or the response's write(data) (through buf); zero
+    extents from the shared zero buffer. begin() starts the response: it
+    is called before the first byte, and again at the end (an empty
+    range), so it must do nothing once the response started.
     """
-    def begin():
-        write(b"")
-
-    for start, n, zero in plan(stream, offset, length, length):
+    write = image_contract.writer(dst)
+    for start, n, zero in plan(image, offset, length, length):
         if zero:
             begin()
-            send_zeros(sock.sendall if sock is not None else write, n, done)
-        elif sock is not None:
-            stream.send(sock, start, n, begin, done)
+            send_zeros(write, n, done)
         else:
-            stream.send_to(write, buf, start, n, begin, done)
+            image.send(dst, start, n, buf=buf, begin=begin, done=done)
     # An empty range: just the head.
     begin()
 
 
-def send_zeros(write, length, done):
+def send_zeros(write, length, done=None):
     """write(data) length zero bytes from the shared zero buffer."""
     buf = zeros(ZERO_CHUNK)
     while length:
         n = min(length, len(buf))
         write(buf[:n])
-        done(n)
+        if done is not None:
+            done(n)
         length -= n
 
 

@@ -99,8 +99,12 @@ class Handler:
         process's pool; past the cap, wait for one, or answer 503. Taken
         before the request reads its body or starts its response, so the
         503 is a clean answer (and a PUT's connection, its body unread,
-        is closed by the router).
+        is closed by the router). None if the link splices: no byte
+        passes through the daemon.
         """
+        if lk.splices:
+            yield None
+            return
         try:
             lease = self.pool.acquire(self.buffer_wait_timeout)
         except buffers.Timeout:
@@ -139,10 +143,10 @@ class Handler:
         if ticket_id != "*":
             # Through the proxy, what the daemon reported: it serves the
             # connections, not the proxy.
-            body["max_readers"] = getattr(
-                lk.image, "max_readers", self.max_connections)
-            body["max_writers"] = getattr(
-                lk.image, "max_writers", self.max_connections)
+            limits = lk.limits
+            if limits is None:
+                limits = (self.max_connections, self.max_connections)
+            body["max_readers"], body["max_writers"] = limits
         resp.headers["allow"] = allow
         resp.send_json(body)
 
@@ -178,23 +182,15 @@ class Handler:
                 resp.start(length)
             resp.write(data)
 
-        if lk.sock is not None:
-            with ticket.operation(offset) as op, lk as stream:
-                bodies.send_range(stream, offset, length, write, op.done,
-                                  sock=lk.sock)
-            return
-        if lk.streams:
-            with self._buffer(lk) as buf, ticket.operation(offset) as op, \
-                    lk as stream:
-                bodies.send_range(stream, offset, length, write, op.done,
-                                  buf=buf)
-            return
+        def begin():
+            write(b"")
 
-        # The proxy's relay streams the range itself: one request to the
-        # daemon per client request (relay.py).
+        # Spliced to the client's socket, or through the buffer to write().
+        dst = lk.sock if lk.splices else write
         with self._buffer(lk) as buf, ticket.operation(offset) as op, \
                 lk as image:
-            image.send(write, offset, length, op.done, buf)
+            bodies.send_range(image, offset, length, dst, begin, op.done,
+                              buf=buf)
 
     head = get
 
@@ -215,11 +211,12 @@ class Handler:
         flush = params.choice(req.query, "flush", ["n", "y"], "y") == "y"
         ticket = self._authorize_write(req, ticket_id, offset, length)
         lk = self._link(req, ticket)
-        if lk.sock is not None:
-            with ticket.operation(offset) as op, lk as stream:
+        if lk.splices:
+            with ticket.operation(offset) as op, lk as image:
                 prefix = req.take_body()
                 try:
-                    stream.receive(lk.sock, offset, length, prefix, op.done)
+                    image.receive(lk.sock, offset, length, prefix=prefix,
+                                  done=op.done)
                 except EOFError as e:
                     resp.close_connection = True
                     raise server.Error(
@@ -227,21 +224,13 @@ class Handler:
                              f"{e.args[0]} bytes")
                 req.body_received()
                 if flush:
-                    stream.flush()
+                    image.flush()
             return
-        if lk.streams:
-            with self._buffer(lk) as buf, ticket.operation(offset) as op, \
-                    lk as stream:
-                stream.write_from(bodies.body_reader(req, length), buf,
-                                  offset, length, op.done)
-                if flush:
-                    stream.flush()
-            return
-        # The proxy's relay streams the body itself (relay.py).
+        # Through the buffer; a relay flushes with its PUT (relay.py).
         with self._buffer(lk) as buf, ticket.operation(offset) as op, \
                 lk as image:
             image.receive(bodies.body_reader(req, length), offset, length,
-                          op.done, buf, flush=flush)
+                          buf=buf, done=op.done, flush=flush)
 
     # PATCH
 

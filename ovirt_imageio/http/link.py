@@ -66,14 +66,15 @@ class Link:
         # The HTTP connection (server.Context): cancel() interrupts its
         # waits on the client.
         self.client = client
+        # nbd/backend.Backend or http/relay.Relay: open_image(), serves(),
+        # error, limits().
         self.resource = resource
         self.buffer_size = buffer_size
-        # The export can be reached with a Stream (not a proxy's relay).
-        self.streams = hasattr(resource, "open_stream")
-        # The client's socket, if data may be spliced to and from it.
-        self.sock = sock if self.streams else None
+        # The client's socket, if its connection is plain (no TLS).
+        self.sock = sock
         self.image = None
         self.size = None
+        self._can_splice = False
         self._lock = threading.Lock()
         self.closed = False
         # Fired by cancel() to stop the NBD I/O of a busy link.
@@ -85,10 +86,19 @@ class Link:
             pass
 
     def _open_image(self):
-        if self.streams:
-            return self.resource.open_stream(interrupt=self.interrupt)
-        # A proxy's relay.
-        return self.resource.open()
+        return self.resource.open_image(interrupt=self.interrupt)
+
+    @property
+    def splices(self):
+        """True if data moves between the image and the client's socket
+        without passing through the daemon (no buffer needed)."""
+        return self.sock is not None and self._can_splice
+
+    @property
+    def limits(self):
+        """(max_readers, max_writers) for OPTIONS, or None: the daemon's
+        own."""
+        return self.resource.limits(self.image)
 
     @property
     def piece(self):
@@ -105,6 +115,7 @@ class Link:
             if self.image is None:
                 self.image = self._open_image()
                 self.size = self.image.size
+                self._can_splice = self.image.can_splice
             return self.image
         except BaseException as e:
             failure = self._release(e)
@@ -119,11 +130,10 @@ class Link:
 
     def _stale(self, conn):
         """
-        True if conn is connected to an export that is gone: the owned
-        qemu-nbd died (the next open starts a new one).
+        True if conn cannot serve: it broke, or its export is gone (the
+        owned qemu-nbd died; the next open starts a new one).
         """
-        serves = getattr(self.resource, "serves", None)
-        return serves is not None and not serves(conn)
+        return not self.resource.serves(conn)
 
     def _acquire(self):
         self._lock.acquire()
@@ -145,7 +155,7 @@ class Link:
                 # The NBD connection may be unusable; the next request on
                 # this HTTP connection opens a new one.
                 self._close_image()
-            elif self.streams and self.image is not None and self.image.broken:
+            elif self.image is not None and self._stale(self.image):
                 # Interrupted in the middle of a payload.
                 self._close_image()
             return failure
@@ -170,7 +180,7 @@ class Link:
             cause = error.__cause__
         if (isinstance(cause, nbd_client.Error)
                 and cause.errno in CONNECTION_ERRORS):
-            reason = getattr(self.resource, "error", None)
+            reason = self.resource.error
             return errors.ExportFailed(
                 f"NBD export of transfer {self.ticket.transfer_id} "
                 f"failed: {detail}" + (f" ({reason})" if reason else ""))
@@ -224,7 +234,7 @@ def for_request(req, ticket, buffer_size):
         raise errors.ExportError(
             f"Transfer {ticket.transfer_id} has no NBD export")
     # A proxy ticket's relay brings its own size ([backend_http]).
-    buffer_size = getattr(ticket.resource, "buffer_size", None) or buffer_size
+    buffer_size = ticket.resource.buffer_size or buffer_size
     sock = req.context.sock if req.context.plain else None
     lk = Link(ticket, ticket.resource, buffer_size, sock,
               client=req.context)

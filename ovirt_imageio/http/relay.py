@@ -54,6 +54,7 @@ import logging
 import urllib.parse
 
 from .. import errors
+from .. import image
 from ..client import remote
 from . import bodies
 
@@ -112,6 +113,24 @@ class Relay:
     def __repr__(self):
         return f"<Relay daemon={self.netloc} transfer={self.transfer_id}>"
 
+    # What the daemon's links need of a resource (http/link.py, like
+    # nbd/backend.Backend).
+
+    error = None
+
+    def open_image(self, interrupt=None):
+        """open(): a relay cannot be interrupted (see relay.TIMEOUT)."""
+        return self.open()
+
+    def serves(self, image):
+        """A RemoteImage reconnects by itself: always usable."""
+        return True
+
+    def limits(self, image):
+        """What the daemon reported in OPTIONS: it serves the
+        connections, not the proxy."""
+        return image.max_readers, image.max_writers
+
     def open(self):
         """
         Return a new Image on a new connection to the daemon. Raises
@@ -141,8 +160,8 @@ class Relay:
 
 class Image:
     """
-    One client connection's image on the daemon (the Image protocol of the
-    /images handlers): a RemoteImage, one keep-alive connection, whose
+    One client connection's image on the daemon, an Image
+    (ovirt_imageio/image.py): a RemoteImage, one keep-alive connection, whose
     connection errors become Unreachable. Used by one thread at a time (the
     Link's lock).
     """
@@ -198,38 +217,57 @@ class Image:
         with self._daemon_errors():
             return self._remote.extents(context, offset, length)
 
-    # Streaming: one daemon request per client request.
+    # Streaming (the Image contract's send and receive): one daemon
+    # request per client request.
 
-    def send(self, write, offset, length, done, buf):
+    can_splice = False
+
+    @property
+    def can_zero(self):
+        return self._remote.can_zero
+
+    @property
+    def can_flush(self):
+        return self._remote.can_flush
+
+    @property
+    def can_extents(self):
+        return self._remote.can_extents
+
+    def send(self, dst, offset, length, *, buf=None, begin=None, done=None):
         """
-        Send [offset, offset + length) to the client with write(data):
-        zero runs from the shared zero buffer, each data run with one
-        ranged GET streamed through buf. done(n) after each piece.
+        Send [offset, offset + length) to dst (the client's socket or
+        response's write): zero runs from the shared zero buffer, each
+        data run with one ranged GET streamed through buf. done(n) after
+        each piece.
         """
         with self._daemon_errors():
             found = self._remote.extents("zero", offset, length)
-        sink = _Sink(write)
+        write = _client_side(image.writer(dst))
         for start, n, zero in runs(found, offset, length):
             if zero:
+                if begin is not None:
+                    begin()
+                    begin = None
                 bodies.send_zeros(write, n, done)
                 continue
             with self._daemon_errors():
-                self._remote.copy_to(sink, start, n, buf, progress=done)
+                self._remote.send(write, start, n, buf=buf, begin=begin,
+                                  done=done)
+            begin = None
 
-    def receive(self, read_into, offset, length, done, buf, flush=False):
+    def receive(self, src, offset, length, *, buf=None, prefix=b"",
+                done=None, flush=False):
         """
-        Receive length bytes from the client with read_into(buf) (raises
-        if the body ends early) and write them at offset with one PUT
-        streamed through buf. done(n) after each piece.
+        Receive length bytes from src (the client's socket after prefix,
+        or the body's read_into, which raises if the body ends early) and
+        write them at offset with one PUT streamed through buf. done(n)
+        after each piece.
         """
-        if length == 0:
-            if flush:
-                self.flush()
-            return
-        source = _Source(read_into)
+        read_into = _client_side(image.reader(src, prefix))
         with self._daemon_errors():
-            self._remote.copy_from(source, offset, length, buf, flush=flush,
-                                   progress=done)
+            self._remote.receive(read_into, offset, length, buf=buf,
+                                 done=done, flush=flush)
 
     def close(self):
         self._remote.close()
@@ -260,30 +298,17 @@ class _ClientError(Exception):
         self.error = error
 
 
-class _Sink:
-    """RemoteImage.copy_to's destination: the client's response."""
+def _client_side(fn):
+    """fn (the client's write or read_into), its errors carried through
+    RemoteImage as _ClientError."""
 
-    def __init__(self, write):
-        self._write = write
-
-    def write(self, buf, offset):
+    def call(buf):
         try:
-            self._write(buf)
+            fn(buf)
         except Exception as e:
             raise _ClientError(e) from e
 
-
-class _Source:
-    """RemoteImage.copy_from's source: the client's request body."""
-
-    def __init__(self, read_into):
-        self._read_into = read_into
-
-    def read_into(self, buf, offset):
-        try:
-            self._read_into(buf)
-        except Exception as e:
-            raise _ClientError(e) from e
+    return call
 
 
 def runs(extents, offset, length):

@@ -49,7 +49,13 @@ class Backend:
     Attributes: address (url.Address), dirty, timeout (seconds NBD I/O
     may make no progress, or None), server (the owned qemu_nbd.Server, or
     None).
+
+    A ticket's resource, as the daemon's links use one (http/link.py,
+    like http/relay.Relay): open_image(), serves(), error, buffer_size
+    (None: the [backend_nbd] one), limits().
     """
+
+    buffer_size = None
 
     def __init__(self, address, *, dirty=False, server=None, timeout=None,
                  start=None, error=None, name="export"):
@@ -84,11 +90,21 @@ class Backend:
         return self._error
 
     def serves(self, conn):
-        """True if conn (a Client or Stream) is connected to the running
-        export; False after a restart or while it is down."""
+        """True if conn (a Client or Stream) is usable and connected to
+        the running export; False once it broke, after a restart or while
+        the export is down."""
         server = self.server
-        return (conn.address == self.address
+        return (not conn.broken and conn.address == self.address
                 and (server is None or server.alive))
+
+    def limits(self, image):
+        """(max_readers, max_writers) to report for connections to image,
+        or None: the daemon's own."""
+        return None
+
+    def open_image(self, interrupt=None):
+        """The daemon's image of the export: open_stream()."""
+        return self.open_stream(interrupt=interrupt)
 
     def _ensure_running(self):
         """Start the owned qemu-nbd if it is not running."""

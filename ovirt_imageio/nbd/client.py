@@ -61,6 +61,7 @@ import traceback
 
 import nbd
 
+from ovirt_imageio import image
 from ovirt_imageio.nbd import extents
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,8 @@ class Client:
         can_flush, can_fua, can_trim, can_multi_conn, minimum_block_size,
         preferred_block_size, maximum_block_size, has_base_allocation,
         has_allocation_depth, dirty_bitmap (bitmap name or None).
+
+    An Image (ovirt_imageio/image.py): can_extents, can_splice (False).
     """
 
     def __init__(self, handle, address, dirty_bitmap=None, waiter=None):
@@ -452,6 +455,11 @@ class Client:
     def __repr__(self):
         return (f"<Client address={self.address} size={self.size} "
                 f"closed={self._h is None}>")
+
+    @property
+    def broken(self):
+        """True once the connection timed out or was interrupted."""
+        return self._waiter.stopped
 
     # I/O
 
@@ -526,6 +534,23 @@ class Client:
             h = self._handle()
             if self.can_flush:
                 self._flush(h)
+
+    # The Image contract (ovirt_imageio/image.py): moving a range
+    # through a buffer; libnbd cannot splice.
+
+    can_splice = False
+
+    @property
+    def can_extents(self):
+        return self.has_base_allocation
+
+    def send(self, dst, offset, length, *, buf=None, begin=None, done=None):
+        image.send_through(self, dst, offset, length, buf, begin, done)
+
+    def receive(self, src, offset, length, *, buf=None, prefix=b"",
+                done=None, flush=False):
+        image.receive_through(self, src, offset, length, buf, prefix, done,
+                              flush)
 
     # Extents
 

@@ -68,6 +68,7 @@ import select
 import socket
 import struct
 
+from ovirt_imageio import image
 from ovirt_imageio import pipes
 from ovirt_imageio.nbd import client as nbd_client
 from ovirt_imageio.nbd import extents
@@ -206,7 +207,8 @@ class Stream:
     An open connection. Attributes: address, export_name, size,
     read_only, can_zero, can_flush, maximum_block_size,
     has_base_allocation, has_allocation_depth, dirty_bitmap (name or
-    None), broken.
+    None), broken. An Image (ovirt_imageio/image.py): can_extents,
+    can_splice (True: send() and receive() splice sockets).
     """
 
     def __init__(self, sock, address, timeout=None, interrupt=None,
@@ -243,9 +245,45 @@ class Stream:
     def __repr__(self):
         return f"<Stream address={self.address} size={self.size}>"
 
+    # The Image contract (ovirt_imageio/image.py): moving a range.
+
+    can_splice = True
+
+    @property
+    def can_extents(self):
+        return self.has_base_allocation
+
+    def send(self, dst, offset, length, *, buf=None, begin=None, done=None):
+        """
+        Send length bytes at offset to dst: spliced to a socket, else
+        received into buf and given to the callable dst (send_to).
+        """
+        if isinstance(dst, socket.socket):
+            self._send_spliced(dst, offset, length, begin, done)
+        else:
+            self.send_to(dst, image.pieces(buf, length), offset, length,
+                         begin, done)
+
+    def receive(self, src, offset, length, *, buf=None, prefix=b"",
+                done=None, flush=False):
+        """
+        Write length bytes from src at offset: spliced from a socket
+        (after prefix), else read with the callable src into buf
+        (write_from). With flush, flushed before returning.
+        """
+        if isinstance(src, socket.socket):
+            self._receive_spliced(src, offset, length, prefix, done)
+        else:
+            if len(prefix):
+                raise ValueError("prefix is for a socket source")
+            self.write_from(src, image.pieces(buf, length), offset, length,
+                            done)
+        if flush:
+            self.flush()
+
     # Data to and from sockets.
 
-    def send(self, sock, offset, length, begin=None, done=None):
+    def _send_spliced(self, sock, offset, length, begin=None, done=None):
         """
         Send length bytes of the image from offset to the socket sock,
         in pieces of at most the server's maximum request. begin() is
@@ -329,7 +367,7 @@ class Stream:
             self.broken = True
             raise
 
-    def receive(self, sock, offset, length, prefix=b"", done=None):
+    def _receive_spliced(self, sock, offset, length, prefix=b"", done=None):
         """
         Write length bytes read from the socket sock at offset: first the
         bytes of prefix (body bytes the caller had buffered), then the
@@ -416,6 +454,23 @@ class Stream:
             self._wait_writes(MAX_WRITES_IN_FLIGHT)
             if done is not None:
                 done(n)
+        self._wait_writes(0)
+
+    def write(self, buf, offset):
+        """
+        Write all of buf at offset: pipelined NBD_CMD_WRITEs of up to
+        MAX_WRITE bytes, sent from buf as it is (sendmsg, no copy).
+        Returns once every write was acknowledged.
+        """
+        self._check_open()
+        view = memoryview(buf).cast("B")
+        self._op = ("write", offset, len(view))
+        pos = 0
+        while pos < len(view):
+            n = min(len(view) - pos, self._max_write)
+            self._send_write_header(offset + pos, n, view[pos:pos + n])
+            pos += n
+            self._wait_writes(MAX_WRITES_IN_FLIGHT)
         self._wait_writes(0)
 
     def _check_open(self):

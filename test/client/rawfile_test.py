@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from ovirt_imageio import errors
 from ovirt_imageio.client import rawfile
 from ovirt_imageio.nbd import extents as nbd_extents
 from ovirt_imageio.nbd import client as nbd_client
@@ -118,8 +119,10 @@ def test_extents(tmp_path):
             ext(MiB + 4096, MiB - 4096, False),
             ext(2 * MiB, 4096, True),
         ]
-        with pytest.raises(ValueError):
+        with pytest.raises(errors.Unsupported):
             f.extents("dirty")
+        with pytest.raises(ValueError):
+            f.extents("nope")
 
 
 def test_extents_all_data(tmp_path):

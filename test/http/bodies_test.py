@@ -62,9 +62,15 @@ def test_send_range_through_buffer(nbd, image):
         # before write returns.
         out.append(bytes(data))
 
-    bodies.send_range(nbd, 512 * K, 3 * M, write, done.append, buf=buf)
-    # write(b"") starts the response before the first byte.
-    assert out[0] == b""
+    begun = []
+
+    def begin():
+        begun.append(len(out))
+
+    bodies.send_range(nbd, 512 * K, 3 * M, write, begin, done.append,
+                      buf=buf)
+    # begin() before the first byte, and at the end.
+    assert begun[0] == 0
     with open(image, "rb") as f:
         f.seek(512 * K)
         assert b"".join(out) == f.read(3 * M)
@@ -82,21 +88,23 @@ def test_send_range_spliced(nbd, image):
     reader = threading.Thread(target=read)
     reader.start()
     begun = []
-    bodies.send_range(nbd, 0, 4 * M, begun.append, lambda n: None,
-                      sock=ours)
+    bodies.send_range(nbd, 0, 4 * M, ours, lambda: begun.append(1),
+                      lambda n: None)
     ours.close()
     reader.join(30)
     theirs.close()
-    assert begun[0] == b""
+    assert begun
     with open(image, "rb") as f:
         assert received == f.read()
 
 
 def test_send_range_empty(nbd):
-    out = []
-    bodies.send_range(nbd, 0, 0, out.append, lambda n: None,
-                      buf=bytearray(4096))
-    assert out == [b""]
+    out, begun = [], []
+    bodies.send_range(nbd, 0, 0, out.append, lambda: begun.append(1),
+                      lambda n: None, buf=bytearray(4096))
+    # Just the head.
+    assert begun == [1]
+    assert out == []
 
 
 def test_send_zeros():
