@@ -24,7 +24,7 @@ from ._api import (
 )
 from .progress import ProgressBar
 from .sources import UnsafeImage
-from .transfer import ChecksumMismatch, TransferError
+from .transfer import ChecksumMismatch, Retry, TransferError
 
 __all__ = (
     "BUFFER_SIZE",
@@ -33,6 +33,7 @@ __all__ = (
     "DirtyExtent",
     "ImageioClient",
     "ProgressBar",
+    "Retry",
     "TransferError",
     "UnsafeImage",
     "ZeroExtent",

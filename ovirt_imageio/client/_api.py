@@ -56,7 +56,7 @@ _CHECKSUM_ALGORITHM = "blake2b"
 def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
            progress=None, proxy_url=None, max_workers=MAX_WORKERS,
            member=None, backing_chain=True, disk_is_zero=False,
-           verify=False, safe=False):
+           verify=False, safe=False, retry=None, journal=None):
     """
     Upload the image in filename (any format qemu reads: raw, qcow2,
     vmdk, vhdx, vdi, ISO...) to the transfer URL url, as guest data.
@@ -93,6 +93,15 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
             someone else: a downloaded disk, a guest's disk, a file a
             user hands in. qemu would read the files it names, and the
             upload would send them.
+        retry (Retry): how requests failing with a network error (a
+            connection cut or reset, a timeout, a 503) are retried on a
+            new connection; None: the default, 5 attempts with a backoff
+            of 0.5 seconds doubling to 8. Retry(attempts=1): none.
+        journal: resume an interrupted upload: an object with `ranges`,
+            the (start, length) ranges already uploaded, which are not
+            sent again, and `add(start, length)`, called from the worker
+            threads for each range uploaded. None (the default): upload
+            everything.
 
     Zero extents are never sent as bytes: they are zeroed on the server,
     or skipped where the server reports its image already reads zeros.
@@ -127,7 +136,8 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 # Without the backing chain, holes stay unallocated so
                 # they expose the target's backing chain.
                 hole=backing_chain,
-                progress=progress)
+                progress=progress,
+                **_retry_options(retry, journal))
             if verify:
                 _set_phase(progress, "verifying upload")
                 with src.connect() as image:
@@ -137,7 +147,7 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
 def download(url, filename, cafile, fmt="qcow2", incremental=False,
              buffer_size=BUFFER_SIZE, secure=True, progress=None,
              proxy_url=None, max_workers=MAX_WORKERS, backing_file=None,
-             backing_format=None, verify=False):
+             backing_format=None, verify=False, retry=None, journal=None):
     """
     Download the image at the transfer URL url into a new image filename
     in format fmt ("qcow2" or "raw"). Zero and unallocated areas are not
@@ -166,6 +176,12 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
         verify (bool): after downloading, compare the server's checksum
             with the local image's (through its backing chain); raise
             ChecksumMismatch if they differ.
+        retry (Retry): as for upload().
+        journal: resume an interrupted download into the existing
+            filename (kept, not created; it must have the server's image
+            size): as for upload(), the ranges already written are not
+            downloaded again. The partial filename is then kept on
+            failure, to be resumed again.
 
     filename may be a block device (or a link to one): raw writes the
     image's size bytes at its start, zeros included, and fails before
@@ -207,12 +223,18 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
             dst = rawfile.Export(filename, size, read_only=False)
         elif backing_file is None and rawfile.usable(filename, fmt):
             # Written directly, without a qemu-nbd (rawfile.py).
-            rawfile.create(filename, size)
+            if journal is None:
+                rawfile.create(filename, size)
+            else:
+                _check_partial(filename, fmt, size)
             dst = rawfile.Export(filename, size, read_only=False)
         else:
-            qemu_img.create(filename, fmt, size=size,
-                            backing_file=backing_file,
-                            backing_format=backing_format)
+            if journal is None:
+                qemu_img.create(filename, fmt, size=size,
+                                backing_file=backing_file,
+                                backing_format=backing_format)
+            else:
+                _check_partial(filename, fmt, size)
             # qemu-nbd starts only if something is written or verified.
             dst = local.open_lazily(filename, fmt, read_only=False,
                                     shared=workers + 1)
@@ -228,7 +250,8 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
                     hole=raw_device,
                     max_workers=workers,
                     buffer_size=buffer_size,
-                    progress=progress)
+                    progress=progress,
+                    **_retry_options(retry, journal))
                 if verify:
                     _set_phase(progress, "verifying download")
                     with dst.connect() as image:
@@ -236,9 +259,29 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
         except transfer.ChecksumMismatch:
             raise
         except BaseException:
-            if not device:
+            # A journal's partial image is kept to be resumed.
+            if not device and journal is None:
                 _remove(filename)
             raise
+
+
+def _retry_options(retry, journal):
+    """transfer.upload() and download()'s retry, skip and done."""
+    options = {"retry": transfer.RETRY if retry is None else retry}
+    if journal is not None:
+        options["skip"] = list(journal.ranges)
+        options["done"] = journal.add
+    return options
+
+
+def _check_partial(filename, fmt, size):
+    """A download resumed into filename: it must be the image started."""
+    found = qemu_img.info(filename)
+    if found["format"] != fmt or found["virtual-size"] != size:
+        raise ValueError(
+            f"Cannot resume the download into {filename}: it is a "
+            f"{found['format']} image of {found['virtual-size']} bytes, "
+            f"expecting {fmt} of {size} bytes")
 
 
 def info(filename, member=None):

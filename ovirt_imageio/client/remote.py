@@ -557,6 +557,14 @@ class RemoteImage:
         self._requests = 0
         self.transport = "unix"
 
+    def reconnect(self):
+        """
+        Drop the connection, after a failed request: the next request
+        opens a new one on the same transport (the transfer pipeline's
+        retries).
+        """
+        self._abandon()
+
     def _abandon(self):
         """Close a connection left in the middle of a request; the next
         request reconnects."""

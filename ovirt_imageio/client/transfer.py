@@ -38,6 +38,20 @@ Theory of operation.
   the connections the caller already opened. A COPY is one HTTP request
   streaming the range in buffer-sized pieces. At the end every worker
   that wrote flushes its own connection.
+- Retries. A request (copy, zero, flush) or a worker's connecting that
+  fails with a network error (a connection reset or cut, a timeout, a
+  TLS or HTTP protocol error, a 503 Service Unavailable) is tried again
+  on a new connection, up to Retry.attempts times with a doubling
+  backoff (Retry-After honoured, bounded), so a flaky network does not
+  fail a long transfer. All requests are idempotent: a range is written
+  again whole. Not retried: other HTTP errors (the server said no),
+  errors of the local image, a stopped transfer, and a worker splicing
+  on the daemon's unix socket (the same host: a broken connection there
+  means the daemon went away, and the local stream is mid-request).
+  Progress counts a retried range once.
+- Resume. Ranges already transferred (a journal of an interrupted
+  transfer) become SKIP requests (skip_done()); a callback learns each
+  request that completed, to keep that journal.
 - Failure: the first error stops the other workers at their next piece
   and is raised as TransferError naming the operation, the range, and the
   HTTP status and server message. KeyboardInterrupt (or any exception)
@@ -47,11 +61,15 @@ Theory of operation.
 """
 
 import collections
+import errno
+import http.client
 import logging
+import ssl
 import threading
 import time
 
 from ovirt_imageio import errors
+from ovirt_imageio.client import remote as _remote
 from ovirt_imageio.nbd import extents as nbd_extents
 
 # ovirt_imageio.image (the Image contract's helpers) is imported where it
@@ -114,7 +132,7 @@ class TransferError(Exception):
     The original exception is __cause__.
     """
 
-    def __init__(self, name, op, offset, length, cause):
+    def __init__(self, name, op, offset, length, cause, attempts=1):
         self.name = name
         self.op = op
         self.offset = offset
@@ -127,7 +145,72 @@ class TransferError(Exception):
         where = ""
         if length:
             where = f" bytes {offset}-{offset + length - 1}"
+        if attempts > 1:
+            detail += f" (after {attempts} attempts)"
         super().__init__(f"{name} failed: {op}{where}: {detail}")
+
+
+class Retry:
+    """
+    How failed requests are retried: up to attempts tries in all, waiting
+    delay seconds before the second, doubling up to max_delay; a 503's
+    Retry-After (seconds) is waited instead when longer, at most
+    max_retry_after. wait(seconds, stop) waits and returns True if the
+    transfer was stopped meanwhile (stop, a threading.Event); tests
+    inject one that does not wait.
+    """
+
+    def __init__(self, attempts=5, delay=0.5, max_delay=8.0,
+                 max_retry_after=60.0, wait=None):
+        if attempts < 1:
+            raise ValueError(f"Invalid attempts {attempts}")
+        self.attempts = attempts
+        self.delay = delay
+        self.max_delay = max_delay
+        self.max_retry_after = max_retry_after
+        self._wait = wait or (lambda seconds, stop: stop.wait(seconds))
+
+    def backoff(self, attempt, error):
+        """Seconds to wait after the failed attempt (1-based)."""
+        seconds = min(self.delay * 2**(attempt - 1), self.max_delay)
+        if isinstance(error, errors.PeerError):
+            after = error.headers.get("retry-after")
+            if after is not None and after.isdigit():
+                seconds = max(seconds, min(int(after),
+                                           self.max_retry_after))
+        return seconds
+
+    def wait(self, seconds, stop):
+        return self._wait(seconds, stop)
+
+
+# One attempt: what run() does without a Retry.
+NO_RETRY = Retry(attempts=1)
+
+# upload() and download()'s default: 5 attempts over 7.5 seconds.
+RETRY = Retry()
+
+# Errors of the network, not of the local image: worth a new connection.
+_NETWORK_ERRNOS = frozenset((
+    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+    errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+    errno.ENETRESET, errno.EHOSTDOWN))
+
+
+def retriable(error):
+    """
+    True if error is a network failure a new connection may cure: a
+    connection error or timeout, TLS or HTTP protocol errors, a 503.
+    Other HTTP errors are the server's answer; other OSErrors (ENOSPC,
+    EIO) and libnbd errors come from the local image.
+    """
+    if isinstance(error, errors.PeerError):
+        return error.status == 503
+    if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError,
+                          http.client.HTTPException,
+                          _remote.ProtocolError)):
+        return True
+    return isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS
 
 
 class ChecksumMismatch(Exception):
@@ -208,6 +291,47 @@ def skip_zeroed(requests, dst_extents):
     return _merge(result)
 
 
+def skip_done(requests, done):
+    """
+    Turn the parts of COPY and ZERO requests inside the ranges done
+    ((start, length) pairs, in any order, may overlap) into SKIP.
+    """
+    ranges = []
+    for start, length in sorted(done):
+        end = start + length
+        if ranges and start <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], end)
+        elif length > 0:
+            ranges.append([start, end])
+    result = []
+    i = 0
+    for req in requests:
+        if req.op == SKIP:
+            result.append(req)
+            continue
+        pos, end = req.start, req.start + req.length
+        while i < len(ranges) and ranges[i][1] <= pos:
+            i += 1
+        j = i
+        while pos < end:
+            if j < len(ranges) and ranges[j][0] < end:
+                dstart, dend = ranges[j]
+                if dstart > pos:
+                    result.append(Request(req.op, pos, dstart - pos))
+                    pos = dstart
+                skip_end = min(dend, end)
+                result.append(Request(SKIP, pos, skip_end - pos))
+                pos = skip_end
+                if dend <= end:
+                    j += 1
+                else:
+                    break
+            else:
+                result.append(Request(req.op, pos, end - pos))
+                pos = end
+    return _merge(result)
+
+
 def split(requests, max_copy=MAX_COPY, max_zero=MAX_ZERO):
     """Split COPY and ZERO requests larger than their limit."""
     result = []
@@ -269,47 +393,56 @@ def _merge(requests):
 # Upload and download.
 
 def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
-           zero=True, hole=True, progress=None):
+           zero=True, hole=True, progress=None, retry=RETRY, skip=(),
+           done=None):
     """
     Copy the local export to dst (a RemoteImage) with up to max_workers
     connections. zero=False skips zero extents (the disk is known to be
     zero); hole=False keeps holes unallocated on the destination.
+    retry: a Retry. skip: (start, length) ranges already uploaded (they
+    count as progress); done(start, length) is called, from the worker
+    threads, for each range uploaded.
     """
     primary = export.connect()
     try:
         requests = plan_zero(primary.extents("zero"), zero=zero, hole=hole)
         requests = _skip_remote_zeros(requests, dst)
+        if skip:
+            requests = skip_done(requests, skip)
         if progress is not None:
             progress.size = primary.size
 
         def open_worker(index):
-            if index == 0 and not _splices(dst):
+            # A spliced stream may be left mid-request: no retries.
+            can_retry = not _splices(dst)
+            if index == 0 and can_retry:
                 return _Worker(primary, dst, buffer_size, owned=(),
                                remote=dst)
             src = _connect(export, dst)
             if index == 0:
                 return _Worker(src, dst, buffer_size, owned=(src,),
-                               remote=dst)
+                               remote=dst, can_retry=can_retry)
             try:
                 other = dst.clone()
             except BaseException:
                 src.close()
                 raise
             return _Worker(src, other, buffer_size, owned=(other, src),
-                           remote=other)
+                           remote=other, can_retry=can_retry)
 
         run(split(requests), open_worker, max_workers, progress=progress,
             name="upload", copy_op="write",
             copy=lambda w, req, report: w.dst.copy_from(
                 w.src, req.start, req.length, w.buf, progress=report),
-            zero=lambda w, req: w.dst.zero(req.length, req.start))
+            zero=lambda w, req: w.dst.zero(req.length, req.start),
+            retry=retry, done=_done(done))
     finally:
         primary.close()
 
 
 def download(src, export, *, dirty=False, zero=False, hole=False,
              max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
-             progress=None):
+             progress=None, retry=RETRY, skip=(), done=None):
     """
     Copy src (a RemoteImage) to the local export, a new empty image, with
     up to max_workers connections. dirty: copy only dirty extents. zero:
@@ -323,11 +456,16 @@ def download(src, export, *, dirty=False, zero=False, hole=False,
     zeroed when zero or dirty (what lies below must not show through: a
     backing file, or the previous backup an incremental one is rebased
     on later), else skipped (the new image reads zeros there).
+
+    retry, skip and done: as for upload() (skip: ranges already
+    written to the local image, when resuming).
     """
     if dirty:
         requests = plan_dirty(src.extents("dirty"))
     else:
         requests = plan_zero(src.extents("zero"), zero=zero, hole=hole)
+    if skip:
+        requests = skip_done(requests, skip)
     if progress is not None:
         progress.size = src.size
     zero_found = zero or dirty
@@ -341,7 +479,8 @@ def download(src, export, *, dirty=False, zero=False, hole=False,
         def open_worker(index):
             if index == 0:
                 return _Worker(src, primary_dst, buffer_size, owned=(),
-                               remote=src)
+                               remote=src,
+                               can_retry=not primary_dst.can_splice)
             conn, dst = _connect_download(export, src, zero_found)
             try:
                 other = src.clone()
@@ -349,17 +488,25 @@ def download(src, export, *, dirty=False, zero=False, hole=False,
                 conn.close()
                 raise
             return _Worker(other, dst, buffer_size, owned=(conn, other),
-                           remote=other)
+                           remote=other, can_retry=not dst.can_splice)
 
         run(split(requests), open_worker, max_workers, progress=progress,
             name="download", copy_op="read",
             copy=lambda w, req, report: w.src.copy_to(
                 w.dst, req.start, req.length, w.buf, progress=report),
             zero=lambda w, req: w.dst.zero(req.length, req.start,
-                                           punch_hole=True))
+                                           punch_hole=True),
+            retry=retry, done=_done(done))
     finally:
         if primary is not None:
             primary.close()
+
+
+def _done(callback):
+    """run()'s done(request) for a done(start, length) callback."""
+    if callback is None:
+        return None
+    return lambda req: callback(req.start, req.length)
 
 
 # Splice downloads on the daemon's unix socket (socket -> pipe -> image,
@@ -586,15 +733,34 @@ class _Stopped(Exception):
     """Raised in a worker when the transfer was stopped."""
 
 
+class _Failed(Exception):
+    """A worker's request failed for good after attempts tries."""
+
+    def __init__(self, error, attempts):
+        super().__init__(error)
+        self.error = error
+        self.attempts = attempts
+
+
 class _Worker:
 
-    def __init__(self, src, dst, buffer_size, owned, remote=None):
+    def __init__(self, src, dst, buffer_size, owned, remote=None,
+                 can_retry=True):
         self.src = src
         self.dst = dst
         self.buf = bytearray(buffer_size)
         self._owned = owned
         # The RemoteImage of src and dst: the one abort() can stop.
         self._remote = remote
+        # False when a retry cannot work (a spliced local stream may be
+        # left in the middle of a request).
+        self.can_retry = can_retry
+
+    def reconnect(self):
+        """Before a retry: drop the connection to the server; the next
+        request opens a new one."""
+        if self._remote is not None:
+            self._remote.reconnect()
 
     def abort(self):
         """End the I/O this worker is blocked on, from another thread:
@@ -703,14 +869,18 @@ class _State:
 
 
 def run(requests, open_worker, max_workers, *, progress, name, copy_op,
-        copy, zero):
+        copy, zero, retry=None, done=None):
     """
     Run requests with up to max_workers worker threads.
 
     open_worker(index) returns a _Worker; copy(worker, request, report)
-    and zero(worker, request) do one request. Raises the first
-    TransferError; returns only after every thread has ended.
+    and zero(worker, request) do one request. retry (a Retry; None: one
+    attempt) says how failed requests are retried; done(request), if
+    given, is called in the worker's thread after each COPY or ZERO
+    request completed. Raises the first TransferError; returns only after
+    every thread has ended.
     """
+    retry = retry or NO_RETRY
     work = [r for r in requests if r.op != SKIP]
     skipped = sum(r.length for r in requests if r.op == SKIP)
     state = _State(work, progress)
@@ -720,7 +890,8 @@ def run(requests, open_worker, max_workers, *, progress, name, copy_op,
     threads = [
         threading.Thread(
             target=_work, name=f"{name}/{i}", daemon=True,
-            args=(state, open_worker, i, name, copy_op, copy, zero))
+            args=(state, open_worker, i, name, copy_op, copy, zero, retry,
+                  done))
         for i in range(count)]
     started = []
     try:
@@ -745,33 +916,93 @@ def run(requests, open_worker, max_workers, *, progress, name, copy_op,
         raise state.error
 
 
-def _work(state, open_worker, index, name, copy_op, copy, zero):
+def _retried(state, retry, worker, what, call):
+    """
+    Return call(), tried up to retry.attempts times while it fails with
+    a retriable error, on a new connection each time (worker None:
+    call() opens its own). Raises _Failed, or _Stopped.
+    """
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except _Stopped:
+            raise
+        except Exception as e:
+            if (attempt >= retry.attempts or not retriable(e)
+                    or state.stop.is_set()
+                    or (worker is not None and not worker.can_retry)):
+                raise _Failed(e, attempt) from e
+            seconds = retry.backoff(attempt, e)
+            # No URL: its path holds the ticket id.
+            log.warning("%s failed (attempt %d of %d): %s: %s; retrying in "
+                        "%.1f seconds on a new connection", what, attempt,
+                        retry.attempts, type(e).__name__, e, seconds)
+            if retry.wait(seconds, state.stop) or state.stop.is_set():
+                raise _Stopped from e
+            if worker is not None:
+                worker.reconnect()
+            attempt += 1
+
+
+def _do(state, retry, worker, req, copy_op, copy, zero):
+    """One request, retried; progress counts each byte once."""
+    reported = 0
+
+    def attempt():
+        sent = 0
+
+        def report(n):
+            nonlocal sent, reported
+            sent += n
+            if sent > reported:
+                state.report(sent - reported)
+                reported = sent
+            elif state.stop.is_set():
+                raise _Stopped
+
+        if req.op == COPY:
+            copy(worker, req, report)
+        else:
+            zero(worker, req)
+            report(req.length)
+
+    op = copy_op if req.op == COPY else "zero"
+    what = f"{op} bytes {req.start}-{req.start + req.length - 1}"
+    _retried(state, retry, worker, what, attempt)
+
+
+def _work(state, open_worker, index, name, copy_op, copy, zero, retry,
+          done):
     worker = None
     req = None
     wrote = False
     try:
-        worker = open_worker(index)
+        worker = _retried(state, retry, None, f"{name} connect",
+                          lambda: open_worker(index))
         state.add_worker(worker)
         while not state.stop.is_set():
             req = state.next()
             if req is None:
                 break
-            if req.op == COPY:
-                copy(worker, req, state.report)
-            else:
-                zero(worker, req)
-                state.report(req.length)
+            _do(state, retry, worker, req, copy_op, copy, zero)
             wrote = True
+            if done is not None:
+                done(req)
         else:
             return
         req = None
         if wrote:
             # Every worker flushes its own connection: a server need not
             # flush other connections' writes.
-            worker.dst.flush()
+            _retried(state, retry, worker, "flush",
+                     lambda: worker.dst.flush())
     except _Stopped:
         pass
     except Exception as e:
+        attempts = 1
+        if isinstance(e, _Failed):
+            e, attempts = e.error, e.attempts
         if worker is None:
             op, offset, length = "connect", 0, 0
         elif req is None:
@@ -780,7 +1011,8 @@ def _work(state, open_worker, index, name, copy_op, copy, zero):
             op = copy_op if req.op == COPY else "zero"
             offset, length = req.start, req.length
         log.debug("Worker %s/%s failed: %s", name, index, e)
-        error = TransferError(name, op, offset, length, e)
+        error = TransferError(name, op, offset, length, e,
+                              attempts=attempts)
         error.__cause__ = e
         state.fail(error)
     finally:

@@ -1303,3 +1303,90 @@ def test_keyboard_interrupt_download_block_device(daemon, pki, nbdkit,
     assert_is_block_device(device)
     assert len(qemu_nbd_running()) == running
     assert not worker_threads()
+
+
+# Retries: a relay on loopback cuts connections mid-request; HTTPS only
+# (the daemon's unix socket would bypass the relay).
+
+def no_wait(seconds, stop):
+    return stop.is_set()
+
+
+@pytest.fixture
+def relayed(make_daemon, qemu_nbd, make_image):
+    """A daemon without its unix socket, a new disk on it, a data-heavy
+    source image."""
+    daemon = make_daemon(local={"enable": "false"})
+    dst, srv = new_disk(make_image, qemu_nbd)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    src = make_image(name="data", size=SIZE, commands=[
+        "write -P 0x61 0 3M", "write -P 0x62 4M 4M"])
+    daemon.nbd_url = f"nbd:unix:{srv.socket}"
+    return daemon, dst, src
+
+
+def test_retry_upload_through_cut_connections(relayed, pki, caplog):
+    import relay
+    daemon, dst, src = relayed
+    port = daemon.remote.server.address()[1]
+    with relay.Relay(port, cut_after=512 * 1024, cuts=3) as r:
+        client.upload(src, r.url("api-secret"), pki["ca_file"],
+                      buffer_size=BUFFER_SIZE, verify=True,
+                      retry=client.Retry(wait=no_wait))
+        assert r.cut > 0
+    compare(src, dst, "raw", "raw")
+    warnings = [m for m in caplog.messages if "retrying" in m]
+    assert warnings
+    assert not any("api-secret" in m for m in caplog.messages)
+
+
+def test_retry_download_through_cut_connections(relayed, pki, tmp_path):
+    import relay
+    daemon, dst, src = relayed
+    client.upload(src, https_url(daemon), pki["ca_file"])
+    port = daemon.remote.server.address()[1]
+    out = str(tmp_path / "out.qcow2")
+    progress = Progress()
+    with relay.Relay(port, cut_after=512 * 1024, cuts=3) as r:
+        client.download(r.url("api-secret"), out, pki["ca_file"],
+                        buffer_size=BUFFER_SIZE, verify=True,
+                        progress=progress, retry=client.Retry(wait=no_wait))
+        assert r.cut > 0
+    compare(src, out, "raw", "qcow2")
+    # A retried range is counted once.
+    assert sum(progress.updates) == SIZE
+
+
+def test_retry_gives_up(relayed, pki):
+    import relay
+    daemon, dst, src = relayed
+    port = daemon.remote.server.address()[1]
+    waits = []
+
+    def record(seconds, stop):
+        waits.append(seconds)
+        return False
+
+    with relay.Relay(port, cut_after=512 * 1024) as r:
+        with pytest.raises(client.TransferError) as e:
+            client.upload(src, r.url("api-secret"), pki["ca_file"],
+                          buffer_size=BUFFER_SIZE, max_workers=1,
+                          retry=client.Retry(attempts=3, wait=record))
+        assert r.cut >= 3
+    assert e.value.op == "write"
+    assert "(after 3 attempts)" in str(e.value)
+    # Doubling backoff: 0.5, 1.
+    assert waits == [0.5, 1.0]
+
+
+def test_retry_not_for_http_errors(relayed, pki):
+    # 403, a read-only ticket: the server's answer, not the network's.
+    daemon, dst, src = relayed
+    add_ticket(daemon, daemon.nbd_url, uuid="ro", ops=("read",))
+    waits = []
+    with pytest.raises(client.TransferError) as e:
+        client.upload(src, https_url(daemon, "ro"), pki["ca_file"],
+                      retry=client.Retry(
+                          wait=lambda s, stop: waits.append(s)))
+    assert e.value.status == 403
+    assert waits == []

@@ -404,3 +404,116 @@ def test_padded():
     buf = bytearray(b"\xff" * 6)
     padded.read_into(memoryview(buf), 1)
     assert buf == b"bc\0\0\0\0"
+
+
+# Resume: ranges already done are skipped.
+
+@pytest.mark.parametrize("done,expected", [
+    ([], [R(COPY, 0, 100), R(ZERO, 100, 50)]),
+    ([(0, 150)], [R(SKIP, 0, 150)]),
+    ([(10, 20), (25, 10), (120, 10)],
+     [R(COPY, 0, 10), R(SKIP, 10, 25), R(COPY, 35, 65), R(ZERO, 100, 20),
+      R(SKIP, 120, 10), R(ZERO, 130, 20)]),
+    ([(90, 20)], [R(COPY, 0, 90), R(SKIP, 90, 20), R(ZERO, 110, 40)]),
+])
+def test_skip_done(done, expected):
+    requests = [R(COPY, 0, 100), R(ZERO, 100, 50)]
+    assert transfer.skip_done(requests, done) == expected
+
+
+# Retries.
+
+class Flaky(Memory):
+    """Fails each offset's first write with error, once, after writing
+    half of it."""
+
+    def __init__(self, data, error):
+        super().__init__(data)
+        self.error = error
+        self.failed = set()
+        self.reconnects = 0
+
+    def write(self, buf, offset):
+        if offset not in self.failed:
+            self.failed.add(offset)
+            raise self.error
+        super().write(buf, offset)
+
+    def reconnect(self):
+        self.reconnects += 1
+
+
+def flaky_copy(src, dst, requests, retry, progress=None, done=None):
+    def open_worker(index):
+        return transfer._Worker(src, dst, 4096, owned=(), remote=dst)
+
+    def do_copy(w, req, report):
+        # Half reported before the write fails: counted once.
+        report(req.length // 2)
+        w.dst.write(src.data[req.start:req.start + req.length], req.start)
+        report(req.length - req.length // 2)
+
+    transfer.run(requests, open_worker, 1, progress=progress, name="test",
+                 copy_op="write", copy=do_copy,
+                 zero=lambda w, req: w.dst.zero(req.length, req.start),
+                 retry=retry, done=done)
+
+
+def no_wait(seconds, stop):
+    return stop.is_set()
+
+
+@pytest.mark.parametrize("error", [
+    ConnectionResetError(104, "Connection reset by peer"),
+    TimeoutError("timed out"),
+    errors.PeerError(503, "busy"),
+])
+def test_run_retries(error):
+    src = Memory(b"abcd" * 1024)
+    dst = Flaky(b"\0" * len(src.data), error)
+    progress = Progress()
+    done = []
+    flaky_copy(src, dst, [R(COPY, 0, 2048), R(COPY, 2048, 2048)],
+               transfer.Retry(wait=no_wait), progress=progress,
+               done=lambda req: done.append(req))
+    assert dst.data == src.data
+    assert dst.reconnects == 2
+    assert progress.done == len(src.data)
+    assert done == [R(COPY, 0, 2048), R(COPY, 2048, 2048)]
+
+
+def test_run_retry_after():
+    src = Memory(b"x" * 100)
+    dst = Flaky(b"\0" * 100, errors.PeerError(
+        503, "busy", {"retry-after": "3"}))
+    waits = []
+    flaky_copy(src, dst, [R(COPY, 0, 100)], transfer.Retry(
+        wait=lambda s, stop: waits.append(s)))
+    assert waits == [3]
+
+
+@pytest.mark.parametrize("error", [
+    errors.PeerError(500, "broken"),
+    OSError(28, "No space left on device"),
+])
+def test_run_no_retry(error):
+    src = Memory(b"x" * 100)
+    dst = Flaky(b"\0" * 100, error)
+    waits = []
+    with pytest.raises(transfer.TransferError) as e:
+        flaky_copy(src, dst, [R(COPY, 0, 100)], transfer.Retry(
+            wait=lambda s, stop: waits.append(s)))
+    assert e.value.__cause__ is error
+    assert "attempts" not in str(e.value)
+    assert waits == []
+    assert dst.reconnects == 0
+
+
+def test_run_retry_stopped():
+    # A transfer stopped during the backoff is not retried.
+    src = Memory(b"x" * 100)
+    dst = Flaky(b"\0" * 100, ConnectionResetError(104, "reset"))
+    flaky_copy(src, dst, [R(COPY, 0, 100)], transfer.Retry(
+        wait=lambda s, stop: True))
+    assert dst.reconnects == 0
+    assert dst.data == b"\0" * 100
