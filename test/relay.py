@@ -7,6 +7,12 @@ connection to 127.0.0.1:port. Each of the first `cuts` connections (None:
 every connection) is cut, both ways at once, once cut_after bytes went
 through it in either direction; the others are relayed as they are.
 `cut` counts the connections cut, `connections` those accepted.
+
+budget (None: no limit) is how many bytes may go through the relay in
+all, both ways; past it the relay holds them until set_budget() gives
+more (a stalled network, deterministic). heal() stops the cutting,
+cut_all() cuts every connection from now on, those open included.
+`moved` counts the bytes relayed, both ways.
 """
 
 import socket
@@ -17,11 +23,16 @@ BUFFER = 64 * 1024
 
 class Relay:
 
-    def __init__(self, port, cut_after, cuts=None):
+    def __init__(self, port, cut_after=None, cuts=None, budget=None):
         self._target = ("127.0.0.1", port)
         self._cut_after = cut_after
         self._cuts = cuts
         self._lock = threading.Lock()
+        self._budget = budget
+        self._budget_cond = threading.Condition(self._lock)
+        self._closed = False
+        self._conns = []
+        self.moved = 0
         self.connections = 0
         self.cut = 0
         self._socks = []
@@ -36,7 +47,38 @@ class Relay:
     def url(self, ticket_id):
         return f"https://localhost:{self.port}/images/{ticket_id}"
 
+    def set_budget(self, budget):
+        with self._budget_cond:
+            self._budget = budget
+            self._budget_cond.notify_all()
+
+    def heal(self):
+        with self._lock:
+            self._cut_after = None
+
+    def cut_all(self, after):
+        """Cut the open connections, and every new one after bytes."""
+        with self._lock:
+            self._cut_after = after
+            self._cuts = None
+            conns = list(self._conns)
+        for conn in conns:
+            conn._cut_both()
+
+    def _spend(self, n):
+        """Wait until n more bytes may go to the server."""
+        with self._budget_cond:
+            while (self._budget is not None and self._budget < n
+                   and not self._closed):
+                self._budget_cond.wait()
+            if self._budget is not None:
+                self._budget -= n
+            self.moved += n
+
     def close(self):
+        with self._budget_cond:
+            self._closed = True
+            self._budget_cond.notify_all()
         self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self._thread.join(10)
@@ -66,10 +108,13 @@ class Relay:
             server.settimeout(None)
             with self._lock:
                 self.connections += 1
-                cutting = self._cuts is None or self.connections <= self._cuts
+                cutting = self._cut_after is not None and (
+                    self._cuts is None or self.connections <= self._cuts)
                 self._socks += [client, server]
             conn = _Connection(self, client, server,
                                self._cut_after if cutting else None)
+            with self._lock:
+                self._conns.append(conn)
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=conn.pump, args=(a, b),
                                  daemon=True, name="relay-pump").start()
@@ -96,6 +141,7 @@ class _Connection:
                 data = src.recv(BUFFER)
                 if not data:
                     break
+                self._relay._spend(len(data))
                 if self._limit is not None:
                     with self._lock:
                         room = self._limit - self._moved

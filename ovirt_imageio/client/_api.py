@@ -177,11 +177,11 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
             with the local image's (through its backing chain); raise
             ChecksumMismatch if they differ.
         retry (Retry): as for upload().
-        journal: resume an interrupted download into the existing
-            filename (kept, not created; it must have the server's image
-            size): as for upload(), the ranges already written are not
-            downloaded again. The partial filename is then kept on
-            failure, to be resumed again.
+        journal: as for upload(). With ranges done, the download is
+            resumed into the existing filename (its format and size
+            checked, not created again), and only the other ranges are
+            downloaded. With a journal the partial filename is kept on
+            failure, to be resumed.
 
     filename may be a block device (or a link to one): raw writes the
     image's size bytes at its start, zeros included, and fails before
@@ -203,6 +203,8 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
             "the whole chain equals the server's image")
     buffer_size = _buffer_size(buffer_size)
     progress = _progress.wrap(progress)
+    # Ranges done: the image exists, partly written.
+    resuming = journal is not None and bool(journal.ranges)
 
     with _open_remote(url, cafile, secure, proxy_url) as src:
         workers = max(1, min(max_workers, src.max_readers))
@@ -223,18 +225,18 @@ def download(url, filename, cafile, fmt="qcow2", incremental=False,
             dst = rawfile.Export(filename, size, read_only=False)
         elif backing_file is None and rawfile.usable(filename, fmt):
             # Written directly, without a qemu-nbd (rawfile.py).
-            if journal is None:
-                rawfile.create(filename, size)
-            else:
+            if resuming:
                 _check_partial(filename, fmt, size)
+            else:
+                rawfile.create(filename, size)
             dst = rawfile.Export(filename, size, read_only=False)
         else:
-            if journal is None:
+            if resuming:
+                _check_partial(filename, fmt, size)
+            else:
                 qemu_img.create(filename, fmt, size=size,
                                 backing_file=backing_file,
                                 backing_format=backing_format)
-            else:
-                _check_partial(filename, fmt, size)
             # qemu-nbd starts only if something is written or verified.
             dst = local.open_lazily(filename, fmt, read_only=False,
                                     shared=workers + 1)

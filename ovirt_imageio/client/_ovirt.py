@@ -38,6 +38,11 @@ START_TIMEOUT = 60
 FINALIZE_TIMEOUT = 300
 CANCEL_TIMEOUT = 60
 
+# Seconds without a client after which the engine pauses a resumable
+# transfer (upload-disk, download-disk): long enough to notice that
+# ovirt-img died and run it again with --resume.
+RESUMABLE_INACTIVITY_TIMEOUT = 3600
+
 # Poll intervals: the first, then doubling up to the last.
 POLL_FIRST = 0.05
 POLL_MAX = 1.0
@@ -299,14 +304,21 @@ class Engine:
             transfer_id)
 
     def add_transfer(self, disk, direction, host=None, backup=None,
-                     snapshot=None, shallow=None):
+                     snapshot=None, shallow=None, resumable=False):
         """Create an image transfer of disk (raw: the guest's view, over
         NBD), cancelled by the engine if the client goes away; of the
         disk as a backup sees it with backup; of the disk snapshot (a
         layer) snapshot instead of the disk. shallow: only the layer
         itself (the disk's active one, or snapshot), its holes reported,
-        not its backing chain."""
+        not its backing chain. resumable: paused instead, after
+        RESUMABLE_INACTIVITY_TIMEOUT seconds without a client, so that
+        `--resume` can finish it."""
         types = self.types
+        policy = types.ImageTransferTimeoutPolicy
+        extra = {"timeout_policy": policy.CANCEL}
+        if resumable:
+            extra = {"timeout_policy": policy.PAUSE,
+                     "inactivity_timeout": RESUMABLE_INACTIVITY_TIMEOUT}
         transfer = types.ImageTransfer(
             disk=types.Disk(id=disk.id) if snapshot is None else None,
             snapshot=(types.DiskSnapshot(id=snapshot.id)
@@ -316,11 +328,45 @@ class Engine:
             direction=types.ImageTransferDirection(direction),
             format=types.DiskFormat.RAW,
             shallow=shallow,
-            timeout_policy=types.ImageTransferTimeoutPolicy.CANCEL)
+            **extra)
         what = (f"disk snapshot {snapshot.id} of disk {disk.id}"
                 if snapshot is not None else f"disk {disk.id}")
         with self.step(f"Cannot create {direction} transfer for {what}"):
             return self.system.image_transfers_service().add(transfer)
+
+    def get_transfer(self, transfer_id):
+        with self.step(f"Cannot get transfer {transfer_id}"):
+            return self.transfer_service(transfer_id).get()
+
+    def transfer_disk_id(self, transfer):
+        """The id of the disk the transfer is of (the engine names it as
+        <image>, the SDK's input as <disk>)."""
+        return _id(transfer.image) or _id(transfer.disk)
+
+    def pause_transfer(self, transfer):
+        """Pause an upload (transferring -> paused_user), for --resume."""
+        with self.step(f"Cannot pause transfer {transfer.id}"):
+            self.transfer_service(transfer.id).pause()
+
+    def resume_transfer(self, transfer, timeout=START_TIMEOUT):
+        """
+        Resume a transfer left by an interrupted ovirt-img: paused (by
+        the user, or by the engine on inactivity) or still transferring.
+        Return it once transferring, with its URLs; Error if it cannot be.
+        """
+        phase = self.types.ImageTransferPhase
+        current = self.get_transfer(transfer.id)
+        if current.phase in (phase.PAUSED_USER, phase.PAUSED_SYSTEM):
+            with self.step(f"Cannot resume transfer {transfer.id}"):
+                self.transfer_service(transfer.id).resume()
+            current = self.get_transfer(transfer.id)
+            if current.phase in (phase.PAUSED_USER, phase.PAUSED_SYSTEM):
+                current.phase = phase.RESUMING
+        elif current.phase not in (phase.TRANSFERRING, phase.RESUMING):
+            name = current.phase.value if current.phase else "unknown"
+            raise Error(f"Cannot resume transfer {transfer.id}: its phase "
+                        f"is {name}")
+        return self.wait_for_transfer(current, timeout)
 
     def unfinished_transfers(self, disk_id):
         """The disk's transfers that have not finished: for a new disk,

@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import stat
 import sys
@@ -57,10 +58,12 @@ from ovirt_imageio import checksum as _blkhash
 from ovirt_imageio import errors
 
 from . import _api as client
+from . import _journal
 from . import _options as opts
 from . import _ovirt
 from . import progress as _progress
 from . import sources
+from . import transfer as _transfer
 
 log = logging.getLogger("ovirt-img")
 
@@ -70,6 +73,17 @@ LOG_FORMAT = ("%(asctime)s %(levelname)-7s (%(threadName)s) [%(name)s] "
 # An ISO 9660 image: the primary volume descriptor at 32 KiB.
 ISO_OFFSET = 0x8000
 ISO_MAGIC = b"\x01CD001\x01\x00"
+
+# --resume's help; the transfer's inactivity timeout is stated here.
+RESUME_HELP = (
+    "finish the {what} of an earlier run that failed: the same FILE, "
+    "sending only the ranges its journal ($XDG_STATE_HOME/ovirt-img/"
+    "TRANSFER_ID.json) lacks. When the network fails for longer than "
+    "the retries, ovirt-img {verb} the transfer and prints this "
+    "command; if ovirt-img is killed, the engine pauses the transfer "
+    "after {timeout} seconds without a client (its inactivity timeout) "
+    "instead of cancelling it; either way it can be resumed. Ctrl-C and "
+    "SIGTERM cancel it as before")
 
 # Tar (OVA) members that are not disks.
 _NOT_DISKS = (".ovf", ".mf", ".cert", ".nvram")
@@ -87,6 +101,8 @@ class Terminated(BaseException):
 # Upload.
 
 def upload_disk(args):
+    if args.resume:
+        return _resume_upload(args)
     with progress_bar(args, "inspecting image") as bar:
         image = inspect_image(args)
         with connect(args) as engine:
@@ -115,36 +131,129 @@ def upload_disk(args):
                 disk = engine.wait_for_disk(disk.id, args.disk_timeout)
                 host = engine.this_host(sd.name)
                 bar.phase = "creating transfer"
-                transfer = engine.add_transfer(disk, "upload", host)
+                transfer = engine.add_transfer(disk, "upload", host,
+                                               resumable=True)
             except BaseException:
                 # No transfer we know of: nothing will remove the disk
                 # but us.
                 bar.phase = "removing disk"
                 _cleanup(_remove_new_disk, engine, disk.id)
                 raise
+            journal = None
             try:
                 transfer = engine.wait_for_transfer(transfer)
-                bar.phase = "uploading image"
-                url, proxy_url = transfer_urls(transfer)
-                client.upload(
-                    args.filename, url, args.cafile,
-                    proxy_url=proxy_url,
-                    secure=args.secure,
-                    buffer_size=args.buffer_size,
-                    max_workers=args.max_workers,
-                    member=image.member,
-                    disk_is_zero=new_disk_is_zero(params, block),
-                    verify=args.verify,
-                    safe=not args.allow_backing,
-                    progress=bar)
-            except BaseException:
+                journal = _journal.Journal.create(transfer.id, {
+                    "command": "upload-disk",
+                    "disk_id": disk.id,
+                    "source": _journal.identity(args.filename),
+                    "member": image.member,
+                    "disk_is_zero": new_disk_is_zero(params, block),
+                })
+                _upload(args, engine, bar, transfer, journal)
+            except BaseException as e:
+                if journal is not None and _resumable(e):
+                    _pause(args, engine, bar, transfer, journal, e)
                 # The engine removes the disk of a cancelled upload.
                 bar.phase = "cancelling transfer"
                 _cleanup(engine.cancel_transfer, transfer)
+                if journal is not None:
+                    journal.remove()
                 raise
-            bar.phase = "finalizing transfer"
-            engine.finalize_transfer(transfer, disk.id)
-            bar.phase = "upload completed"
+            _finalize_upload(engine, bar, transfer, disk.id, journal)
+
+
+def _resume_upload(args):
+    """upload-disk --resume: send what the journal does not have."""
+    journal = _journal.Journal.load(args.resume)
+    if journal.info.get("command") != "upload-disk":
+        raise _journal.Error(f"Transfer {args.resume} is not an upload")
+    journal.check_source(args.filename)
+    disk_id = journal.info["disk_id"]
+    with progress_bar(args, "resuming transfer") as bar:
+        with connect(args) as engine:
+            transfer = engine.get_transfer(args.resume)
+            if engine.transfer_disk_id(transfer) != disk_id:
+                raise _ovirt.Error(f"Transfer {transfer.id} is not of disk "
+                                   f"{disk_id}")
+            transfer = engine.resume_transfer(transfer)
+            log.info("Resuming transfer %s: %s bytes done before",
+                     transfer.id, journal.done)
+            try:
+                _upload(args, engine, bar, transfer, journal)
+            except BaseException as e:
+                # Resuming, even Ctrl-C keeps the transfer resumable.
+                if _resumable(e) or isinstance(
+                        e, (KeyboardInterrupt, Terminated)):
+                    _pause(args, engine, bar, transfer, journal, e)
+                bar.phase = "cancelling transfer"
+                _cleanup(engine.cancel_transfer, transfer)
+                journal.remove()
+                raise
+            _finalize_upload(engine, bar, transfer, disk_id, journal)
+
+
+def _upload(args, engine, bar, transfer, journal):
+    bar.phase = "uploading image"
+    url, proxy_url = transfer_urls(transfer)
+    client.upload(
+        args.filename, url, args.cafile,
+        proxy_url=proxy_url,
+        secure=args.secure,
+        buffer_size=args.buffer_size,
+        max_workers=args.max_workers,
+        member=journal.info.get("member"),
+        disk_is_zero=journal.info.get("disk_is_zero", False),
+        verify=args.verify,
+        safe=not args.allow_backing,
+        progress=bar,
+        journal=journal)
+
+
+def _finalize_upload(engine, bar, transfer, disk_id, journal):
+    journal.close()
+    bar.phase = "finalizing transfer"
+    engine.finalize_transfer(transfer, disk_id)
+    journal.remove()
+    bar.phase = "upload completed"
+
+
+def _resumable(e):
+    """True if the transfer failed for the network (after the client's
+    retries): worth pausing for --resume."""
+    if isinstance(e, _transfer.TransferError):
+        e = e.__cause__
+    return isinstance(e, Exception) and _transfer.retriable(e)
+
+
+class Paused(Exception):
+    """The transfer failed for the network and was paused; the message
+    says how to resume it."""
+
+
+def _pause(args, engine, bar, transfer, journal, error):
+    """Keep the transfer for --resume: pause an upload (a download cannot
+    be paused: the engine pauses it after the inactivity timeout),
+    save the journal, and raise Paused with the command that resumes."""
+    journal.close()
+    if journal.info.get("command") == "upload-disk":
+        bar.phase = "pausing transfer"
+        _cleanup(engine.pause_transfer, transfer)
+    message = error_message(error)
+    if isinstance(error, (KeyboardInterrupt, Terminated)):
+        message = "interrupted"
+    raise Paused(f"{message}; transfer {transfer.id} is kept "
+                 f"({journal.done} bytes done), resume it with: "
+                 f"{resume_command(args, transfer.id)}") from error
+
+
+def resume_command(args, transfer_id):
+    """The command line that resumes transfer_id: this one, with
+    --resume."""
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if "--resume" not in argv:
+        at = argv.index(args.command) + 1 if args.command in argv else 0
+        argv[at:at] = ["--resume", transfer_id]
+    return shlex.join(["ovirt-img", *argv])
 
 
 def _remove_new_disk(engine, disk_id):
@@ -281,23 +390,108 @@ def _pick_member(filename):
 # Download.
 
 def download_disk(args):
+    if args.resume:
+        return _resume_download(args)
     with progress_bar(args, "creating transfer") as bar:
         with connect(args) as engine:
             disk = engine.get_disk(args.disk_id)
             host = _download_host(engine, disk)
-            with download_transfer(engine, bar, disk, host) as urls:
-                bar.phase = "downloading image"
-                url, proxy_url = urls
-                client.download(
-                    url, args.filename, args.cafile,
-                    proxy_url=proxy_url,
-                    fmt=args.format,
-                    secure=args.secure,
-                    buffer_size=args.buffer_size,
-                    max_workers=args.max_workers,
-                    verify=args.verify,
-                    progress=bar)
-            bar.phase = "download completed"
+            transfer = engine.add_transfer(disk, "download", host,
+                                           resumable=True)
+            journal = None
+            try:
+                transfer = engine.wait_for_transfer(transfer)
+                journal = _journal.Journal.create(transfer.id, {
+                    "command": "download-disk",
+                    "disk_id": disk.id,
+                    "target": os.path.abspath(args.filename),
+                    "format": args.format,
+                })
+                _download(args, bar, transfer, journal)
+            except BaseException as e:
+                if journal is not None and _resumable(e):
+                    _pause(args, engine, bar, transfer, journal, e)
+                # Finalized: a download cannot harm the disk.
+                bar.phase = "finalizing transfer"
+                _cleanup(engine.finalize_transfer, transfer, disk.id)
+                if journal is not None:
+                    journal.remove()
+                    _remove_partial(args.filename, e)
+                raise
+            _finalize_download(engine, bar, transfer, disk.id, journal)
+
+
+def _resume_download(args):
+    """download-disk --resume: download what the journal does not have
+    into the partial image."""
+    journal = _journal.Journal.load(args.resume)
+    info = journal.info
+    if info.get("command") != "download-disk":
+        raise _journal.Error(f"Transfer {args.resume} is not a download")
+    if (info.get("target") != os.path.abspath(args.filename)
+            or info.get("format") != args.format):
+        raise _journal.Error(
+            f"Cannot resume transfer {args.resume}: it downloads into "
+            f"{info.get('target')} as {info.get('format')}")
+    if info.get("disk_id") != args.disk_id:
+        raise _journal.Error(
+            f"Cannot resume transfer {args.resume}: it is of disk "
+            f"{info.get('disk_id')}")
+    with progress_bar(args, "resuming transfer") as bar:
+        with connect(args) as engine:
+            transfer = engine.get_transfer(args.resume)
+            if engine.transfer_disk_id(transfer) != args.disk_id:
+                raise _ovirt.Error(f"Transfer {transfer.id} is not of disk "
+                                   f"{args.disk_id}")
+            transfer = engine.resume_transfer(transfer)
+            log.info("Resuming transfer %s: %s bytes done before",
+                     transfer.id, journal.done)
+            try:
+                _download(args, bar, transfer, journal)
+            except BaseException as e:
+                if _resumable(e) or isinstance(
+                        e, (KeyboardInterrupt, Terminated)):
+                    _pause(args, engine, bar, transfer, journal, e)
+                bar.phase = "finalizing transfer"
+                _cleanup(engine.finalize_transfer, transfer, args.disk_id)
+                journal.remove()
+                _remove_partial(args.filename, e)
+                raise
+            _finalize_download(engine, bar, transfer, args.disk_id,
+                               journal)
+
+
+def _download(args, bar, transfer, journal):
+    bar.phase = "downloading image"
+    url, proxy_url = transfer_urls(transfer)
+    client.download(
+        url, args.filename, args.cafile,
+        proxy_url=proxy_url,
+        fmt=args.format,
+        secure=args.secure,
+        buffer_size=args.buffer_size,
+        max_workers=args.max_workers,
+        verify=args.verify,
+        progress=bar,
+        journal=journal)
+
+
+def _finalize_download(engine, bar, transfer, disk_id, journal):
+    journal.close()
+    bar.phase = "finalizing transfer"
+    engine.finalize_transfer(transfer, disk_id)
+    journal.remove()
+    bar.phase = "download completed"
+
+
+def _remove_partial(filename, error):
+    """A download that will not be resumed: remove its partial image, as
+    the client library does without a journal (never a block device;
+    not after a checksum mismatch, kept to look at)."""
+    if isinstance(error, client.transfer.ChecksumMismatch):
+        return
+    if not client.rawfile.is_block_device(filename):
+        client._remove(filename)
 
 
 def _download_host(engine, disk):
@@ -1185,6 +1379,10 @@ def parser():
                            "extents elsewhere) with them; refused by "
                            "default, since qemu would read any file "
                            "they name"),
+            opts.Option("--resume", type=opts.disk_id, config=False,
+                        metavar="TRANSFER_ID", help=RESUME_HELP.format(
+                            what="upload", verb="pauses",
+                            timeout=_ovirt.RESUMABLE_INACTIVITY_TIMEOUT)),
         ),
         positionals=[(("filename",), dict(
             metavar="FILE", type=_argtype(_source),
@@ -1201,6 +1399,11 @@ def parser():
             opts.Flag("--verify", negate=True, default=True,
                       help="compare the server's checksum with the "
                            "image's before finalizing (default: on)"),
+            opts.Option("--resume", type=opts.disk_id, config=False,
+                        metavar="TRANSFER_ID", help=RESUME_HELP.format(
+                            what="download (into the partial FILE, kept)",
+                            verb="keeps",
+                            timeout=_ovirt.RESUMABLE_INACTIVITY_TIMEOUT)),
         ),
         positionals=[
             (("disk_id",), dict(metavar="DISK_ID", type=_argtype(
@@ -1318,7 +1521,10 @@ def _argtype(parse):
 
 
 def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
         setup_logging(args)
     except OSError as e:

@@ -85,6 +85,10 @@ MiB = 1024**2
 # (upstream uses the same).
 MAX_COPY = 128 * MiB
 
+# Largest request when each completed one is journaled (skip, done):
+# what a killed transfer loses and sends again.
+MAX_JOURNALED_COPY = 16 * MiB
+
 # Largest zero request. Zeroing costs the server little per byte, so a
 # larger request means fewer round trips for large sparse images; our
 # daemon zeroes in 1 GiB steps anyway.
@@ -430,8 +434,8 @@ def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
             return _Worker(src, other, buffer_size, owned=(other, src),
                            remote=other, can_retry=can_retry)
 
-        run(split(requests), open_worker, max_workers, progress=progress,
-            name="upload", copy_op="write",
+        run(_split(requests, done), open_worker, max_workers,
+            progress=progress, name="upload", copy_op="write",
             copy=lambda w, req, report: w.dst.copy_from(
                 w.src, req.start, req.length, w.buf, progress=report),
             zero=lambda w, req: w.dst.zero(req.length, req.start),
@@ -490,8 +494,8 @@ def download(src, export, *, dirty=False, zero=False, hole=False,
             return _Worker(other, dst, buffer_size, owned=(conn, other),
                            remote=other, can_retry=not dst.can_splice)
 
-        run(split(requests), open_worker, max_workers, progress=progress,
-            name="download", copy_op="read",
+        run(_split(requests, done), open_worker, max_workers,
+            progress=progress, name="download", copy_op="read",
             copy=lambda w, req, report: w.src.copy_to(
                 w.dst, req.start, req.length, w.buf, progress=report),
             zero=lambda w, req: w.dst.zero(req.length, req.start,
@@ -500,6 +504,12 @@ def download(src, export, *, dirty=False, zero=False, hole=False,
     finally:
         if primary is not None:
             primary.close()
+
+
+def _split(requests, done):
+    if done is None:
+        return split(requests)
+    return split(requests, max_copy=MAX_JOURNALED_COPY)
 
 
 def _done(callback):
