@@ -16,6 +16,7 @@ cut_all() cuts every connection from now on, those open included.
 """
 
 import socket
+import struct
 import threading
 
 BUFFER = 64 * 1024
@@ -163,8 +164,17 @@ class _Connection:
                 return
             self._cut = True
         self._relay._was_cut()
+        # A reset, as a network failure looks: a socket only shut down
+        # would still take the peer's bytes into its buffer, and a
+        # sender would block until its timeout once it is full.
         for s in (self._client, self._server):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                             struct.pack("ii", 1, 0))
+            except OSError:
+                pass
             _shut(s)
+            s.close()
 
 
 def _shut(sock, how=socket.SHUT_RDWR):
