@@ -60,6 +60,7 @@ tell a failing export from a client that went away.
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
@@ -160,6 +161,10 @@ MAX_WRITES_IN_FLIGHT = 16
 # Handshake replies larger than this are not from a sane server.
 MAX_OPTION_REPLY = 64 * 1024
 
+# Largest block status chunk accepted: qemu sends at most 1 MiB of
+# extents per context (a badly fragmented image); larger is not sane.
+MAX_BLOCK_STATUS_REPLY = 32 * 1024**2
+
 _ZEROS = memoryview(bytes(PIPE_SIZE))
 
 
@@ -228,6 +233,10 @@ class Stream:
         self._context_names = {}
         self._context_ids = {}
         self._writes = 0
+        # Block status requests in flight: cookie -> replies so far, and
+        # those whose reply is complete.
+        self._status = {}
+        self._status_done = set()
         self._pipe = None
         self._pipe_size = 0
         self._rbuf = bytearray(RECV_BUFFER)
@@ -533,23 +542,45 @@ class Stream:
             return [extents.ZeroExtent(offset, end - offset, zero=False,
                                        hole=False)]
         names = self._contexts(context)
+        self._wait_writes(0)
         result = []
-        while offset < end:
-            n = min(end - offset, nbd_client.MAX_BLOCK_STATUS)
-            replies = self._block_status(offset, n)
-            found = extents.clip(
-                extents.combine(
-                    context, offset, replies,
-                    base_allocation=self.has_base_allocation,
-                    allocation_depth=self.has_allocation_depth,
-                    bitmap=self.dirty_bitmap),
-                offset + n)
-            if not found:
-                raise Error("block_status", offset, n, errno.EPROTO,
-                            f"server replied without extents for some of "
-                            f"{sorted(names)}")
-            result[-1:] = extents.merge(result[-1:] + found)
-            offset = found[-1].start + found[-1].length
+        # Windows of MAX_BLOCK_STATUS, BLOCK_STATUS_IN_FLIGHT of them in
+        # flight (as nbd.client does): a huge sparse image costs a few
+        # round trips, not one per window. Used in order; a reply that
+        # covers only part of its window is followed by a request for the
+        # rest, used next.
+        pending = collections.deque()
+        next_offset = offset
+        try:
+            while pending or next_offset < end:
+                while (next_offset < end
+                       and len(pending) < nbd_client.BLOCK_STATUS_IN_FLIGHT):
+                    n = min(end - next_offset, nbd_client.MAX_BLOCK_STATUS)
+                    pending.append(self._submit_block_status(next_offset, n))
+                    next_offset += n
+                start, n, cookie = pending.popleft()
+                replies = self._block_status(cookie, start, n)
+                found = extents.clip(
+                    extents.combine(
+                        context, start, replies,
+                        base_allocation=self.has_base_allocation,
+                        allocation_depth=self.has_allocation_depth,
+                        bitmap=self.dirty_bitmap),
+                    start + n)
+                if not found:
+                    raise Error("block_status", start, n, errno.EPROTO,
+                                f"server replied without extents for some "
+                                f"of {sorted(names)}")
+                result[-1:] = extents.merge(result[-1:] + found)
+                reached = found[-1].start + found[-1].length
+                if reached < start + n:
+                    pending.appendleft(self._submit_block_status(
+                        reached, start + n - reached))
+        except BaseException:
+            # Replies of requests in flight are left unread.
+            if pending or self._status:
+                self.broken = True
+            raise
         return result
 
     def _contexts(self, context):
@@ -805,40 +836,47 @@ class Stream:
                                  f"unexpected chunk type {kind}")
         return cookie, 0, ""
 
-    def _block_status(self, offset, length):
-        """
-        Return {context name: entries [length, flags, ...]}, the first
-        reply of each negotiated context.
-        """
-        self._wait_writes(0)
+    def _submit_block_status(self, offset, length):
+        """Send a block status request; return (offset, length, cookie)."""
         cookie = self._request(CMD_BLOCK_STATUS, 0, offset, length)
-        replies = {}
-        try:
-            while True:
-                magic, flags, kind, got, size = CHUNK.unpack(
-                    self._recv_exact(20))
-                if magic != CHUNK_MAGIC or got != cookie:
-                    raise self._protocol("block_status", offset, length,
-                                         "bad reply")
-                if kind & (1 << 15):
-                    self._raise_chunk_error("block_status", offset, length,
-                                            size)
-                payload = self._recv_exact(size)
-                if kind == CHUNK_BLOCK_STATUS and size >= 4:
-                    (ctx_id,) = struct.unpack(">I", payload[:4])
-                    count = (size - 4) // 4
-                    values = struct.unpack(f">{count}I",
-                                           payload[4:4 + count * 4])
-                    name = self._context_names.get(ctx_id)
-                    if name is not None and name not in replies:
-                        replies[name] = list(values)
-                if flags & CHUNK_FLAG_DONE:
-                    break
-        except Error as e:
-            if e.errno == errno.EPROTO:
-                self.broken = True
-            raise
-        return replies
+        self._status[cookie] = {}
+        return offset, length, cookie
+
+    def _block_status(self, cookie, offset, length):
+        """
+        Return {context name: entries [length, flags, ...]} of the block
+        status request cookie, the first reply of each negotiated
+        context. Replies to requests in flight come in any order, their
+        chunks interleaved: each chunk goes to its own request until
+        this one is done.
+        """
+        while cookie not in self._status_done:
+            magic, flags, kind, got, size = CHUNK.unpack(
+                self._recv_exact(20))
+            if magic != CHUNK_MAGIC or got not in self._status:
+                raise self._protocol("block_status", offset, length,
+                                     "bad reply")
+            if kind & (1 << 15):
+                self._raise_chunk_error("block_status", offset, length,
+                                        size)
+            if size > MAX_BLOCK_STATUS_REPLY:
+                raise self._protocol("block_status", offset, length,
+                                     f"reply of {size} bytes")
+            payload = bytearray(size)
+            self._recv_payload(memoryview(payload))
+            if kind == CHUNK_BLOCK_STATUS and size >= 4:
+                (ctx_id,) = struct.unpack(">I", payload[:4])
+                count = (size - 4) // 4
+                values = struct.unpack(f">{count}I",
+                                       payload[4:4 + count * 4])
+                name = self._context_names.get(ctx_id)
+                replies = self._status[got]
+                if name is not None and name not in replies:
+                    replies[name] = list(values)
+            if flags & CHUNK_FLAG_DONE:
+                self._status_done.add(got)
+        self._status_done.discard(cookie)
+        return self._status.pop(cookie)
 
     def _write_zeros(self, length, offset):
         end = offset + length

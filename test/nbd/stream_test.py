@@ -612,3 +612,34 @@ def test_close_releases_fds(nbdkit):
     assert open_fds() == before
     # Firing after close touches nothing.
     interrupt.fire()
+
+
+def test_extents_fragmented_as_libnbd(qemu_nbd, tmp_path):
+    # 20480 extents in one block status reply: 160 KiB of base:allocation
+    # entries, more than the stream reads for a reply header at once.
+    path = str(tmp_path / "fragmented.raw")
+    with open(path, "wb") as f:
+        f.truncate(80 * M)
+        for offset in range(0, 80 * M, 8 * K):
+            os.pwrite(f.fileno(), b"x" * (4 * K), offset)
+    srv = qemu_nbd(path, read_only=True)
+    with stream.open(address(srv)) as s, client.open(address(srv)) as c:
+        found = s.extents("zero")
+        assert len(found) == 20480
+        assert found == c.extents("zero")
+        assert send_all(s, 4 * K - 1, 2) == b"x\0"
+
+
+def test_extents_many_windows(qemu_nbd, make_image):
+    # An empty 1 TiB qcow2: 256 block status windows, 8 in flight.
+    path = make_image(fmt="qcow2", size=1024**4)
+    srv = qemu_nbd(path, fmt="qcow2", read_only=True)
+    with stream.open(address(srv)) as s, client.open(address(srv)) as c:
+        found = s.extents("zero")
+        assert found == c.extents("zero")
+        assert found == [extents.ZeroExtent(0, 1024**4, zero=True,
+                                            hole=True)]
+        # The connection is still in step.
+        assert send_all(s, 0, 4) == b"\0" * 4
+        assert s.extents("zero", 5 * 1024**3, 10) == [
+            extents.ZeroExtent(5 * 1024**3, 10, zero=True, hole=True)]
