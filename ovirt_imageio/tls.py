@@ -23,6 +23,11 @@ import ssl
 # system call and TCP overhead; small enough to stay in cache.
 BATCH = 256 * 1024
 
+# Ciphertext received at once for a small read (the handshake, request
+# heads, small bodies): two full TLS records. A read into a buffer at
+# least this large (a request body's piece) receives a batch.
+SMALL = 32 * 1024
+
 
 class Connection:
 
@@ -38,10 +43,6 @@ class Connection:
             self._in, self._out, server_side=server_hostname is None,
             server_hostname=server_hostname)
         self._eof = False
-        # Ciphertext is received here, reused, rather than into a new
-        # 256 KiB bytes object per recv() (measured neutral in the
-        # benchmark; it just saves the allocations).
-        self._rbuf = None
 
     def handshake(self):
         while True:
@@ -83,13 +84,12 @@ class Connection:
     def release(self):
         """
         Free the TLS state (OpenSSL's object and BIO buffers, up to a
-        batch of ciphertext each, and the receive buffer) once the
-        connection is done. The handler, its reader and writer and this
+        batch of ciphertext each) once the connection is done. The handler, its reader and writer and this
         object refer to each other; without this the memory waits for
         the garbage collector, which big C buffers do not trigger: 256
         closed connections kept 300 MiB.
         """
-        self._tls = self._in = self._out = self._rbuf = None
+        self._tls = self._in = self._out = None
         self.sock = None
 
     def recv_into(self, buf):
@@ -100,7 +100,7 @@ class Connection:
             except ssl.SSLWantReadError:
                 # OpenSSL may have something to say first (key updates).
                 self._flush()
-                if not self._fill():
+                if not self._fill(memoryview(buf).nbytes >= SMALL):
                     return 0
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 # Closed, with or without close_notify: end of stream.
@@ -116,19 +116,53 @@ class Connection:
         if self._out.pending:
             self.sock.sendall(self._out.read())
 
-    def _fill(self):
-        """Read ciphertext from the socket; False at end of stream."""
+    def _fill(self, large=False):
+        """
+        Read ciphertext from the socket into the in BIO; False at end of
+        stream. A large read (a request body's piece) receives up to a
+        batch, into a scratch buffer of the process; others (the
+        handshake, request heads) up to SMALL, into a buffer made for the
+        read. A connection keeps no receive buffer: 256 KiB per
+        connection, resident once zeroed, was most of what an idle
+        connection cost.
+        """
         if self._eof:
             return False
-        if self._rbuf is None:
-            self._rbuf = memoryview(bytearray(BATCH))
-        n = self.sock.recv_into(self._rbuf)
+        buf = _take_scratch() if large else memoryview(bytearray(SMALL))
+        try:
+            n = self.sock.recv_into(buf)
+            if n:
+                self._in.write(buf[:n])
+        finally:
+            if large:
+                _return_scratch(buf)
         if n == 0:
             self._eof = True
             self._in.write_eof()
             return False
-        self._in.write(self._rbuf[:n])
         return True
+
+
+# Scratch buffers receiving batches of ciphertext, shared by the process's
+# connections. A read holds one only while it receives and copies it into
+# its in BIO, so there are as many as reads receiving at once, not as
+# connections open; the most recently used is reused first (in cache), and
+# at most SCRATCH_KEEP idle ones are kept. list.pop() and append() are
+# atomic.
+SCRATCH_KEEP = 4
+_scratch = []
+
+
+def _take_scratch():
+    try:
+        return _scratch.pop()
+    except IndexError:
+        return memoryview(bytearray(BATCH))
+
+
+def _return_scratch(buf):
+    if len(_scratch) < SCRATCH_KEEP:
+        _scratch.append(buf)
 
 
 class Reader(io.RawIOBase):

@@ -3,6 +3,7 @@ the stdlib's ssl client."""
 
 import hashlib
 import io
+import mmap
 import os
 import socket
 import ssl
@@ -67,6 +68,79 @@ def test_large_transfer_both_ways(contexts):
     assert received == [data]
     assert hashlib.sha256(back).digest() == hashlib.sha256(data[::-1]).digest()
     assert conn.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_large_read_leaves_no_hold_on_the_readers_buffer(contexts):
+    # The reader's buffer is a piece from the process's pool, which
+    # releases the piece's view and madvises or closes its mmap after the
+    # request: the connection must keep no view of it.
+    conn, client = pair(contexts)
+    data = os.urandom(2 * tls.BATCH + 777)
+    sender = threading.Thread(target=client.sendall, args=(data,))
+    sender.start()
+    # Room to spare: every read is a large one.
+    buf = mmap.mmap(-1, len(data) + tls.SMALL)
+    view = memoryview(buf)
+    got = 0
+    while got < len(data):
+        n = conn.recv_into(view[got:])
+        assert n
+        got += n
+    sender.join(10)
+    assert buf[:len(data)] == data
+    view.release()
+    buf.close()
+
+
+class _Rendezvous:
+    """A socket whose first large receive returns only once every reader
+    received: all hold their receive buffers at once."""
+
+    def __init__(self, sock, barrier):
+        self._sock = sock
+        self._barrier = barrier
+
+    def recv_into(self, buf):
+        n = self._sock.recv_into(buf)
+        if self._barrier is not None and len(buf) > tls.SMALL:
+            barrier, self._barrier = self._barrier, None
+            barrier.wait(10)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_concurrent_large_reads_never_share_a_scratch_buffer(contexts):
+    # Large reads receive into scratch buffers shared by the process's
+    # connections; two at once must each get their own.
+    pairs = [pair(contexts) for _ in range(2)]
+    barrier = threading.Barrier(len(pairs))
+    for conn, _ in pairs:
+        conn.sock = _Rendezvous(conn.sock, barrier)
+    datas = [os.urandom(tls.BATCH + i) for i in range(len(pairs))]
+    results = [None] * len(pairs)
+
+    def receive(i, conn):
+        buf = bytearray(len(datas[i]))
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = conn.recv_into(view[got:])
+            assert n
+            got += n
+        results[i] = bytes(buf)
+
+    threads = [threading.Thread(target=receive, args=(i, conn))
+               for i, (conn, _) in enumerate(pairs)]
+    senders = [threading.Thread(target=client.sendall, args=(data,))
+               for (_, client), data in zip(pairs, datas)]
+    for t in senders + threads:
+        t.start()
+    for t in senders + threads:
+        t.join(20)
+    assert results == datas
+    assert len(tls._scratch) <= tls.SCRATCH_KEEP
 
 
 def test_readline_then_body(contexts):
