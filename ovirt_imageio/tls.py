@@ -84,8 +84,9 @@ class Connection:
     def release(self):
         """
         Free the TLS state (OpenSSL's object and BIO buffers, up to a
-        batch of ciphertext each) once the connection is done. The handler, its reader and writer and this
-        object refer to each other; without this the memory waits for
+        batch of ciphertext each) once the connection is done. The
+        handler, its reader and writer and this object refer to each
+        other; without this the memory waits for
         the garbage collector, which big C buffers do not trigger: 256
         closed connections kept 300 MiB.
         """
