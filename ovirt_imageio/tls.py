@@ -23,6 +23,14 @@ import ssl
 # system call and TCP overhead; small enough to stay in cache.
 BATCH = 256 * 1024
 
+# Plaintext encrypted at once. The out BIO's buffer grows to hold the
+# ciphertext of one write (and a third more, as OpenSSL grows it) and
+# never shrinks while the connection lives: a whole batch left ~300 KiB
+# with every connection that had sent a large response, half of one ~150
+# KiB. A batch's pieces go out in one sendmsg(). (32 KiB pieces cost 7-9%
+# more CPU sending.)
+HALF = BATCH // 2
+
 # Ciphertext received at once for a small read (the handshake, request
 # heads, small bodies): two full TLS records. A read into a buffer at
 # least this large (a request body's piece) receives a batch.
@@ -110,8 +118,12 @@ class Connection:
     def sendall(self, data):
         view = memoryview(data).cast("B")
         for start in range(0, len(view), BATCH):
-            self._tls.write(view[start:start + BATCH])
-            self._flush()
+            batch = view[start:start + BATCH]
+            pieces = []
+            for pos in range(0, len(batch), HALF):
+                self._tls.write(batch[pos:pos + HALF])
+                pieces.append(self._out.read())
+            _send_all(self.sock, pieces)
 
     def _flush(self):
         if self._out.pending:
@@ -164,6 +176,18 @@ def _take_scratch():
 def _return_scratch(buf):
     if len(_scratch) < SCRATCH_KEEP:
         _scratch.append(buf)
+
+
+def _send_all(sock, pieces):
+    """Send the pieces (bytes) in order, in as few sendmsg() as the
+    socket takes."""
+    while pieces:
+        sent = sock.sendmsg(pieces)
+        while pieces and sent >= len(pieces[0]):
+            sent -= len(pieces[0])
+            pieces.pop(0)
+        if sent:
+            pieces[0] = memoryview(pieces[0])[sent:]
 
 
 class Reader(io.RawIOBase):

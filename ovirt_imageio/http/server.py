@@ -784,6 +784,7 @@ class _DeadlineSocket:
     def __init__(self, handler):
         self.recv_into = handler._recv_into
         self.sendall = handler.request.sendall
+        self.sendmsg = handler.request.sendmsg
 
 
 class _HeaderReader:
