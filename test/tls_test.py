@@ -143,6 +143,28 @@ def test_concurrent_large_reads_never_share_a_scratch_buffer(contexts):
     assert len(tls._scratch) <= tls.SCRATCH_KEEP
 
 
+def test_send_survives_partial_sends(contexts):
+    # A small socket buffer and a slow reader: sendmsg() takes part of a
+    # batch's pieces at a time.
+    conn, client = pair(contexts)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = os.urandom(tls.BATCH + tls.HALF + 99)
+    received = bytearray()
+
+    def receive():
+        while len(received) < len(data):
+            chunk = client.recv(1000)
+            if not chunk:
+                break
+            received.extend(chunk)
+
+    t = threading.Thread(target=receive)
+    t.start()
+    conn.sendall(data)
+    t.join(10)
+    assert bytes(received) == data
+
+
 def test_readline_then_body(contexts):
     conn, client = pair(contexts)
     client.sendall(b"GET / HTTP/1.1\r\n\r\nBODY")
