@@ -51,6 +51,9 @@ class Connection:
             self._in, self._out, server_side=server_hostname is None,
             server_hostname=server_hostname)
         self._eof = False
+        # Ciphertext of large reads (request bodies) is received here,
+        # made on the first one and dropped when the connection idles.
+        self._rbuf = None
 
     def handshake(self):
         while True:
@@ -98,7 +101,7 @@ class Connection:
         the garbage collector, which big C buffers do not trigger: 256
         closed connections kept 300 MiB.
         """
-        self._tls = self._in = self._out = None
+        self._tls = self._in = self._out = self._rbuf = None
         self.sock = None
 
     def recv_into(self, buf):
@@ -129,53 +132,38 @@ class Connection:
         if self._out.pending:
             self.sock.sendall(self._out.read())
 
+    def idle(self):
+        """
+        The connection waits for its next request: drop the receive
+        buffer of large reads. A connection kept it while it lived: 256
+        KiB, resident once zeroed, was most of what an idle connection
+        cost.
+        """
+        self._rbuf = None
+
     def _fill(self, large=False):
         """
         Read ciphertext from the socket into the in BIO; False at end of
         stream. A large read (a request body's piece) receives up to a
-        batch, into a scratch buffer of the process; others (the
+        batch, into the connection's receive buffer; others (the
         handshake, request heads) up to SMALL, into a buffer made for the
-        read. A connection keeps no receive buffer: 256 KiB per
-        connection, resident once zeroed, was most of what an idle
-        connection cost.
+        read.
         """
         if self._eof:
             return False
-        buf = _take_scratch() if large else memoryview(bytearray(SMALL))
-        try:
-            n = self.sock.recv_into(buf)
-            if n:
-                self._in.write(buf[:n])
-        finally:
-            if large:
-                _return_scratch(buf)
+        if not large:
+            buf = memoryview(bytearray(SMALL))
+        else:
+            if self._rbuf is None:
+                self._rbuf = memoryview(bytearray(BATCH))
+            buf = self._rbuf
+        n = self.sock.recv_into(buf)
         if n == 0:
             self._eof = True
             self._in.write_eof()
             return False
+        self._in.write(buf[:n])
         return True
-
-
-# Scratch buffers receiving batches of ciphertext, shared by the process's
-# connections. A read holds one only while it receives and copies it into
-# its in BIO, so there are as many as reads receiving at once, not as
-# connections open; the most recently used is reused first (in cache), and
-# at most SCRATCH_KEEP idle ones are kept. list.pop() and append() are
-# atomic.
-SCRATCH_KEEP = 4
-_scratch = []
-
-
-def _take_scratch():
-    try:
-        return _scratch.pop()
-    except IndexError:
-        return memoryview(bytearray(BATCH))
-
-
-def _return_scratch(buf):
-    if len(_scratch) < SCRATCH_KEEP:
-        _scratch.append(buf)
 
 
 def _send_all(sock, pieces):

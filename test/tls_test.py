@@ -92,55 +92,26 @@ def test_large_read_leaves_no_hold_on_the_readers_buffer(contexts):
     buf.close()
 
 
-class _Rendezvous:
-    """A socket whose first large receive returns only once every reader
-    received: all hold their receive buffers at once."""
-
-    def __init__(self, sock, barrier):
-        self._sock = sock
-        self._barrier = barrier
-
-    def recv_into(self, buf):
-        n = self._sock.recv_into(buf)
-        if self._barrier is not None and len(buf) > tls.SMALL:
-            barrier, self._barrier = self._barrier, None
-            barrier.wait(10)
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-def test_concurrent_large_reads_never_share_a_scratch_buffer(contexts):
-    # Large reads receive into scratch buffers shared by the process's
-    # connections; two at once must each get their own.
-    pairs = [pair(contexts) for _ in range(2)]
-    barrier = threading.Barrier(len(pairs))
-    for conn, _ in pairs:
-        conn.sock = _Rendezvous(conn.sock, barrier)
-    datas = [os.urandom(tls.BATCH + i) for i in range(len(pairs))]
-    results = [None] * len(pairs)
-
-    def receive(i, conn):
-        buf = bytearray(len(datas[i]))
+def test_idle_drops_the_receive_buffer(contexts):
+    # Between requests a connection keeps no receive buffer; the next
+    # large read makes one again.
+    conn, client = pair(contexts)
+    data = os.urandom(tls.BATCH + 1)
+    for _ in range(2):
+        sender = threading.Thread(target=client.sendall, args=(data,))
+        sender.start()
+        buf = bytearray(len(data))
         view = memoryview(buf)
         got = 0
-        while got < len(buf):
+        while got < len(data):
             n = conn.recv_into(view[got:])
             assert n
             got += n
-        results[i] = bytes(buf)
-
-    threads = [threading.Thread(target=receive, args=(i, conn))
-               for i, (conn, _) in enumerate(pairs)]
-    senders = [threading.Thread(target=client.sendall, args=(data,))
-               for (_, client), data in zip(pairs, datas)]
-    for t in senders + threads:
-        t.start()
-    for t in senders + threads:
-        t.join(20)
-    assert results == datas
-    assert len(tls._scratch) <= tls.SCRATCH_KEEP
+        sender.join(10)
+        assert buf == data
+        assert conn._rbuf is not None
+        conn.idle()
+        assert conn._rbuf is None
 
 
 def test_send_survives_partial_sends(contexts):

@@ -573,6 +573,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Wait for the next request's first byte, for the idle timeout.
         Return False if it never came.
         """
+        if self._tls is not None:
+            self._tls.idle()
         if self._buffered():
             return True
         return pipes.ready(self.request.fileno(), select.POLLIN, self._idle)
