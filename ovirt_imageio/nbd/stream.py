@@ -64,6 +64,7 @@ import collections
 import errno
 import itertools
 import logging
+import mmap
 import os
 import select
 import socket
@@ -239,7 +240,10 @@ class Stream:
         self._status_done = set()
         self._pipe = None
         self._pipe_size = 0
-        self._rbuf = bytearray(RECV_BUFFER)
+        # Anonymous memory: only the pages a read touches are resident (a
+        # reply and a small read's data: a page or two), not 64 KiB zeroed
+        # for every connection.
+        self._rbuf = mmap.mmap(-1, RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rpos = self._rend = 0
         self.dirty_bitmap = None
