@@ -136,6 +136,14 @@ PIPE_SIZE = 1024**2
 # ahead, 8 MiB keeps the server busy.
 MAX_REQUEST = 8 * 1024**2
 
+# Bytes of a read's payload received before they are given to write()
+# (send_to, TLS connections): they are encrypted while still in the CPU
+# cache. Receiving a whole 4 MiB piece first and encrypting it afterwards
+# read it back from memory: 1.67 CPU-s per GiB in a single-connection
+# micro benchmark of send_to over TLS, 1.47 with 256 KiB chunks (the TLS
+# layer's batch, tls.BATCH).
+TLS_CHUNK = 256 * 1024
+
 # Bytes read from the NBD socket at once for replies (see _recv_exact).
 RECV_BUFFER = 64 * 1024
 
@@ -242,17 +250,22 @@ class Stream:
         """
         Like send(), for a connection whose bytes must pass through user
         space (TLS): each piece is received into buf, reused, and given to
-        write(). No thread: while write() encrypts and sends a piece, the
-        server is already sending the next one (one read ahead).
+        write() in chunks of at most TLS_CHUNK bytes, each as soon as it
+        arrived. No thread: while write() encrypts and sends a chunk, the
+        server is already sending the next (one read ahead).
         """
         self._check_open()
         self._op = ("read", offset, length)
         view = memoryview(buf).cast("B")
 
+        chunk = min(TLS_CHUNK, len(view))
+
         def move(n):
-            piece = view[:n]
-            self._recv_payload(piece)
-            write(piece)
+            while n:
+                piece = view[:min(n, chunk)]
+                self._recv_payload(piece)
+                write(piece)
+                n -= len(piece)
 
         self._read_pieces(offset, length, min(self._max_request, len(view)),
                           move, begin, done)
