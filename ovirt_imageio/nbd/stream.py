@@ -780,14 +780,19 @@ class Stream:
         return self._pipe_size
 
     def _recv_payload(self, view):
-        """Fill view with payload bytes: buffered ones first."""
+        """
+        Fill view with payload bytes: buffered ones first. MSG_WAITALL:
+        one system call (and one release of the GIL) per view, not one per
+        socket buffer the server fills; it returns short only on a timeout
+        or a shutdown, and the loop goes on or fails as before.
+        """
         pos = min(self._rend - self._rpos, len(view))
         if pos:
             view[:pos] = self._rview[self._rpos:self._rpos + pos]
             self._rpos += pos
         while pos < len(view):
             try:
-                got = self._sock.recv_into(view[pos:])
+                got = self._sock.recv_into(view[pos:], 0, socket.MSG_WAITALL)
             except OSError as e:
                 raise self._failed(e) from None
             if got == 0:

@@ -467,6 +467,19 @@ def test_send_nbd_timeout(nbdkit):
         theirs.close()
 
 
+def test_send_to_nbd_timeout(nbdkit):
+    srv = nbdkit("memory", "size=1M", "delay-read=1000", filters=["delay"])
+    s = stream.open(address(srv), timeout=0.5)
+    try:
+        with pytest.raises(stream.Error) as e:
+            s.send_to(lambda data: None, bytearray(64 * K), 0, 64 * K)
+        assert e.value.op == "read"
+        assert e.value.errno == errno.ETIMEDOUT
+        assert s.broken
+    finally:
+        s.close()
+
+
 def test_receive_nbd_timeout(nbdkit):
     srv = nbdkit("memory", "size=1M", "delay-write=1000", filters=["delay"])
     s = stream.open(address(srv), timeout=0.5)
@@ -484,7 +497,8 @@ def test_receive_nbd_timeout(nbdkit):
         writer.join()
 
 
-@pytest.mark.parametrize("call", ["send", "receive", "zero", "extents"])
+@pytest.mark.parametrize("call", ["send", "send_to", "receive", "zero",
+                                  "extents"])
 def test_interrupt_blocked_io(nbdkit, call):
     srv = nbdkit("memory", "size=1M", "delay-read=1000",
                  "delay-write=1000", "delay-zero=1000",
@@ -499,6 +513,8 @@ def test_interrupt_blocked_io(nbdkit, call):
         try:
             if call == "send":
                 s.send(ours, 0, 64 * K)
+            elif call == "send_to":
+                s.send_to(lambda data: None, bytearray(64 * K), 0, 64 * K)
             elif call == "receive":
                 s.receive(ours, 0, 64 * K)
             elif call == "zero":
