@@ -362,29 +362,45 @@ class Stream:
         """
         Write length bytes at offset, read with read_into(view) into buf,
         reused (TLS connections, whose bytes pass through user space).
-        read_into fills the whole view or raises. Writes are pipelined:
-        the server writes one piece while the next is received. Returns
-        once every write was acknowledged; if read_into raises, the
-        complete pieces are acknowledged first.
+        read_into fills the whole view or raises. A piece of up to buf's
+        size is one write request, received and sent in chunks of at most
+        TLS_CHUNK bytes, each sent as soon as it was decrypted (still in
+        the CPU cache); its header goes out with its first chunk. Writes
+        are pipelined: the server writes one piece while the next is
+        received. Returns once every write was acknowledged. If read_into
+        raises, the complete pieces are acknowledged first; if it raises
+        inside a piece already started, that piece is abandoned (the
+        server never executes it) and the Stream is broken.
         """
         self._check_open()
         self._op = ("write", offset, length)
         view = memoryview(buf).cast("B")
         step = min(self._max_write, len(view))
+        chunk = min(TLS_CHUNK, step)
         pos, end = offset, offset + length
         while pos < end:
             n = min(end - pos, step)
-            piece = view[:n]
-            try:
-                read_into(piece)
-            except BaseException:
-                self._wait_writes(0)
-                raise
-            try:
-                self._send_write_header(pos, n, piece)
-            except BaseException:
-                self.broken = True
-                raise
+            sent = 0
+            while sent < n:
+                piece = view[:min(n - sent, chunk)]
+                try:
+                    read_into(piece)
+                except BaseException:
+                    if sent:
+                        self._abandon_write()
+                    else:
+                        self._wait_writes(0)
+                    raise
+                try:
+                    if sent:
+                        more = sent + len(piece) < n
+                        self._nbd_send(piece, socket.MSG_MORE if more else 0)
+                    else:
+                        self._send_write_header(pos, n, piece)
+                except BaseException:
+                    self.broken = True
+                    raise
+                sent += len(piece)
             pos += n
             self._wait_writes(MAX_WRITES_IN_FLIGHT)
             if done is not None:

@@ -330,6 +330,71 @@ def test_receive_short_first_piece(qemu_nbd, make_image):
     writer.join()
 
 
+class BodyReader:
+    """read_into for write_from: fills each view from data, recording the
+    view sizes; raises EOFError when data ends inside a view."""
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+        self.sizes = []
+
+    def __call__(self, view):
+        self.sizes.append(len(view))
+        n = min(len(view), len(self.data))
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        if n < len(view):
+            raise EOFError(n)
+
+
+def test_write_from_chunks(qemu_nbd, make_image):
+    # Pieces of the buffer's size, each received and sent in chunks of at
+    # most TLS_CHUNK bytes.
+    path = make_image(fmt="qcow2", size=4 * M)
+    srv = qemu_nbd(path, fmt="qcow2")
+    data = os.urandom(M + 1000)
+    body = BodyReader(data)
+    done = []
+    with stream.open(address(srv)) as s:
+        s.write_from(body, bytearray(M // 2), 4095, len(data),
+                     done=done.append)
+        assert not s.broken
+        s.flush()
+        assert send_all(s, 4095, len(data)) == data
+    assert max(body.sizes) == stream.TLS_CHUNK
+    assert sum(body.sizes) == len(data)
+    assert done == [M // 2, M // 2, 1000]
+
+
+def test_write_from_short_body(qemu_nbd, make_image):
+    # The body ends inside the second piece, after its first chunk was
+    # sent: the first piece is written and acknowledged, the second is
+    # never executed, the stream is broken.
+    path = make_image(size=4 * M)
+    srv = qemu_nbd(path)
+    data = os.urandom(M + stream.TLS_CHUNK + 1000)
+    with stream.open(address(srv)) as s:
+        with pytest.raises(EOFError):
+            s.write_from(BodyReader(data), bytearray(M), 0, 2 * M)
+        assert s.broken
+    with stream.open(address(srv)) as s:
+        got = send_all(s, 0, 2 * M)
+    assert got == data[:M] + bytes(M)
+
+
+def test_write_from_short_first_chunk(qemu_nbd, make_image):
+    # The body ends before a piece's first chunk was sent: the complete
+    # pieces are acknowledged, the connection stays usable.
+    path = make_image(size=4 * M)
+    srv = qemu_nbd(path)
+    data = os.urandom(M + 1000)
+    with stream.open(address(srv)) as s:
+        with pytest.raises(EOFError):
+            s.write_from(BodyReader(data), bytearray(M), 0, 2 * M)
+        assert not s.broken
+        assert send_all(s, 0, M + 1000) == data[:M] + bytes(1000)
+
+
 def test_receive_write_error(nbdkit):
     srv = nbdkit("memory", "size=4M", "error-pwrite=ENOSPC",
                  "error-pwrite-rate=100%", filters=["error"])
