@@ -162,9 +162,10 @@ def test_send_unaligned_ranges(qemu_nbd, make_image):
                 path, offset, length)
 
 
-def test_send_to_chunks(qemu_nbd, make_image):
+def test_send_to_chunks(qemu_nbd, make_image, monkeypatch):
     # TLS connections: each piece is given to write() in chunks of at most
     # TLS_CHUNK bytes as they arrive, not as one piece once all arrived.
+    monkeypatch.setattr(stream, "TLS_CHUNK", 256 * K)
     data = os.urandom(2 * M + 4097)
     path = make_image(size=4 * M)
     with open(path, "r+b") as f:
@@ -347,9 +348,10 @@ class BodyReader:
             raise EOFError(n)
 
 
-def test_write_from_chunks(qemu_nbd, make_image):
+def test_write_from_chunks(qemu_nbd, make_image, monkeypatch):
     # Pieces of the buffer's size, each received and sent in chunks of at
     # most TLS_CHUNK bytes.
+    monkeypatch.setattr(stream, "TLS_CHUNK", 128 * K)
     path = make_image(fmt="qcow2", size=4 * M)
     srv = qemu_nbd(path, fmt="qcow2")
     data = os.urandom(M + 1000)
@@ -366,10 +368,11 @@ def test_write_from_chunks(qemu_nbd, make_image):
     assert done == [M // 2, M // 2, 1000]
 
 
-def test_write_from_short_body(qemu_nbd, make_image):
+def test_write_from_short_body(qemu_nbd, make_image, monkeypatch):
     # The body ends inside the second piece, after its first chunk was
     # sent: the first piece is written and acknowledged, the second is
     # never executed, the stream is broken.
+    monkeypatch.setattr(stream, "TLS_CHUNK", 256 * K)
     path = make_image(size=4 * M)
     srv = qemu_nbd(path)
     data = os.urandom(M + stream.TLS_CHUNK + 1000)
