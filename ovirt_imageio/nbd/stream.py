@@ -136,15 +136,16 @@ PIPE_SIZE = 1024**2
 # ahead, 8 MiB keeps the server busy.
 MAX_REQUEST = 8 * 1024**2
 
-# Bytes of a read's or write's payload moved at once through user space
-# (send_to, write_from: TLS connections), while still in the CPU cache,
-# rather than a whole piece (4 MiB) received first and read back from
-# memory afterwards. In a single-connection micro benchmark of send_to
-# over TLS: 1.67 CPU-s per GiB with whole pieces, 1.47 with 256 KiB
-# chunks. In the daemon's benchmarks (4 and 32 connections on 2 cores)
-# 1 MiB chunks measured the same CPU as whole pieces (256 KiB cost 15%
-# more with 32), and a request touches only a chunk of its pooled buffer:
-# peak RSS of 32 parallel TLS downloads 99 MiB instead of 195.
+# Bytes of a read's payload moved at once through user space (send_to:
+# TLS connections), while still in the CPU cache, rather than a whole
+# piece (4 MiB) received first and read back from memory afterwards. In
+# a single-connection micro benchmark of send_to over TLS: 1.67 CPU-s per
+# GiB with whole pieces, 1.47 with 256 KiB chunks. In the daemon's
+# benchmarks (4 and 32 connections on 2 cores) 1 MiB chunks measured the
+# same CPU as whole pieces (256 KiB cost 15% more with 32), and a request
+# touches only a chunk of its pooled buffer: peak RSS of 32 parallel TLS
+# downloads 99 MiB instead of 195. (Writes stay whole pieces: the same
+# chunks in write_from cost 8% more CPU on upload-https.)
 TLS_CHUNK = 1024**2
 
 # Bytes read from the NBD socket at once for replies (see _recv_exact).
@@ -365,45 +366,29 @@ class Stream:
         """
         Write length bytes at offset, read with read_into(view) into buf,
         reused (TLS connections, whose bytes pass through user space).
-        read_into fills the whole view or raises. A piece of up to buf's
-        size is one write request, received and sent in chunks of at most
-        TLS_CHUNK bytes, each sent as soon as it was decrypted (still in
-        the CPU cache); its header goes out with its first chunk. Writes
-        are pipelined: the server writes one piece while the next is
-        received. Returns once every write was acknowledged. If read_into
-        raises, the complete pieces are acknowledged first; if it raises
-        inside a piece already started, that piece is abandoned (the
-        server never executes it) and the Stream is broken.
+        read_into fills the whole view or raises. Writes are pipelined:
+        the server writes one piece while the next is received. Returns
+        once every write was acknowledged; if read_into raises, the
+        complete pieces are acknowledged first.
         """
         self._check_open()
         self._op = ("write", offset, length)
         view = memoryview(buf).cast("B")
         step = min(self._max_write, len(view))
-        chunk = min(TLS_CHUNK, step)
         pos, end = offset, offset + length
         while pos < end:
             n = min(end - pos, step)
-            sent = 0
-            while sent < n:
-                piece = view[:min(n - sent, chunk)]
-                try:
-                    read_into(piece)
-                except BaseException:
-                    if sent:
-                        self._abandon_write()
-                    else:
-                        self._wait_writes(0)
-                    raise
-                try:
-                    if sent:
-                        more = sent + len(piece) < n
-                        self._nbd_send(piece, socket.MSG_MORE if more else 0)
-                    else:
-                        self._send_write_header(pos, n, piece)
-                except BaseException:
-                    self.broken = True
-                    raise
-                sent += len(piece)
+            piece = view[:n]
+            try:
+                read_into(piece)
+            except BaseException:
+                self._wait_writes(0)
+                raise
+            try:
+                self._send_write_header(pos, n, piece)
+            except BaseException:
+                self.broken = True
+                raise
             pos += n
             self._wait_writes(MAX_WRITES_IN_FLIGHT)
             if done is not None:
