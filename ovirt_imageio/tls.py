@@ -105,10 +105,20 @@ class Connection:
         self.sock = None
 
     def recv_into(self, buf):
-        """Read decrypted bytes into buf; 0 at the end of the stream."""
+        """
+        Read decrypted bytes into buf; 0 at the end of the stream. Waits
+        only if nothing was received yet; then returns as much as the
+        received ciphertext holds, up to len(buf): OpenSSL gives one
+        record (16 KiB) per read, and the callers above us (buffered
+        reader, request body, the image handler's loop) would otherwise
+        each run once per record.
+        """
+        view = memoryview(buf).cast("B")
+        want = len(view)
         while True:
             try:
-                return self._tls.read(len(buf), buf)
+                n = self._tls.read(want, view)
+                break
             except ssl.SSLWantReadError:
                 # OpenSSL may have something to say first (key updates).
                 self._flush()
@@ -117,6 +127,17 @@ class Connection:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 # Closed, with or without close_notify: end of stream.
                 return 0
+        while n < want and self._in.pending:
+            try:
+                got = self._tls.read(want - n, view[n:])
+            except ssl.SSLError:
+                # The rest of a record is still on its way (or the stream
+                # ended): the next call waits, or reports the end.
+                break
+            if not got:
+                break
+            n += got
+        return n
 
     def sendall(self, data):
         view = memoryview(data).cast("B")

@@ -145,6 +145,23 @@ def test_readline_then_body(contexts):
     assert reader.read(4) == b"BODY"
 
 
+def test_recv_into_returns_every_record_received(contexts):
+    conn, client = pair(contexts)
+    # One TLS record per sendall.
+    records = [bytes([i]) * 1000 for i in range(5)]
+    for r in records:
+        client.sendall(r)
+    buf = bytearray(10000)
+    # All of them in one call (OpenSSL gives one record per read), and
+    # without waiting for more.
+    assert conn.recv_into(buf) == 5000
+    assert bytes(buf[:5000]) == b"".join(records)
+    # At most len(buf): the rest stays for the next call.
+    client.sendall(b"x" * 3000)
+    assert conn.recv_into(memoryview(buf)[:1000]) == 1000
+    assert conn.recv_into(buf) == 2000
+
+
 @pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "eof"])
 def test_end_of_stream(contexts, clean):
     conn, client = pair(contexts)

@@ -164,6 +164,43 @@ def test_send_unaligned_ranges(qemu_nbd, make_image):
                 path, offset, length)
 
 
+def test_send_to_chunks(qemu_nbd, make_image, monkeypatch):
+    # TLS connections: each piece is given to write() in chunks of at most
+    # TLS_CHUNK bytes as they arrive, not as one piece once all arrived.
+    monkeypatch.setattr(stream, "TLS_CHUNK", 256 * K)
+    data = os.urandom(2 * M + 4097)
+    path = make_image(size=4 * M)
+    with open(path, "r+b") as f:
+        f.seek(4095)
+        f.write(data)
+    srv = qemu_nbd(path, read_only=True)
+    buf = bytearray(M)
+    events = []
+
+    def write(chunk):
+        # The chunk is a view of buf, reused: copy it.
+        events.append(("write", bytes(chunk)))
+
+    with stream.open(address(srv)) as s:
+        s.send_to(write, buf, 4095, len(data),
+                  begin=lambda: events.append(("begin",)),
+                  done=lambda n: events.append(("done", n)))
+        assert not s.broken
+        # The stream is still usable.
+        got = []
+        s.send_to(lambda c: got.append(bytes(c)), buf, 4095, 10)
+        assert got == [data[:10]]
+    assert events[0] == ("begin",)
+    writes = [e[1] for e in events if e[0] == "write"]
+    assert b"".join(writes) == data
+    assert max(len(w) for w in writes) == stream.TLS_CHUNK
+    # Pieces of the buffer's size, done after each.
+    done = [e[1] for e in events if e[0] == "done"]
+    assert done == [M, M, 4097]
+    assert events[-1] == ("done", 4097)
+    assert len(writes) == 2 * (M // stream.TLS_CHUNK) + 1
+
+
 def test_send_simple_replies(nbdkit):
     # A server without structured replies: simple replies, no extents.
     srv = nbdkit("pattern", "size=10M", options=["--no-sr"])
@@ -504,6 +541,19 @@ def test_send_nbd_timeout(nbdkit):
         theirs.close()
 
 
+def test_send_to_nbd_timeout(nbdkit):
+    srv = nbdkit("memory", "size=1M", "delay-read=1000", filters=["delay"])
+    s = stream.open(address(srv), timeout=0.5)
+    try:
+        with pytest.raises(stream.Error) as e:
+            s.send_to(lambda data: None, bytearray(64 * K), 0, 64 * K)
+        assert e.value.op == "read"
+        assert e.value.errno == errno.ETIMEDOUT
+        assert s.broken
+    finally:
+        s.close()
+
+
 def test_receive_nbd_timeout(nbdkit):
     srv = nbdkit("memory", "size=1M", "delay-write=1000", filters=["delay"])
     s = stream.open(address(srv), timeout=0.5)
@@ -521,7 +571,8 @@ def test_receive_nbd_timeout(nbdkit):
         writer.join()
 
 
-@pytest.mark.parametrize("call", ["send", "receive", "zero", "extents"])
+@pytest.mark.parametrize("call", ["send", "send_to", "receive", "zero",
+                                  "extents"])
 def test_interrupt_blocked_io(nbdkit, call):
     srv = nbdkit("memory", "size=1M", "delay-read=1000",
                  "delay-write=1000", "delay-zero=1000",
@@ -536,6 +587,8 @@ def test_interrupt_blocked_io(nbdkit, call):
         try:
             if call == "send":
                 s.send(ours, 0, 64 * K)
+            elif call == "send_to":
+                s.send_to(lambda data: None, bytearray(64 * K), 0, 64 * K)
             elif call == "receive":
                 s.receive(ours, 0, 64 * K)
             elif call == "zero":
