@@ -9,8 +9,14 @@ then body; Python does not enable read-ahead). Over a whole image that is
 hundreds of thousands of system calls, each also pushing a segment through
 TCP. Here OpenSSL encrypts into and decrypts from memory, and we move
 bytes to and from the socket in batches of up to BATCH bytes: one send per
-batch of records, one recv for many records. The price is one memory copy
-of the ciphertext; a copy is cheaper than the system calls it saves.
+batch of records, one recv for many records. The price, measured with
+perf on a download (issue 13): two more passes over the ciphertext than
+SSLSocket's (MemoryBIO.read() copies it out of OpenSSL's buffer, and
+OpenSSL zeroes its BIO buffer as it grows, BUF_MEM_grow_clean), about
+0.15 CPU-s per GiB; the system calls saved cost more (SSLSocket measured
+1.79 CPU-s per GiB against 1.47 here, one connection). Closing the rest
+of the gap to upstream needs OpenSSL writing to the socket itself through
+a buffered socket BIO (native code) or kernel TLS.
 
 The socket stays a plain socket: timeouts, TCP_NODELAY and shutdown apply
 to it as to any other connection.
@@ -22,6 +28,19 @@ import ssl
 # Bytes of ciphertext moved per send or recv. Large enough to amortize the
 # system call and TCP overhead; small enough to stay in cache.
 BATCH = 256 * 1024
+
+# Plaintext encrypted at once. The out BIO's buffer grows to hold the
+# ciphertext of one write (and a third more, as OpenSSL grows it) and
+# never shrinks while the connection lives: a whole batch left ~300 KiB
+# with every connection that had sent a large response, half of one ~150
+# KiB. A batch's pieces go out in one sendmsg(). (32 KiB pieces cost 7-9%
+# more CPU sending.)
+HALF = BATCH // 2
+
+# Ciphertext received at once for a small read (the handshake, request
+# heads, small bodies): two full TLS records. A read into a buffer at
+# least this large (a request body's piece) receives a batch.
+SMALL = 32 * 1024
 
 
 class Connection:
@@ -38,9 +57,8 @@ class Connection:
             self._in, self._out, server_side=server_hostname is None,
             server_hostname=server_hostname)
         self._eof = False
-        # Ciphertext is received here, reused, rather than into a new
-        # 256 KiB bytes object per recv() (measured neutral in the
-        # benchmark; it just saves the allocations).
+        # Ciphertext of large reads (request bodies) is received here,
+        # made on the first one and dropped when the connection idles.
         self._rbuf = None
 
     def handshake(self):
@@ -83,9 +101,9 @@ class Connection:
     def release(self):
         """
         Free the TLS state (OpenSSL's object and BIO buffers, up to a
-        batch of ciphertext each, and the receive buffer) once the
-        connection is done. The handler, its reader and writer and this
-        object refer to each other; without this the memory waits for
+        batch of ciphertext each) once the connection is done. The
+        handler, its reader and writer and this object refer to each
+        other; without this the memory waits for
         the garbage collector, which big C buffers do not trigger: 256
         closed connections kept 300 MiB.
         """
@@ -93,42 +111,98 @@ class Connection:
         self.sock = None
 
     def recv_into(self, buf):
-        """Read decrypted bytes into buf; 0 at the end of the stream."""
+        """
+        Read decrypted bytes into buf; 0 at the end of the stream. Waits
+        only if nothing was received yet; then returns as much as the
+        received ciphertext holds, up to len(buf): OpenSSL gives one
+        record (16 KiB) per read, and the callers above us (buffered
+        reader, request body, the image handler's loop) would otherwise
+        each run once per record.
+        """
+        view = memoryview(buf).cast("B")
+        want = len(view)
         while True:
             try:
-                return self._tls.read(len(buf), buf)
+                n = self._tls.read(want, view)
+                break
             except ssl.SSLWantReadError:
                 # OpenSSL may have something to say first (key updates).
                 self._flush()
-                if not self._fill():
+                if not self._fill(memoryview(buf).nbytes >= SMALL):
                     return 0
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 # Closed, with or without close_notify: end of stream.
                 return 0
+        while n < want and self._in.pending:
+            try:
+                got = self._tls.read(want - n, view[n:])
+            except ssl.SSLError:
+                # The rest of a record is still on its way (or the stream
+                # ended): the next call waits, or reports the end.
+                break
+            if not got:
+                break
+            n += got
+        return n
 
     def sendall(self, data):
         view = memoryview(data).cast("B")
         for start in range(0, len(view), BATCH):
-            self._tls.write(view[start:start + BATCH])
-            self._flush()
+            batch = view[start:start + BATCH]
+            pieces = []
+            for pos in range(0, len(batch), HALF):
+                self._tls.write(batch[pos:pos + HALF])
+                pieces.append(self._out.read())
+            _send_all(self.sock, pieces)
 
     def _flush(self):
         if self._out.pending:
             self.sock.sendall(self._out.read())
 
-    def _fill(self):
-        """Read ciphertext from the socket; False at end of stream."""
+    def idle(self):
+        """
+        The connection waits for its next request: drop the receive
+        buffer of large reads. A connection kept it while it lived: 256
+        KiB, resident once zeroed, was most of what an idle connection
+        cost.
+        """
+        self._rbuf = None
+
+    def _fill(self, large=False):
+        """
+        Read ciphertext from the socket into the in BIO; False at end of
+        stream. A large read (a request body's piece) receives up to a
+        batch, into the connection's receive buffer; others (the
+        handshake, request heads) up to SMALL, into a buffer made for the
+        read.
+        """
         if self._eof:
             return False
-        if self._rbuf is None:
-            self._rbuf = memoryview(bytearray(BATCH))
-        n = self.sock.recv_into(self._rbuf)
+        if not large:
+            buf = memoryview(bytearray(SMALL))
+        else:
+            if self._rbuf is None:
+                self._rbuf = memoryview(bytearray(BATCH))
+            buf = self._rbuf
+        n = self.sock.recv_into(buf)
         if n == 0:
             self._eof = True
             self._in.write_eof()
             return False
-        self._in.write(self._rbuf[:n])
+        self._in.write(buf[:n])
         return True
+
+
+def _send_all(sock, pieces):
+    """Send the pieces (bytes) in order, in as few sendmsg() as the
+    socket takes."""
+    while pieces:
+        sent = sock.sendmsg(pieces)
+        while pieces and sent >= len(pieces[0]):
+            sent -= len(pieces[0])
+            pieces.pop(0)
+        if sent:
+            pieces[0] = memoryview(pieces[0])[sent:]
 
 
 class Reader(io.RawIOBase):

@@ -3,6 +3,7 @@ the stdlib's ssl client."""
 
 import hashlib
 import io
+import mmap
 import os
 import socket
 import ssl
@@ -69,6 +70,72 @@ def test_large_transfer_both_ways(contexts):
     assert conn.version() in ("TLSv1.2", "TLSv1.3")
 
 
+def test_large_read_leaves_no_hold_on_the_readers_buffer(contexts):
+    # The reader's buffer is a piece from the process's pool, which
+    # releases the piece's view and madvises or closes its mmap after the
+    # request: the connection must keep no view of it.
+    conn, client = pair(contexts)
+    data = os.urandom(2 * tls.BATCH + 777)
+    sender = threading.Thread(target=client.sendall, args=(data,))
+    sender.start()
+    # Room to spare: every read is a large one.
+    buf = mmap.mmap(-1, len(data) + tls.SMALL)
+    view = memoryview(buf)
+    got = 0
+    while got < len(data):
+        n = conn.recv_into(view[got:])
+        assert n
+        got += n
+    sender.join(10)
+    assert buf[:len(data)] == data
+    view.release()
+    buf.close()
+
+
+def test_idle_drops_the_receive_buffer(contexts):
+    # Between requests a connection keeps no receive buffer; the next
+    # large read makes one again.
+    conn, client = pair(contexts)
+    data = os.urandom(tls.BATCH + 1)
+    for _ in range(2):
+        sender = threading.Thread(target=client.sendall, args=(data,))
+        sender.start()
+        buf = bytearray(len(data))
+        view = memoryview(buf)
+        got = 0
+        while got < len(data):
+            n = conn.recv_into(view[got:])
+            assert n
+            got += n
+        sender.join(10)
+        assert buf == data
+        assert conn._rbuf is not None
+        conn.idle()
+        assert conn._rbuf is None
+
+
+def test_send_survives_partial_sends(contexts):
+    # A small socket buffer and a slow reader: sendmsg() takes part of a
+    # batch's pieces at a time.
+    conn, client = pair(contexts)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = os.urandom(tls.BATCH + tls.HALF + 99)
+    received = bytearray()
+
+    def receive():
+        while len(received) < len(data):
+            chunk = client.recv(1000)
+            if not chunk:
+                break
+            received.extend(chunk)
+
+    t = threading.Thread(target=receive)
+    t.start()
+    conn.sendall(data)
+    t.join(10)
+    assert bytes(received) == data
+
+
 def test_readline_then_body(contexts):
     conn, client = pair(contexts)
     client.sendall(b"GET / HTTP/1.1\r\n\r\nBODY")
@@ -76,6 +143,23 @@ def test_readline_then_body(contexts):
     assert reader.readline() == b"GET / HTTP/1.1\r\n"
     assert reader.readline() == b"\r\n"
     assert reader.read(4) == b"BODY"
+
+
+def test_recv_into_returns_every_record_received(contexts):
+    conn, client = pair(contexts)
+    # One TLS record per sendall.
+    records = [bytes([i]) * 1000 for i in range(5)]
+    for r in records:
+        client.sendall(r)
+    buf = bytearray(10000)
+    # All of them in one call (OpenSSL gives one record per read), and
+    # without waiting for more.
+    assert conn.recv_into(buf) == 5000
+    assert bytes(buf[:5000]) == b"".join(records)
+    # At most len(buf): the rest stays for the next call.
+    client.sendall(b"x" * 3000)
+    assert conn.recv_into(memoryview(buf)[:1000]) == 1000
+    assert conn.recv_into(buf) == 2000
 
 
 @pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "eof"])

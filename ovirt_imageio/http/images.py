@@ -17,9 +17,11 @@ Retry-After. The Stream keeps one read ahead, and writes are pipelined,
 so qemu-nbd works on the next piece while this one crosses TLS. A
 spliced request (a plain connection) takes no buffer.
 
-An image may move a whole range itself: the proxy's relay (relay.py) has
-send() and receive(), streaming each client request as one request to the
-daemon.
+Every image, the NBD stream or the proxy's relay (relay.py, one request
+to the daemon per client request), is used through the Image contract
+(ovirt_imageio/image.py): a request splices when its connection is plain
+and the image can_splice, else it takes a buffer; no handler asks which
+kind of image it holds.
 """
 
 import contextlib

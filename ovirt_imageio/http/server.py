@@ -573,6 +573,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Wait for the next request's first byte, for the idle timeout.
         Return False if it never came.
         """
+        if self._tls is not None:
+            self._tls.idle()
         if self._buffered():
             return True
         return pipes.ready(self.request.fileno(), select.POLLIN, self._idle)
@@ -784,6 +786,7 @@ class _DeadlineSocket:
     def __init__(self, handler):
         self.recv_into = handler._recv_into
         self.sendall = handler.request.sendall
+        self.sendmsg = handler.request.sendmsg
 
 
 class _HeaderReader:

@@ -164,6 +164,43 @@ def test_send_unaligned_ranges(qemu_nbd, make_image):
                 path, offset, length)
 
 
+def test_send_to_chunks(qemu_nbd, make_image, monkeypatch):
+    # TLS connections: each piece is given to write() in chunks of at most
+    # TLS_CHUNK bytes as they arrive, not as one piece once all arrived.
+    monkeypatch.setattr(stream, "TLS_CHUNK", 256 * K)
+    data = os.urandom(2 * M + 4097)
+    path = make_image(size=4 * M)
+    with open(path, "r+b") as f:
+        f.seek(4095)
+        f.write(data)
+    srv = qemu_nbd(path, read_only=True)
+    buf = bytearray(M)
+    events = []
+
+    def write(chunk):
+        # The chunk is a view of buf, reused: copy it.
+        events.append(("write", bytes(chunk)))
+
+    with stream.open(address(srv)) as s:
+        s.send_to(write, buf, 4095, len(data),
+                  begin=lambda: events.append(("begin",)),
+                  done=lambda n: events.append(("done", n)))
+        assert not s.broken
+        # The stream is still usable.
+        got = []
+        s.send_to(lambda c: got.append(bytes(c)), buf, 4095, 10)
+        assert got == [data[:10]]
+    assert events[0] == ("begin",)
+    writes = [e[1] for e in events if e[0] == "write"]
+    assert b"".join(writes) == data
+    assert max(len(w) for w in writes) == stream.TLS_CHUNK
+    # Pieces of the buffer's size, done after each.
+    done = [e[1] for e in events if e[0] == "done"]
+    assert done == [M, M, 4097]
+    assert events[-1] == ("done", 4097)
+    assert len(writes) == 2 * (M // stream.TLS_CHUNK) + 1
+
+
 def test_send_simple_replies(nbdkit):
     # A server without structured replies: simple replies, no extents.
     srv = nbdkit("pattern", "size=10M", options=["--no-sr"])
@@ -504,6 +541,19 @@ def test_send_nbd_timeout(nbdkit):
         theirs.close()
 
 
+def test_send_to_nbd_timeout(nbdkit):
+    srv = nbdkit("memory", "size=1M", "delay-read=1000", filters=["delay"])
+    s = stream.open(address(srv), timeout=0.5)
+    try:
+        with pytest.raises(stream.Error) as e:
+            s.send_to(lambda data: None, bytearray(64 * K), 0, 64 * K)
+        assert e.value.op == "read"
+        assert e.value.errno == errno.ETIMEDOUT
+        assert s.broken
+    finally:
+        s.close()
+
+
 def test_receive_nbd_timeout(nbdkit):
     srv = nbdkit("memory", "size=1M", "delay-write=1000", filters=["delay"])
     s = stream.open(address(srv), timeout=0.5)
@@ -521,7 +571,8 @@ def test_receive_nbd_timeout(nbdkit):
         writer.join()
 
 
-@pytest.mark.parametrize("call", ["send", "receive", "zero", "extents"])
+@pytest.mark.parametrize("call", ["send", "send_to", "receive", "zero",
+                                  "extents"])
 def test_interrupt_blocked_io(nbdkit, call):
     srv = nbdkit("memory", "size=1M", "delay-read=1000",
                  "delay-write=1000", "delay-zero=1000",
@@ -536,6 +587,8 @@ def test_interrupt_blocked_io(nbdkit, call):
         try:
             if call == "send":
                 s.send(ours, 0, 64 * K)
+            elif call == "send_to":
+                s.send_to(lambda data: None, bytearray(64 * K), 0, 64 * K)
             elif call == "receive":
                 s.receive(ours, 0, 64 * K)
             elif call == "zero":
@@ -612,3 +665,34 @@ def test_close_releases_fds(nbdkit):
     assert open_fds() == before
     # Firing after close touches nothing.
     interrupt.fire()
+
+
+def test_extents_fragmented_as_libnbd(qemu_nbd, tmp_path):
+    # 20480 extents in one block status reply: 160 KiB of base:allocation
+    # entries, more than the stream reads for a reply header at once.
+    path = str(tmp_path / "fragmented.raw")
+    with open(path, "wb") as f:
+        f.truncate(80 * M)
+        for offset in range(0, 80 * M, 8 * K):
+            os.pwrite(f.fileno(), b"x" * (4 * K), offset)
+    srv = qemu_nbd(path, read_only=True)
+    with stream.open(address(srv)) as s, client.open(address(srv)) as c:
+        found = s.extents("zero")
+        assert len(found) == 20480
+        assert found == c.extents("zero")
+        assert send_all(s, 4 * K - 1, 2) == b"x\0"
+
+
+def test_extents_many_windows(qemu_nbd, make_image):
+    # An empty 1 TiB qcow2: 256 block status windows, 8 in flight.
+    path = make_image(fmt="qcow2", size=1024**4)
+    srv = qemu_nbd(path, fmt="qcow2", read_only=True)
+    with stream.open(address(srv)) as s, client.open(address(srv)) as c:
+        found = s.extents("zero")
+        assert found == c.extents("zero")
+        assert found == [extents.ZeroExtent(0, 1024**4, zero=True,
+                                            hole=True)]
+        # The connection is still in step.
+        assert send_all(s, 0, 4) == b"\0" * 4
+        assert s.extents("zero", 5 * 1024**3, 10) == [
+            extents.ZeroExtent(5 * 1024**3, 10, zero=True, hole=True)]
