@@ -273,10 +273,11 @@ class Engine:
             if disk.status == status.ILLEGAL:
                 raise Error(f"Disk {disk_id} became ILLEGAL")
 
-    def remove_disk(self, disk_id, timeout=CANCEL_TIMEOUT):
+    def remove_disk(self, disk_id, timeout=CANCEL_TIMEOUT, on_locked=None):
         """
         Remove a disk this command created. A disk that is still locked
-        (being created) cannot be removed yet: wait for it.
+        (being created, or by a transfer) cannot be removed yet: wait
+        for it, calling on_locked() (if given) at each poll.
         """
         status = self.types.DiskStatus
         poller = Poller(timeout, f"disk {disk_id} to be unlocked")
@@ -290,6 +291,8 @@ class Engine:
                             f"{describe(e)}") from e
             if disk.status != status.LOCKED:
                 break
+            if on_locked is not None:
+                on_locked()
             poller.wait()
         with self.step(f"Cannot remove disk {disk_id}"):
             try:

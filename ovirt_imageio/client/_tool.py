@@ -259,10 +259,18 @@ def resume_command(args, transfer_id):
 def _remove_new_disk(engine, disk_id):
     """Remove the disk this command created, and cancel its transfer
     if the engine created one whose answer did not come (the engine
-    then removes the disk)."""
-    for transfer in engine.unfinished_transfers(disk_id):
-        engine.cancel_transfer(transfer)
-    engine.remove_disk(disk_id)
+    then removes the disk). Such a transfer may show up only while we
+    wait for the disk: its inactivity policy pauses it, never ends it."""
+    cancelled = set()
+
+    def cancel_transfers():
+        for transfer in engine.unfinished_transfers(disk_id):
+            if transfer.id not in cancelled:
+                cancelled.add(transfer.id)
+                engine.cancel_transfer(transfer)
+
+    cancel_transfers()
+    engine.remove_disk(disk_id, on_locked=cancel_transfers)
 
 
 class Image:
