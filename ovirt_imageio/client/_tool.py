@@ -1085,12 +1085,14 @@ def disk_info(args):
         disk = engine.get_disk(args.disk_id)
         sds = [engine.storage_domain_by_id(sd.id)
                for sd in disk.storage_domains or ()]
-    _print_result(args, describe_disk(disk, sds))
+        layers = engine.disk_chain(disk)
+    _print_result(args, describe_disk(disk, sds, layers))
 
 
-def describe_disk(disk, storage_domains):
+def describe_disk(disk, storage_domains, layers=()):
     """The disk as a dict of JSON values; the text output's keys are the
-    same, with spaces for underscores."""
+    same, with spaces for underscores. layers: its volumes, base first
+    (Engine.disk_chain()); all but the last are snapshots."""
     def value(enum):
         return None if enum is None else str(enum.value)
 
@@ -1108,7 +1110,17 @@ def describe_disk(disk, storage_domains):
         "backup": value(disk.backup),
         "storage_domains": [{"id": sd.id, "name": sd.name}
                             for sd in storage_domains],
+        "snapshots": [{"id": layer.id,
+                       "snapshot_id": _id_of(layer.snapshot),
+                       "format": {"cow": "qcow2"}.get(value(layer.format),
+                                                      value(layer.format)),
+                       "actual_size": layer.actual_size}
+                      for layer in layers[:-1]],
     }
+
+
+def _id_of(entity):
+    return entity.id if entity is not None else None
 
 
 def _print_result(args, result):
@@ -1125,6 +1137,13 @@ def _print_result(args, result):
                     extra.append(f"snapshot {layer['snapshot_id']}")
                 items.append((f"layer {i}",
                               f"{layer['filename']} ({', '.join(extra)})"))
+        elif key == "snapshots":
+            items.append((key, len(value)))
+            for i, layer in enumerate(value, 1):
+                items.append((
+                    f"snapshot {i}",
+                    f"volume {layer['id']} of VM snapshot "
+                    f"{layer['snapshot_id'] or '-'}, {layer['format']}"))
         else:
             items.append((key, value))
     width = max(len(k) for k, _ in items) + 2

@@ -1099,9 +1099,30 @@ def test_info(env, tmp_path):
         "sparse": True,
         "backup": "incremental",
         "storage_domains": [{"id": disk.sd.id, "name": "nfs"}],
+        "snapshots": [],
     }
     # Nothing was transferred to answer.
     assert len(transfers(env, disk)) == 1
+
+
+def test_info_snapshots(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    env.run("upload-disk", "-s", "nfs", "--no-verify", src)
+    disk, = env.disks("src")
+    vm = env.engine.add_vm("vm1", [disk.id])
+    first = env.engine.take_snapshot(vm.id)
+    second = env.engine.take_snapshot(vm.id)
+    info = json.loads(env.run("info", disk.id).stdout)
+    # Base first; the active layer is the disk itself.
+    assert [s["snapshot_id"] for s in info["snapshots"]] == [
+        first.id, second.id]
+    assert [s["id"] for s in info["snapshots"]] == [
+        v.id for v in disk.volumes[:-1]]
+    assert all(s["format"] == "qcow2" for s in info["snapshots"])
+    p = env.run("info", "-o", "text", disk.id)
+    fields = dict(line.split(":", 1) for line in p.stdout.splitlines())
+    assert fields["snapshots"].strip() == "2"
+    assert second.id in fields["snapshot 2"]
 
 
 def test_info_text(env, tmp_path):
