@@ -1168,18 +1168,43 @@ def test_upload_refuses_backing_file(env, tmp_path):
     compare(secret, disk.path)
 
 
-def test_upload_refuses_vmdk_extent_elsewhere(env, tmp_path):
-    src = tmp_path / "disk.vmdk"
+def unsafe_vmdk(tmp_path, secret):
+    """A flat vmdk whose extent is secret, a file in another folder."""
+    src = tmp_path / "vm" / "disk.vmdk"
+    src.parent.mkdir()
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
                     "subformat=monolithicFlat", str(src), "1M"], check=True,
                    timeout=60)
     src.write_text(src.read_text().replace('"disk-flat.vmdk"',
-                                           '"/etc/hostname"'))
+                                           f'"{secret}"'))
+    return src, f"vmdk extent '{secret}'"
+
+
+def unsafe_data_file(tmp_path, secret):
+    """A qcow2 whose external data file is secret."""
+    src = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={secret},data_file_raw=on", str(src), "1M"],
+                   check=True, timeout=60)
+    return src, f"external data file '{secret}'"
+
+
+@pytest.mark.parametrize("make", [unsafe_vmdk, unsafe_data_file],
+                         ids=["vmdk-extent", "qcow2-data-file"])
+def test_upload_unsafe_source_refused_then_allowed(env, tmp_path, make):
+    secret = tmp_path / "secret" / "data.raw"
+    secret.parent.mkdir()
+    secret.write_bytes(b"root:secret\n".ljust(MiB, b"\0"))
+    src, reference = make(tmp_path, secret)
     p = env.run("upload-disk", "-s", "nfs", src, check=False)
     assert p.returncode == 1
-    assert "vmdk extent '/etc/hostname'" in p.stderr
-    assert "--allow-backing" in p.stderr
+    assert reference in p.stderr
+    assert "Use --allow-backing to upload them" in p.stderr
     assert not env.engine.disks
+    # Asked for, the referenced file's data goes up as the image's.
+    env.run("upload-disk", "-s", "nfs", "--allow-backing", src)
+    disk, = env.disks(src.stem)
+    compare(secret, disk.path)
 
 
 # backup-disk
