@@ -9,6 +9,7 @@ output and exit codes (ENGINE-SIM.md section 4).
     ovirt-img info -c engine1 -o json DISK_ID
     ovirt-img download-snapshot -c engine1 DISK_ID DIR
     ovirt-img upload-snapshot -c engine1 -s nfs-01 --vm VM_ID DIR/TOP.qcow2
+    ovirt-img backup-disk -c engine1 DISK_ID full.qcow2
 
 Upload: inspect the image with qemu-img, create a disk of the right
 format, allocation and initial size for the storage domain, wait for it,
@@ -30,6 +31,19 @@ gives for a local image with the same algorithm and block size, so a copy
 can be checked against the disk.
 
 Info: what the engine knows of a disk, as text or one JSON object.
+
+Backup: a full or incremental backup of a VM's disk through the VM backup
+API, into a qcow2 (an incremental on top of the previous backup); never a
+silent full copy when an incremental cannot be had.
+
+Resume: requests failing on the network are retried on new connections;
+past the retries an upload is paused (a download kept), a journal of the
+completed ranges is kept, and --resume TRANSFER_ID sends only what is
+missing (_journal.py).
+
+Safe sources: an upload source that names other files (backing file,
+data file, vmdk extents elsewhere) is refused unless --allow-backing
+(sources.py).
 
 Snapshots: download-snapshot copies a disk's layers (its disk snapshots
 and the active layer) into a folder as a local qcow2 chain, one file per
