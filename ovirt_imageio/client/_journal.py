@@ -21,6 +21,7 @@ import json
 import os
 import threading
 import time
+import uuid
 
 VERSION = 1
 
@@ -40,6 +41,15 @@ def directory(environ=os.environ):
 
 
 def path(transfer_id, environ=os.environ):
+    """The journal of a transfer. The id comes from the engine or the
+    command line and names a file: only a UUID is taken."""
+    try:
+        valid = str(uuid.UUID(transfer_id)) == transfer_id
+    except (TypeError, ValueError, AttributeError):
+        valid = False
+    if not valid:
+        raise Error(f"Invalid transfer id {str(transfer_id)[:64]!r}: "
+                    f"expected a UUID")
     return os.path.join(directory(environ), f"{transfer_id}.json")
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import time
+import uuid
 
 log = logging.getLogger("ovirt")
 
@@ -659,6 +660,11 @@ def chain(disk_id, layers):
     Error unless they form one chain."""
     by_parent = {}
     for layer in layers:
+        # The ids name local files (download-snapshot): only UUIDs, as
+        # the engine makes them, never a path.
+        if not _is_uuid(layer.id):
+            raise Error(f"Disk {disk_id} has a layer with an invalid id "
+                        f"{str(layer.id)[:64]!r}")
         parent = _id(layer.parent)
         if parent in by_parent:
             raise Error(f"Disk {disk_id} has layers that are not one "
@@ -683,6 +689,13 @@ def chain(disk_id, layers):
 
 def _id(entity):
     return entity.id if entity is not None else None
+
+
+def _is_uuid(value):
+    try:
+        return str(uuid.UUID(value)) == value
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def read_vdsm_id(path=None):

@@ -101,3 +101,12 @@ def test_load_other_transfer(environ):
         json.dump({"version": 1, "transfer_id": "other", "ranges": []}, f)
     with pytest.raises(_journal.Error):
         _journal.Journal.load(TID, environ=environ)
+
+
+@pytest.mark.parametrize("bad", [
+    "../../etc/passwd", "a/b", "", "5E3A1B9C-8F6D-4C1E-9A2B-7D4E6F8A0B1C",
+    "{5e3a1b9c-8f6d-4c1e-9a2b-7d4e6f8a0b1c}", None])
+def test_path_only_uuid(environ, bad):
+    # The id comes from the engine: never a path of its choosing.
+    with pytest.raises(_journal.Error, match="expected a UUID"):
+        _journal.path(bad, environ)

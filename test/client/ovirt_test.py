@@ -334,3 +334,23 @@ def test_remove_disk(engine, engine_sim):
     assert engine_sim.disks[disk.id].removed
     # Removing it again is not an error (cleanup after a failure).
     engine.remove_disk(disk.id)
+
+
+def disk_snapshot(ident, parent=None):
+    return types.DiskSnapshot(
+        id=ident, parent=types.DiskSnapshot(id=parent) if parent else None)
+
+
+def test_chain_orders_layers():
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    layers = [disk_snapshot(c, b), disk_snapshot(a), disk_snapshot(b, a)]
+    assert [x.id for x in _ovirt.chain("d", layers)] == [a, b, c]
+
+
+@pytest.mark.parametrize("bad", ["../../etc/cron.d/x", "a/b", "", None])
+def test_chain_refuses_ids_that_are_not_uuids(bad):
+    # Layer ids name local files (download-snapshot).
+    base = str(uuid.uuid4())
+    layers = [disk_snapshot(base), disk_snapshot(bad, base)]
+    with pytest.raises(_ovirt.Error, match="invalid id"):
+        _ovirt.chain("d", layers)
