@@ -154,13 +154,23 @@ def pieces(buf, length):
 def send_through(image, dst, offset, length, buf=None, begin=None,
                  done=None):
     """send() through buf: image.read_into() each piece, then write it."""
-    write = writer(dst)
-    view = pieces(buf, length)
+    copy_pieces(image.read_into, writer(dst), offset, length,
+                pieces(buf, length), begin, done)
+
+
+def copy_pieces(read_into, write, offset, length, view, begin=None,
+                done=None):
+    """
+    Move length bytes at offset in pieces of view: read_into(piece, pos)
+    fills a piece, write(piece) takes it. begin() is called once, before
+    the first write (a response's headers go out only once the first
+    piece was read); done(n) after each piece.
+    """
     pos, end = offset, offset + length
     while pos < end:
         n = min(len(view), end - pos)
         piece = view[:n]
-        image.read_into(piece, pos)
+        read_into(piece, pos)
         if begin is not None:
             begin()
             begin = None

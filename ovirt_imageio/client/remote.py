@@ -356,18 +356,9 @@ class RemoteImage:
         view = image.pieces(buf, length)
         resp = self._get_range(offset, length)
         try:
-            pos, end = offset, offset + length
-            while pos < end:
-                n = min(len(view), end - pos)
-                piece = view[:n]
-                _read_full(resp, piece, pos)
-                if begin is not None:
-                    begin()
-                    begin = None
-                write(piece)
-                pos += n
-                if done is not None:
-                    done(n)
+            image.copy_pieces(
+                lambda piece, pos: _read_full(resp, piece, pos), write,
+                offset, length, view, begin, done)
         except BaseException:
             self._abandon()
             raise
