@@ -405,14 +405,9 @@ class Engine:
                 raise NotStarted(f"Transfer {transfer.id} did not start: "
                                  f"phase is {name}")
             poller.wait()
-            try:
-                current = service.get()
-            except self.sdk.NotFoundError:
-                raise NotStarted(
-                    f"Transfer {transfer.id} was removed") from None
-            except self.sdk.Error as e:
-                raise Error(f"Cannot get transfer {transfer.id}: "
-                            f"{describe(e)}") from e
+            current = self._get(
+                service, f"transfer {transfer.id}",
+                lambda: NotStarted(f"Transfer {transfer.id} was removed"))
 
     def finalize_transfer(self, transfer, disk_id,
                           timeout=FINALIZE_TIMEOUT):
@@ -546,15 +541,19 @@ class Engine:
                 raise Error(f"Backup {backup.id} failed"
                             f"{self._backup_event(backup.id)}")
             poller.wait()
-            try:
-                current = service.get()
-            except self.sdk.NotFoundError:
-                raise Error(f"Backup {backup.id} failed"
-                            f"{self._backup_event(backup.id)}") from None
-            except self.sdk.Error as e:
-                raise Error(f"Cannot get backup {backup.id}: "
-                            f"{describe(e)}") from e
+            current = self._get(service, f"backup {backup.id}", lambda: Error(
+                f"Backup {backup.id} failed{self._backup_event(backup.id)}"))
         return current
+
+    def _get(self, service, what, gone):
+        """service.get(); gone() is the Error raised when the engine no
+        longer has it."""
+        try:
+            return service.get()
+        except self.sdk.NotFoundError:
+            raise gone() from None
+        except self.sdk.Error as e:
+            raise Error(f"Cannot get {what}: {describe(e)}") from e
 
     def _backup_event(self, backup_id):
         """': the engine's last word on the backup', or ''."""
@@ -644,14 +643,10 @@ class Engine:
         current = snapshot
         while current.snapshot_status != status.OK:
             poller.wait()
-            try:
-                current = service.get()
-            except self.sdk.NotFoundError:
-                raise Error(f"Snapshot {snapshot.id} failed"
-                            f"{self._backup_event(snapshot.id)}") from None
-            except self.sdk.Error as e:
-                raise Error(f"Cannot get snapshot {snapshot.id}: "
-                            f"{describe(e)}") from e
+            current = self._get(
+                service, f"snapshot {snapshot.id}", lambda: Error(
+                    f"Snapshot {snapshot.id} failed"
+                    f"{self._backup_event(snapshot.id)}"))
         return current
 
 
