@@ -637,7 +637,11 @@ def _relative_backing(args):
     if args.backing_file is None:
         return None
     folder = os.path.dirname(os.path.abspath(args.filename))
-    return os.path.relpath(os.path.abspath(args.backing_file), folder)
+    name = os.path.relpath(os.path.abspath(args.backing_file), folder)
+    if ":" in name and not name.startswith((".", "/")):
+        # qemu would take "nbd:x.qcow2" for a protocol, not a file.
+        name = "./" + name
+    return name
 
 
 class _Entity:

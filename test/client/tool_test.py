@@ -1953,3 +1953,19 @@ def test_download_network_failure_resumes(relay_env, relay_spawn, tmp_path):
     print(f"download resume: journal had {done} of {size} bytes; "
           f"{moved} bytes crossed the relay on resume")
     assert moved < size - done + MiB
+
+
+def test_backup_backing_file_with_colon(env, tmp_path):
+    # A previous backup named like a qemu protocol ("nbd:...") is still
+    # a file to the incremental's qcow2 header.
+    disk = vm_disk(env, tmp_path)
+    env.engine.add_vm("vm1", [disk.id])
+    full = tmp_path / "nbd:full.qcow2"
+    p = env.run("backup-disk", disk.id, full)
+    checkpoint = backup_result(p.stdout)[1]["checkpoint_id"]
+    qemu_io(disk.path, "qcow2", "write -P 0x51 0 64k")
+    incr = tmp_path / "incr.qcow2"
+    env.run("backup-disk", "--from-checkpoint", checkpoint,
+            "--backing-file", full, disk.id, incr)
+    assert client.info(str(incr))["backing-filename"] == "./nbd:full.qcow2"
+    compare(snapshot_of(disk, tmp_path / "now.raw"), incr)
