@@ -191,6 +191,30 @@ DEFAULTS = {
         # Where /profile/ writes profiling data.
         "filename": "/run/ovirt-imageio/profile",
     },
+    "proxy": {
+        # Accept tickets signed by the engine on the remote service, as the
+        # 1.x proxy did (oVirt 4.0-4.2 engines and clients: Authorization
+        # headers, /sessions/, PUT /tickets/ on the proxy's port). Off, only
+        # tickets added over the control service are served. Only on the
+        # engine host's proxy; needs python3-cryptography.
+        "signed_tickets": False,
+        # The engine's certificate, whose key signs the tickets. Empty uses
+        # the certificate inside each ticket, which engine_ca_cert_file
+        # must then certify.
+        "engine_cert_file": "",
+        # The CA that issued the engine's certificate (engine-setup's
+        # /etc/pki/ovirt-engine/ca.pem).
+        "engine_ca_cert_file": "",
+        # Check the signer's certificate against engine_ca_cert_file
+        # (issuer, the CA's signature, validity dates). Off trusts
+        # engine_cert_file alone.
+        "verify_certificate": True,
+        # Seconds of tolerance for clocks that differ: a ticket is taken
+        # that long before its start (validFrom, nbf) and after its end
+        # (validTo, exp). Larger tolerates skewed clocks but lets an
+        # expired ticket live longer.
+        "allowed_skew_seconds": 0,
+    },
     # Logging, in the format of logging.config.fileConfig. Only these
     # sections exist: deployments choose a handler and levels, nothing more.
     "loggers": {
@@ -477,6 +501,7 @@ CHECKS = {
     ("control", "transport"): _one_of("unix", "tcp"),
     ("control", "port"): _port(-1),
     ("control", "remove_timeout"): _at_least(0),
+    ("proxy", "allowed_skew_seconds"): _at_least(0),
     ("loggers", "keys"): _names_of("root"),
     ("handlers", "keys"): _names_of("logfile", "stderr"),
     ("formatters", "keys"): _names_of("long"),
