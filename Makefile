@@ -8,6 +8,8 @@ DEV := .dev
 # a small C extension against it; pycurl comes from a wheel.
 SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
 	curl openssl gcc python3-dev rpm libxml2-dev
+# The proxy's signed tickets (ovirt_imageio/signed.py) and their tests.
+SYSTEM_PACKAGES += python3-cryptography
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its
