@@ -163,18 +163,17 @@ class SignedTickets:
             with self._lock:
                 if engine:
                     self._removed.pop(ticket_id, None)
-                elif self._removed.get(ticket_id, 0) >= self.now():
-                    log.warning("Refused signed ticket of removed "
-                                "transfer=%s client=%s connection=%s",
-                                name(verified), req.context.client,
-                                req.context.id)
-                    raise server.Error(
-                        403, f"Transfer {name(verified)} was removed")
+                else:
+                    self._check_removed(req, verified)
                 ticket = self.store.lookup(ticket_id)
                 if (ticket is not None and not ticket.canceled
                         and ticket_id in self._ends):
-                    self._ends[ticket_id] = max(self._ends[ticket_id],
-                                                verified.expires)
+                    if verified.expires > self._ends[ticket_id]:
+                        self._ends[ticket_id] = verified.expires
+                        # The ticket's own timer must not end it first.
+                        ticket.timeout = timeout(
+                            verified.expires - self.now())
+                        ticket.extend(ticket.timeout)
                     return ticket
             resource, ops, size = self.probe(verified)
             info = {"uuid": ticket_id, "size": size, "ops": ops,
@@ -195,6 +194,15 @@ class SignedTickets:
                      "until=%s client=%s", ticket.transfer_id, ops, size,
                      signed._iso(verified.expires), req.context.client)
             return ticket
+
+    def _check_removed(self, req, verified):
+        """403 for a signed ticket of a removed transfer. Called with the
+        lock held."""
+        if self._removed.get(verified.ticket_id, 0) >= self.now():
+            log.warning("Refused signed ticket of removed transfer=%s "
+                        "client=%s connection=%s", name(verified),
+                        req.context.client, req.context.id)
+            raise server.Error(403, f"Transfer {name(verified)} was removed")
 
     def authorize(self, ticket_id, op):
         """A relay ticket allowing op now, else raise (NoSuchTicket,
@@ -231,6 +239,7 @@ class SignedTickets:
     def open_session(self, req, verified):
         session_id = str(uuid.uuid4())
         with self._lock:
+            self._check_removed(req, verified)
             self._sessions[session_id] = verified
         log.info("Opened session transfer=%s until=%s client=%s",
                  name(verified), signed._iso(verified.expires),

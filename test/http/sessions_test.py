@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 import ssl
 import urllib.parse
@@ -468,8 +469,59 @@ def test_later_ticket_extends(daemon, proxy, client, image, engine_pki):
                                             lifetime=60)})
     download(client, {"Authorization": sign(engine_pki, daemon, proxy,
                                             lifetime=600)})
+    # Both clocks: the signed end, and the relay ticket's own timer.
     proxy.wall.advance(120)
+    proxy.clock.advance(120)
     assert len(download(client)) == SIZE
+
+
+def test_concurrent_first_requests(daemon, proxy, proxy_pki, image,
+                                   engine_pki, logs):
+    # Many connections bring the same signed ticket at once: one relay
+    # ticket is added, every request is served.
+    add_daemon_ticket(daemon, image)
+    token = sign(engine_pki, daemon, proxy)
+    results = []
+
+    def run():
+        c = Client(proxy, proxy_pki["ca_file"])
+        try:
+            resp, body = c.request("GET", images(), headers={
+                "Authorization": token, "Range": "bytes=0-4095"})
+            results.append((resp.status, len(body)))
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [(206, 4096)] * 6
+    added = [r for r in logs.records
+             if r.getMessage().startswith("Added signed ticket")]
+    assert len(added) == 1
+
+
+def test_session_of_removed_transfer(daemon, proxy, client, image,
+                                     engine_pki):
+    add_daemon_ticket(daemon, image)
+    token = sign(engine_pki, daemon, proxy)
+    resp, _ = client.request("POST", "/sessions/",
+                             headers={"Authorization": token})
+    session_id = resp.getheader("session-id")
+    assert len(download(client, {"Session-Id": session_id})) == SIZE
+    resp, _ = client.request("DELETE", f"/tickets/{TICKET_ID}",
+                             headers={"Authorization": token})
+    assert resp.status == 204
+    # The transfer's sessions went with it, and no new one opens.
+    resp, _ = client.request("GET", images(),
+                             headers={"Session-Id": session_id})
+    assert resp.status == 401
+    resp, body = client.request("POST", "/sessions/",
+                                headers={"Authorization": token})
+    assert resp.status == 403
+    assert body == b"Transfer tr-signed was removed\n"
 
 
 def test_control_ticket_wins(daemon, proxy, client, image, engine_pki):
