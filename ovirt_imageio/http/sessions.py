@@ -188,6 +188,9 @@ class SignedTickets:
                 raise
             ticket.resource = resource
             with self._lock:
+                if not engine:
+                    # A DELETE while the daemon was asked.
+                    self._check_removed(req, verified)
                 self._ends[ticket_id] = verified.expires
                 self.store.add(ticket)
             log.info("Added signed ticket transfer=%s ops=%s size=%s "

@@ -265,18 +265,21 @@ def test_session_expires_with_ticket(daemon, proxy, client, image,
 
 
 def test_session_id_in_query_only_when_signed(daemon, make_proxy, proxy_pki,
-                                              image):
-    # Signed tickets off: no /sessions/, and session_id means nothing.
+                                              image, logs):
+    # Signed tickets off: no /sessions/, and session_id means nothing; it
+    # is never logged either (no query string is).
     plain = make_proxy()
     c = Client(plain, proxy_pki["ca_file"])
     try:
         resp, body = c.request("POST", "/sessions/")
         assert resp.status == 404
-        resp, body = c.request("GET", images(query="session_id=x"))
+        resp, body = c.request(
+            "GET", images(query="session_id=session-secret"))
         assert resp.status == 403
         assert b"No such ticket" in body
     finally:
         c.close()
+    assert_no_secrets(logs, "session-secret", TICKET_ID)
 
 
 # Flow (c): the engine PUTs the signed ticket to the proxy's port.
@@ -590,3 +593,29 @@ def test_program_refuses_to_start(tmp_path):
     assert out.returncode != 0
     assert "Cannot start: [proxy] signed_tickets = true needs the " \
            "engine's certificate" in out.stderr
+
+
+@pytest.fixture
+def no_cryptography(tmp_path):
+    """The environment of a host without python3-cryptography."""
+    blocked = tmp_path / "blocked" / "cryptography"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text(
+        "raise ImportError(\"No module named 'cryptography'\")\n")
+    return dict(os.environ, PYTHONPATH=str(blocked.parent))
+
+
+def test_cryptography_not_needed_when_off(tmp_path, pki, no_cryptography):
+    d = testutil.DaemonProcess(tmp_path / "off", pki, env=no_cryptography)
+    try:
+        d.wait_ready()
+    finally:
+        d.stop()
+
+
+def test_cryptography_missing(tmp_path, pki, engine_pki, no_cryptography):
+    d = testutil.DaemonProcess(tmp_path / "on", pki, env=no_cryptography,
+                               proxy=engine_pki.proxy_conf())
+    assert d.wait_exit() != 0
+    assert "Cannot start: [proxy] signed_tickets = true needs the " \
+           "cryptography package (python3-cryptography)" in d.stderr
