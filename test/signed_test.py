@@ -5,6 +5,7 @@ openssl), verified or refused, with a fake wall clock.
 
 import base64
 import json
+import math
 import time
 import types
 
@@ -27,7 +28,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture
 def now():
-    return clock.FakeClock(start=time.time())
+    return clock.FakeClock(start=math.floor(time.time()))
 
 
 def section(pki, **overrides):

@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import logging
+import math
 import os
 import subprocess
 import threading
@@ -55,8 +56,9 @@ def image(make_image):
 def make_signed_proxy(make_proxy, engine_pki):
     def make(**proxy_conf):
         p = make_proxy(proxy=engine_pki.proxy_conf(**proxy_conf))
-        # The signed tickets' wall clock, moved by tests.
-        p.wall = clock.FakeClock(start=time.time())
+        # The signed tickets' wall clock, moved by tests; on a whole
+        # second, as the envelope's dates are.
+        p.wall = clock.FakeClock(start=math.floor(time.time()))
         p.signed.verifier.clock = p.wall
         return p
     return make
@@ -457,8 +459,7 @@ def test_expired_while_swept_recently(daemon, proxy, client, image,
     add_daemon_ticket(daemon, image)
     download(client, {"Authorization": sign(engine_pki, daemon, proxy,
                                             lifetime=60)})
-    # validTo has whole seconds: the ticket ends 59 to 60 s from now.
-    proxy.wall.advance(59.2)
+    proxy.wall.advance(59.5)
     proxy.signed._sweep()
     proxy.wall.advance(0.9)
     resp, body = client.request("GET", images())
