@@ -176,6 +176,11 @@ class Source:
     def __repr__(self):
         return f"<urlsource.Source {self.url} {self.format}>"
 
+    @property
+    def head(self):
+        """The image's first bytes (up to HEAD_SIZE), read at the probe."""
+        return self._head
+
     # Reading.
 
     def read_into(self, buf, offset):
