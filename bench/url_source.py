@@ -9,16 +9,20 @@ delay per request standing in for a WAN round trip.
         [--runs 3]
 
 Prints the median seconds of each way. The server is test/imageserver.py
-(Python's http.server in threads), the same for every way.
+(Python's http.server in threads, in a process of its own), the same
+for every way.
 """
 
 import argparse
 import json
+import multiprocessing
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,14 +44,16 @@ class SlowServer(ImageServer):
     def _get(self, h, head=False):
         if self.delay:
             time.sleep(self.delay)
-        orig = h.send_header
+        if not hasattr(h, "_orig_send_header"):
+            # Once per handler: it serves every request of a connection.
+            h._orig_send_header = orig = h.send_header
 
-        def send_header(name, value):
-            orig(name, value)
-            if name == "Content-Length":
-                orig("Accept-Ranges", "bytes")
+            def send_header(name, value):
+                orig(name, value)
+                if name == "Content-Length":
+                    orig("Accept-Ranges", "bytes")
 
-        h.send_header = send_header
+            h.send_header = send_header
         super()._get(h, head)
 
 
@@ -68,11 +74,13 @@ def ours(url, connections, out):
 def nbdkit(url, out, sock):
     node = {"driver": "raw", "file": {
         "driver": "nbd", "server": {"type": "unix", "path": sock}}}
+    if os.path.exists(sock):
+        os.unlink(sock)
     p = subprocess.Popen(["nbdkit", "-f", "-r", "-U", sock, "curl",
                           f"url={url}"])
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        while not serving(sock):
             if time.monotonic() > deadline:
                 raise RuntimeError("nbdkit did not start")
             time.sleep(0.01)
@@ -81,6 +89,24 @@ def nbdkit(url, out, sock):
     finally:
         p.terminate()
         p.wait(timeout=10)
+
+
+def serve(image, delay_ms, ports):
+    with SlowServer(delay_ms / 1000) as srv:
+        srv.files["/image"] = image
+        ports.put(srv.port)
+        threading.Event().wait()
+
+
+def serving(sock):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(sock)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def main():
@@ -96,9 +122,14 @@ def main():
             f.write(os.urandom(MiB))
     out = os.path.join(tmp, "out.raw")
     results = {}
-    with SlowServer(args.delay_ms / 1000) as srv:
-        srv.files["/image"] = image
-        url = srv.url("/image")
+    # The server in a process of its own: not sharing our GIL.
+    ctx = multiprocessing.get_context("fork")
+    ports = ctx.Queue()
+    server = ctx.Process(target=serve, args=(image, args.delay_ms, ports),
+                         daemon=True)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{ports.get(timeout=30)}/image"
         ways = {
             "curl (one GET)": lambda: run(["curl", "-s", "-o", out, url]),
             "urlsource 1 conn": lambda: ours(url, 1, out),
@@ -110,6 +141,9 @@ def main():
             for name, way in ways.items():
                 results.setdefault(name, []).append(way())
                 os.unlink(out)
+    finally:
+        server.terminate()
+        server.join(timeout=10)
     for name, times in results.items():
         median = statistics.median(times)
         print(f"{name:20} median {median:6.2f} s "
