@@ -45,6 +45,12 @@ Safe sources: an upload source that names other files (backing file,
 data file, vmdk extents elsewhere) is refused unless --allow-backing
 (sources.py).
 
+URL sources: upload-disk's FILE may be an http:// or https:// URL of a
+raw or qcow2 image, read through our own reader (urlsource.py) with
+--header / --header-file (values never logged), --source-cafile and
+--allow-redirect-host; a remote image's backing or data file is always
+refused, and such an upload is not resumable.
+
 Snapshots: download-snapshot copies a disk's layers (its disk snapshots
 and the active layer) into a folder as a local qcow2 chain, one file per
 layer; upload-snapshot makes a new disk with the same layers from such a
