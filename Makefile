@@ -6,8 +6,12 @@ VENV := .venv
 DEV := .dev
 # libxml2-dev: the oVirt SDK (ovirt-engine-sdk-python, an sdist) compiles
 # a small C extension against it; pycurl comes from a wheel.
+# chromium, chromium-driver: the page's tests run it headless
+# (test/http/page_test.py); libnss3-tools: certutil, for their browser
+# profile's trusted CA.
 SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
-	curl openssl gcc python3-dev rpm libxml2-dev
+	curl openssl gcc python3-dev rpm libxml2-dev \
+	chromium chromium-driver libnss3-tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its
