@@ -156,6 +156,18 @@ DEFAULTS = {
         # Changing the port needs matching firewall rules and engine
         # configuration. The engine host's proxy uses 54323.
         "port": 54322,
+        # Serve the upload and download page at / (its files are the
+        # package's ovirt_imageio/http/static/): a browser uploads to and
+        # downloads from a transfer URL without the engine's UI. The page
+        # holds no secret; a ticket id is typed in it, never sent in its
+        # URL. false answers 404 for the page, as upstream.
+        "page": True,
+        # A CA certificate (PEM) offered at /ca.pem, for users to import
+        # so their browser trusts this service's certificate (the page
+        # links to it when its test connection fails). Usually the file
+        # of [tls] ca_file, named here on purpose: it is public, but
+        # serving it is the administrator's choice. Empty offers none.
+        "offer_ca_file": "",
     },
     "local": {
         # Serve /images over a unix socket, letting clients on this host skip

@@ -1,7 +1,8 @@
 """
 The daemon's three services, built from the configuration:
 
-    remote   HTTPS on [remote] host:port       /images, /info
+    remote   HTTPS on [remote] host:port       /images, /info, the page at
+                                               / ([remote] page), /ca.pem
     local    HTTP on the [local] unix socket   /images
     control  HTTP on a unix socket or TCP      /tickets, /profile
              localhost port ([control])
@@ -26,6 +27,7 @@ from . import info
 from . import relay
 from . import router
 from . import server
+from . import static
 from . import tickets as tickets_api
 
 log = logging.getLogger("services")
@@ -38,8 +40,11 @@ def buffer_pool(cfg):
 
 
 def remote(cfg, store, unix_socket=None, pool=None):
+    # The page and the CA: on this service only, never on the unix
+    # sockets (static.py).
+    page_routes, ca_url = static.routes(cfg)
     routes = data_routes(cfg, store, unix_socket, pool) + [
-        (r"/info/", info.Handler())]
+        (r"/info/", info.Handler(ca_url=ca_url))] + page_routes
     tls = None
     if cfg.tls.enable:
         tls = tls_context(cfg.tls)
