@@ -332,7 +332,11 @@ function showProgress(done, total, rate) {
   ui.progress.value = done;
   const pct = total ? Math.floor(done * 100 / total) : 0;
   let text = `${formatBytes(done)} of ${formatBytes(total)} (${pct}%)`;
-  if (rate !== undefined) {
+  // rate: bytes/s; null while no chunk of this run completed yet;
+  // undefined when nothing runs.
+  if (rate === null) {
+    text += ", measuring rate";
+  } else if (rate !== undefined) {
     text += `, ${formatBytes(rate)}/s`;
     text += ", time left " + formatSeconds(rate > 0 ? (total - done) / rate : Infinity);
   }
@@ -578,6 +582,7 @@ class Upload {
     this.sessionStart = performance.now();
     this.sessionBytes = 0;
     setStatus("uploading");
+    this.progress();
     log(`uploading ${this.queue.length} chunks of up to ${formatBytes(chunkSize)}, ` +
         `${inflight} in flight`);
     updateButtons();
@@ -724,8 +729,11 @@ class Upload {
 
   progress() {
     const seconds = (performance.now() - this.sessionStart) / 1000;
-    const rate = seconds > 0 ? this.sessionBytes / seconds : 0;
-    showProgress(this.done, this.file.size, this.running ? rate : undefined);
+    let rate;
+    if (this.running) {
+      rate = (this.sessionBytes && seconds > 0) ? this.sessionBytes / seconds : null;
+    }
+    showProgress(this.done, this.file.size, rate);
   }
 
   pause() {
