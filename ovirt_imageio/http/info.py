@@ -21,3 +21,6 @@ class Handler:
             # Only then, so the answer stays upstream's by default.
             body["ca_url"] = self.ca_url
         resp.send_json(body)
+
+    def options(self, req, resp):
+        cors.preflight(req, resp, "OPTIONS,GET")
