@@ -662,6 +662,33 @@ def test_upload_through_proxy(qemu_nbd, make_proxy_daemon, make_proxy, page,
     p.wait_status("verified")
 
 
+def test_upload_to_other_daemon(qemu_nbd, make_daemon, page, make_image,
+                                tmp_path):
+    """The page of one daemon uploads to and verifies against another
+    (CORS: preflights for PUT with Content-Range and for PATCH, OPTIONS,
+    /extents, /checksum)."""
+    size = 8 * MiB
+    src = make_image(name="src", size=size, commands=[
+        "write -P 0x81 0 1M", "write -P 0x82 5M 2M"])
+    target = sparse_file(tmp_path / "target.raw", size)
+    export = qemu_nbd(target)
+    own = make_daemon()
+    other = make_daemon()
+    add_ticket(other, f"nbd:unix:{export.socket}", size, sparse=True)
+
+    p = page(origin(own))
+    p.set_url(transfer_url(other))
+    # The size comes from the other daemon's /extents.
+    p.choose(src, expect="the transfer's disk is 8.0 MiB")
+    p.set_option("chunk", 1)
+    p.click("start")
+    p.wait_status("done")
+    qemu_img_compare(src, target)
+    assert allocated(target) <= 3 * MiB
+    p.click("verify")
+    p.wait_status("verified")
+
+
 # Test connection.
 
 @pytest.fixture(scope="module")
