@@ -49,6 +49,10 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 # Generous: the machine is shared; a wait returns as soon as it can.
 TIMEOUT = 60
 
+# How often a wait looks at the page: each look is a round trip to
+# chromedriver (a few ms).
+POLL = 0.05
+
 TICKET_ID = "page-ticket-secret-0123"
 
 
@@ -89,6 +93,8 @@ def browser(browser_dirs, pki, proxy_pki):
                 "--disable-dev-shm-usage", "--window-size=900,1400",
                 f"--user-data-dir={browser_dirs['profile']}"):
         options.add_argument(arg)
+    # The console, to see CSP violations and script errors.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     options.add_experimental_option("prefs", {
         "download.default_directory": browser_dirs["downloads"],
         "download.prompt_for_download": False,
@@ -110,6 +116,8 @@ class Page:
         self.origin = origin
 
     def open(self, fragment=""):
+        # Drop what earlier tests left in the console.
+        self.driver.get_log("browser")
         self.driver.get(self.origin + "/" + fragment)
         self.wait(lambda: self.status() == "idle", "the page's script")
         return self
@@ -151,9 +159,14 @@ class Page:
     def log(self):
         return self.text("log")
 
+    def console_errors(self):
+        return [e["message"] for e in self.driver.get_log("browser")
+                if e["level"] == "SEVERE"]
+
     def wait(self, predicate, what, timeout=TIMEOUT):
         try:
-            return WebDriverWait(self.driver, timeout).until(
+            return WebDriverWait(self.driver, timeout,
+                                 poll_frequency=POLL).until(
                 lambda d: predicate())
         except WebDriverException as e:
             raise AssertionError(
@@ -353,6 +366,9 @@ def test_upload_raw_data_and_zeros(qemu_nbd, make_daemon, page, make_image,
     p.click("verify")
     p.wait_status("verified")
     assert file_checksum(src) in p.log()
+    # No script error, no CSP violation (the page's CSP allows only its
+    # own origin, no inline script or style).
+    assert p.console_errors() == []
 
     # The daemon's own log (not Selenium's, which has the page's URL).
     daemon_log = "\n".join(
@@ -629,6 +645,13 @@ def test_download(qemu_nbd, make_daemon, page, make_image, browser_dirs):
     p.choose(saved)
     p.click("verify")
     p.wait_status("verified")
+
+    # One byte changed: not the disk.
+    other = make_image(name="other", size=size, commands=[
+        "write -P 0x61 0 1M", "write -P 0x62 5M 64k", "write -P 1 7M 1"])
+    p.choose(other)
+    p.click("verify")
+    p.wait_status("error: checksum mismatch: the disk differs from the file")
 
 
 # Through the proxy.
