@@ -636,6 +636,8 @@ def test_download(qemu_nbd, make_daemon, page, make_image, browser_dirs):
     p = page(origin(daemon))
     p.set_url(transfer_url(daemon))
     saved = os.path.join(browser_dirs["downloads"], name)
+    p.wait(lambda: p.text("download") == f"Download {name}",
+           "the link named after the ticket's file name")
     p.click("download")
     p.wait(lambda: os.path.exists(saved)
            and os.path.getsize(saved) == size

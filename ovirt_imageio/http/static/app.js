@@ -255,7 +255,7 @@ async function blkhash(blob, size, blockSize, algorithm, progress, signal) {
 
 window.imageioPage = {
   parseTransfer, sniff, isZero, addRange, rangesTotal, missingChunks,
-  blkhash, formatBytes,
+  blkhash, formatBytes, dispositionName,
 };
 
 // The page.
@@ -422,6 +422,7 @@ function urlChanged() {
   sessionStorage.setItem(SESSION_URL, ui.url.value);
   if (ui.url.value.trim()) {
     if (!readTransfer()) return;
+    nameDownload().catch(() => {});
   } else {
     state.transfer = null;
     updateButtons();
@@ -464,6 +465,43 @@ async function transferInfo() {
     maxWriters: options.max_writers || 1,
   };
   return state.info;
+}
+
+// The file name of Content-Disposition (filename*, else filename).
+function dispositionName(header) {
+  if (!header) return null;
+  let m = /filename\*=UTF-8''([^;]+)/i.exec(header);
+  if (m) {
+    try {
+      return decodeURIComponent(m[1].trim());
+    } catch (e) {
+      // Malformed: try the plain parameter.
+    }
+  }
+  m = /filename="([^"]*)"/i.exec(header) || /filename=([^;]+)/i.exec(header);
+  return m ? m[1].trim() : null;
+}
+
+/*
+ * Name the download link after the ticket's file name: HEAD reads no
+ * data (the ticket's transferred bytes stay as they are), and carries
+ * the Content-Disposition a download gets.
+ */
+async function nameDownload() {
+  const transfer = state.transfer;
+  ui.download.textContent = "Download the disk";
+  if (!transfer) return;
+  let resp;
+  try {
+    resp = await fetch(transfer.imageUrl, {method: "HEAD", cache: "no-store"});
+  } catch (e) {
+    if (networkError(e)) return;
+    throw e;
+  }
+  const name = resp.ok && dispositionName(resp.headers.get("content-disposition"));
+  if (name && state.transfer === transfer) {
+    ui.download.textContent = "Download " + name;
+  }
 }
 
 function fileRecordKey(ticketHash, file) {
@@ -877,5 +915,6 @@ if (ui.url.value) {
 setStatus("idle");
 updateButtons();
 loadOwnInfo();
+if (state.transfer) nameDownload().catch(() => {});
 
 })();
