@@ -594,6 +594,10 @@ class Upload {
     this.resumable = false;
     this.nap = napper();
     this.abort = null;
+    // For the rate: bytes this page sent and the time it spent running
+    // (pauses excluded), over all runs of this upload.
+    this.sentBytes = 0;
+    this.activeMs = 0;
   }
 
   get done() {
@@ -617,8 +621,7 @@ class Upload {
     this.resumable = false;
     this.error = null;
     this.abort = new AbortController();
-    this.sessionStart = performance.now();
-    this.sessionBytes = 0;
+    this.runStart = performance.now();
     setStatus("uploading");
     this.progress();
     log(`uploading ${this.queue.length} chunks of up to ${formatBytes(chunkSize)}, ` +
@@ -627,6 +630,7 @@ class Upload {
     const workers = [];
     for (let i = 0; i < inflight; i++) workers.push(this.worker());
     await Promise.all(workers);
+    this.activeMs += performance.now() - this.runStart;
     this.running = false;
     if (this.canceled) return;
     if (this.error) {
@@ -660,7 +664,7 @@ class Upload {
       }
       this.record.ranges = addRange(this.record.ranges, chunk[0], chunk[0] + chunk[1]);
       this.save();
-      this.sessionBytes += chunk[1];
+      this.sentBytes += chunk[1];
       this.progress();
     }
   }
@@ -766,10 +770,10 @@ class Upload {
   }
 
   progress() {
-    const seconds = (performance.now() - this.sessionStart) / 1000;
+    const seconds = (this.activeMs + performance.now() - this.runStart) / 1000;
     let rate;
     if (this.running) {
-      rate = (this.sessionBytes && seconds > 0) ? this.sessionBytes / seconds : null;
+      rate = (this.sentBytes && seconds > 0) ? this.sentBytes / seconds : null;
     }
     showProgress(this.done, this.file.size, rate);
   }
