@@ -619,6 +619,36 @@ def test_phone_width(make_daemon, page, browser):
         browser.set_window_size(size["width"], size["height"])
 
 
+def test_refused_chunk_then_resume(make_daemon, page, make_image,
+                                   tmp_path):
+    """A refused chunk (403: the ticket is gone) is not retried: the
+    upload stops with the server's message, the ticket blanked out of
+    it, and Resume sends the rest once the ticket is back."""
+    size = 2 * MiB
+    src = data_image(make_image, "src", size)
+    target = sparse_file(tmp_path / "target.raw", size)
+    daemon = make_daemon()
+    ticket = add_ticket(daemon, f"file://{target}", size)
+
+    p = page(origin(daemon))
+    p.set_url(transfer_url(daemon))
+    p.choose(src)
+    resp, _ = daemon.api.delete(TICKET_ID)
+    assert resp.status == 204
+    p.click("start")
+    p.wait_status("error: chunk at 0: 403 Forbidden: You are not allowed "
+                  "to access this resource: No such ticket …")
+    assert TICKET_ID not in p.log()
+    assert "retry" not in p.log()
+    assert p.progress()[0] == 0
+
+    resp, data = daemon.api.put(ticket)
+    assert resp.status == 200, data
+    p.click("resume")
+    p.wait_status("done")
+    qemu_img_compare(src, target)
+
+
 # Download.
 
 def test_download(qemu_nbd, make_daemon, page, make_image, browser_dirs):
