@@ -546,6 +546,28 @@ def test_cancel(paused_target, make_daemon, page, make_image, tmp_path):
     assert not p.el("pause").is_enabled()
 
 
+def test_cancel_verify(paused_target, make_daemon, page, make_image,
+                      tmp_path):
+    """Cancel stops a verify whose server checksum hangs."""
+    size = 4 * MiB
+    src = data_image(make_image, "src", size)
+    srv, nbd = paused_target(src)
+    daemon = make_daemon()
+    add_ticket(daemon, f"nbd:unix:{srv.socket}", size, ops=["read"])
+
+    p = page(origin(daemon))
+    p.set_url(transfer_url(daemon))
+    p.choose(src)
+    nbd.pause()
+    p.click("verify")
+    p.wait_status("verifying")
+    p.click("cancel")
+    p.wait_status("canceled")
+    nbd.resume()
+    assert p.el("verify").is_enabled()
+    assert "verify canceled" in p.log()
+
+
 def test_retry_failed_chunk(nbdkit, make_daemon, page, make_image, tmp_path):
     """A chunk the disk fails (EIO: the daemon answers 500) is retried
     with backoff until it succeeds."""

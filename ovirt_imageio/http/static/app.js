@@ -836,7 +836,7 @@ async function verify() {
     const url = transfer.imageUrl +
       `/checksum?algorithm=${CHECKSUM_ALGORITHM}&block_size=${CHECKSUM_BLOCK_SIZE}`;
     // The server's checksum reads the disk while ours reads the file.
-    const remote = fetch(url, {cache: "no-store"}).then(async (resp) => {
+    const remote = fetch(url, {cache: "no-store", signal: job.abort.signal}).then(async (resp) => {
       if (!resp.ok) throw new Error("checksum: " + await errorText(resp));
       return resp.json();
     });
@@ -856,7 +856,12 @@ async function verify() {
       fail("checksum mismatch: the disk differs from the file");
     }
   } catch (e) {
-    fail(networkError(e) ? connectionFailedMessage(transfer.origin) : e.message);
+    if (job.abort.signal.aborted) {
+      setStatus("canceled");
+      log("verify canceled");
+    } else {
+      fail(networkError(e) ? connectionFailedMessage(transfer.origin) : e.message);
+    }
   } finally {
     job.running = false;
     // Verifying after an upload keeps its state (nothing to resume).
