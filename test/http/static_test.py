@@ -4,6 +4,7 @@ daemons and proxies over HTTPS, checked with http.client and curl."""
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -210,7 +211,6 @@ def test_load_missing(tmp_path):
 def test_page_route(tmp_path):
     (tmp_path / "index.html").write_bytes(b"<p>")
     (tmp_path / "a.b.js").write_bytes(b"1;")
-    import re
     pattern, _ = static.page_route(static.load(str(tmp_path)))
     regex = re.compile(pattern)
     assert regex.match("/").groups() == (None,)
