@@ -402,6 +402,15 @@ def test_upload_qcow2(make_daemon, page, make_image, tmp_path, pki):
     p.click("verify")
     p.wait_status("verified")
 
+    # Start again sends it all again, over a spoiled disk.
+    with open(target, "r+b") as f:
+        f.write(b"spoiled")
+    p.click("start")
+    p.wait(lambda: p.log().count("upload done") == 2, "the second upload")
+    assert p.status() == "done"
+    with open(src, "rb") as a, open(target, "rb") as b:
+        assert a.read() == b.read()
+
 
 def test_sniff_iso_and_too_large(make_daemon, page, tmp_path, make_image):
     """An ISO is named; a file larger than the transfer's disk gets a

@@ -509,6 +509,13 @@ function fileRecordKey(ticketHash, file) {
     "." + file.size + "." + file.lastModified;
 }
 
+// The completed ranges of an earlier upload of file to transfer.
+async function loadRecord(transfer, file) {
+  const key = fileRecordKey(await sha256Hex(transfer.ticket), file);
+  const saved = JSON.parse(localStorage.getItem(key) || "null");
+  return {key: key, ranges: saved ? saved.ranges : []};
+}
+
 async function fileChanged() {
   ui.format.textContent = "";
   ui.warning.textContent = "";
@@ -531,9 +538,7 @@ async function fileChanged() {
     return;
   }
   const transfer = state.transfer;
-  const key = fileRecordKey(await sha256Hex(transfer.ticket), file);
-  const saved = JSON.parse(localStorage.getItem(key) || "null");
-  state.record = {key: key, ranges: saved ? saved.ranges : []};
+  state.record = await loadRecord(transfer, file);
   const done = rangesTotal(state.record.ranges);
   showProgress(done, file.size);
   if (done) {
@@ -805,7 +810,10 @@ class PauseRequested extends Error {}
 async function startUpload() {
   if (!readTransfer()) return;
   if (!state.record) await fileChanged();
-  const job = new Upload(ui.file.files[0], state.transfer, state.record);
+  const file = ui.file.files[0];
+  // Afresh: a finished upload left no record, so Start sends it all again.
+  state.record = await loadRecord(state.transfer, file);
+  const job = new Upload(file, state.transfer, state.record);
   state.job = job;
   await runUpload(job);
 }
