@@ -24,6 +24,10 @@ VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 SDIST := $(DIST)/ovirt_imageio-$(VERSION).tar.gz
 RPM_TOPDIR := $(CURDIR)/build/rpmbuild
 RPMBUILD_ARGS ?= --nodeps
+# The page's tests (test/http/page_test.py) run chromium headless through
+# chromium-driver; certutil (libnss3-tools) makes their browser profile's
+# trusted CAs.
+SYSTEM_PACKAGES += chromium chromium-driver libnss3-tools
 
 .PHONY: check stress demo run bench venv system-packages clean dist rpm
 
