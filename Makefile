@@ -8,6 +8,9 @@ DEV := .dev
 # a small C extension against it; pycurl comes from a wheel.
 SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
 	curl openssl gcc python3-dev rpm libxml2-dev
+# glance-api: a real OpenStack Glance for the import-glance/export-glance
+# tests (test/glance.py); about a minute to install, once.
+SYSTEM_PACKAGES += glance-api
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its
