@@ -1549,6 +1549,8 @@ def parser():
         p, "info", disk_info,
         "Show a disk: alias, format, sizes, storage domain, backup mode.",
         options=(), positionals=[disk_id])
+    from . import _tool_glance
+    _tool_glance.add_commands(p)
     return p
 
 
