@@ -248,9 +248,10 @@ class Glance:
         finally:
             conn.close()
 
-    def create(self, data=None, path=None, disk_format="raw", **props):
+    def create(self, data=None, path=None, disk_format="raw", name="test",
+               **props):
         """An image holding data (or the file at path); returns its id."""
-        meta = dict(name="test", disk_format=disk_format,
+        meta = dict(name=name, disk_format=disk_format,
                     container_format="bare", **props)
         status, _, body = self.request(
             "POST", "/v2/images", json.dumps(meta),

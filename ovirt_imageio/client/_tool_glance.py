@@ -328,6 +328,186 @@ def _result(disk, image, sent, staged):
     }
 
 
+# Import.
+
+def import_glance(args):
+    """
+    A new disk from a Glance image. What the image is comes from its
+    bytes: the format and virtual size qemu reads from them (urlsource's
+    probe: raw or qcow2, no backing or data file), an ISO by its volume
+    descriptor. Glance's metadata must agree (its disk_format is only a
+    hint, and virtual_size may be null, but a qcow2 called raw, a size
+    other than the bytes' or a virtual size other than the header's is an
+    error: the image is not what its owner said). Then as upload-disk:
+    the disk is made (our own id), the image uploaded through the
+    urlsource reader (ranged GETs, several at once, read by qemu, only
+    data extents sent), and with --verify the disk's checksum compared
+    with the source's read through qemu. A failure removes the disk; an
+    image deleted or deactivated meanwhile is named as the cause.
+    """
+    g = glance_client(args)
+    with g, _tool.progress_bar(args, "inspecting image") as bar:
+        g.check()
+        meta = g.get(args.image_id)
+        _check_active(meta)
+        if args.name is None:
+            args.name = meta.get("name") or meta["id"]
+        with _open_source(args, g, meta) as src:
+            image = _inspect_source(args, meta, src)
+            with _tool.connect(args) as engine:
+                disk_id = _import(args, engine, bar, g, src, image)
+        bar.phase = "import completed"
+    _tool._print_result(args, {
+        "image_id": meta["id"],
+        "disk_id": disk_id,
+        "format": image.format,
+        "virtual_size": image.size,
+        "iso": image.iso,
+    })
+
+
+def _check_active(meta):
+    status = meta.get("status")
+    if status != "active":
+        raise Error(f"Glance image {meta.get('id')} is {status}, not "
+                    f"active: it has no data to import")
+
+
+def _open_source(args, g, meta):
+    """The image's data as a urlsource.Source, with the token as a
+    header, asked for again when Glance answers 401."""
+    source = token_source(args)
+    current = [g.current_token()]
+
+    def refresh():
+        token = source()
+        if token == current[0]:
+            return None
+        log.info("Glance refused the token; using the token read again")
+        current[0] = token
+        return {"X-Auth-Token": token}
+
+    url = f"{args.glance_url}/v2/images/{meta['id']}/file"
+    try:
+        return client.open_url(
+            url, {"X-Auth-Token": current[0]},
+            cafile=args.glance_cafile, refresh=refresh,
+            max_connections=args.max_workers)
+    except Exception as e:
+        raise Error(f"Cannot read Glance image {meta['id']}: "
+                    f"{_tool.error_message(e)}") from e
+
+
+def _inspect_source(args, meta, src):
+    """What the bytes are, checked against Glance's metadata."""
+    image_id = meta["id"]
+    problems = []
+    if meta.get("size") not in (None, src.size):
+        problems.append(f"Glance's size is {meta['size']}, the data has "
+                        f"{src.size} bytes")
+    hint = meta.get("disk_format")
+    if hint in ("raw", "qcow2") and hint != src.format:
+        problems.append(f"Glance's disk_format is {hint}, the data is a "
+                        f"{src.format} image")
+    elif hint not in ("raw", "qcow2", "iso", None):
+        log.info("Glance image %s: disk_format %s, but the data is %s",
+                 image_id, hint, src.format)
+    virtual = meta.get("virtual_size")
+    if virtual is not None and virtual != src.virtual_size:
+        problems.append(f"Glance's virtual_size is {virtual}, the data's "
+                        f"is {src.virtual_size}")
+    if problems:
+        raise Error(f"Glance image {image_id} is not what Glance says: "
+                    f"{'; '.join(problems)}")
+    image = _tool.Image(src.format, src.virtual_size)
+    if src.format == "raw":
+        image.iso = _is_iso(src)
+    if args.format == "qcow2" and not args.preallocated and not image.iso:
+        image.required = client.measure(src.qemu_spec(), "qcow2")["required"]
+    log.info("Glance image %s: format %s, virtual size %d%s", image_id,
+             image.format, image.size, ", ISO" if image.iso else "")
+    return image
+
+
+def _is_iso(src):
+    end = _tool.ISO_OFFSET + len(_tool.ISO_MAGIC)
+    if src.size < end:
+        return False
+    buf = bytearray(len(_tool.ISO_MAGIC))
+    src.read_into(buf, _tool.ISO_OFFSET)
+    return buf == _tool.ISO_MAGIC
+
+
+def _import(args, engine, bar, g, src, image):
+    """Create the disk and upload src into it; returns the disk's id."""
+    sd = engine.storage_domain(args.storage_domain)
+    block = engine.is_block(sd)
+    args.filename = src.url
+    params = _tool.disk_params(args, image, block)
+    params.setdefault("id", str(uuid.uuid4()))
+    bar.phase = "creating disk"
+    try:
+        disk = engine.add_disk(storage_domain=sd.name, **params)
+    except BaseException as e:
+        if args.disk_id is None:
+            bar.phase = "removing disk"
+            _tool._cleanup(engine.remove_disk, params["id"])
+        elif not isinstance(e, _ovirt.Error):
+            log.warning("Disk %s may have been created", args.disk_id)
+        raise
+    log.info("Created disk %s", disk.id)
+    try:
+        disk = engine.wait_for_disk(disk.id, args.disk_timeout)
+        host = engine.this_host(sd.name)
+        bar.phase = "creating transfer"
+        transfer = engine.add_transfer(disk, "upload", host)
+    except BaseException:
+        bar.phase = "removing disk"
+        _tool._cleanup(_tool._remove_new_disk, engine, disk.id)
+        raise
+    try:
+        transfer = engine.wait_for_transfer(transfer)
+        bar.phase = "uploading image"
+        url, proxy_url = _tool.transfer_urls(transfer)
+        client.upload(
+            src, url, args.cafile,
+            proxy_url=proxy_url,
+            secure=args.secure,
+            buffer_size=args.buffer_size,
+            max_workers=args.max_workers,
+            disk_is_zero=_tool.new_disk_is_zero(params, block),
+            verify=args.verify,
+            progress=bar)
+    except BaseException as e:
+        # The engine removes the disk of a cancelled upload.
+        bar.phase = "cancelling transfer"
+        _tool._cleanup(engine.cancel_transfer, transfer)
+        if isinstance(e, Exception):
+            gone = _image_gone(g, args.image_id)
+            if gone:
+                raise Error(f"{gone} during the import "
+                            f"({_tool.error_message(e)}); disk {disk.id} is "
+                            f"removed") from e
+        raise
+    bar.phase = "finalizing transfer"
+    engine.finalize_transfer(transfer, disk.id)
+    return disk.id
+
+
+def _image_gone(g, image_id):
+    """Why the image cannot be read any more, or None."""
+    try:
+        meta = g.get(image_id)
+    except _glance.NotFound:
+        return f"Glance image {image_id} was deleted"
+    except Exception as e:
+        log.debug("Cannot get Glance image %s: %s", image_id, e)
+        return None
+    if meta.get("status") != "active":
+        return f"Glance image {image_id} became {meta.get('status')}"
+    return None
+
+
 # Glance access.
 
 def glance_client(args):
@@ -421,3 +601,30 @@ def add_commands(p):
         positionals=[(("disk_id",), dict(
             metavar="DISK_ID", type=_tool._argtype(opts.disk_id),
             help="the disk's id"))])
+    opts.Command(
+        p, "import-glance", import_glance,
+        "Create a disk from an OpenStack Glance image and upload the image "
+        "into it, read from Glance with ranged GETs (format and size from "
+        "the image's bytes; Glance's metadata must agree).",
+        options=GLANCE_OPTIONS + (
+            opts.Option("-s", "--storage-domain", required=True,
+                        config=False, help="the storage domain's name"),
+            opts.Option("-f", "--format", choices=("raw", "qcow2"),
+                        type=opts.choice("raw", "qcow2"), config=False,
+                        default="qcow2",
+                        help="the disk's format (default qcow2; an ISO is "
+                             "always raw)"),
+            opts.Flag("--preallocated", config=False, default=False,
+                      help="allocate the whole disk (default: sparse)"),
+            opts.Option("--disk-id", type=opts.disk_id, config=False,
+                        help="the new disk's id (default: a new UUID)"),
+            opts.Option("--name", config=False,
+                        help="the disk's name (default: the image's)"),
+            opts.Flag("--verify", negate=True, default=True,
+                      help="compare the disk's checksum with the image's, "
+                           "read through qemu, before finalizing (default: "
+                           "on)"),
+        ),
+        positionals=[(("image_id",), dict(
+            metavar="IMAGE_ID", type=_tool._argtype(opts.disk_id),
+            help="the Glance image's id"))])

@@ -110,6 +110,13 @@ class Client:
         self._token = None
         self._con = None
 
+    def current_token(self):
+        """The token in use (asked for if none yet), for another client
+        of the same Glance, such as a urlsource reader."""
+        if self._token is None:
+            self._token = self._get_token()
+        return self._token
+
     # Metadata.
 
     def create(self, name, disk_format, container_format="bare", **props):

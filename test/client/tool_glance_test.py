@@ -14,6 +14,8 @@ import uuid
 
 import pytest
 
+from ovirt_imageio import client
+
 import enginesim
 import testutil
 from relay import Relay
@@ -100,6 +102,7 @@ def env(tmp_path, make_daemon, pki, glance):
     yield Env(eng, glance, pki, str(tmp_path))
     eng.stop()
     # Each test leaves Glance as it found it.
+    glance.set_tokens(glance.token)
     if glance.running:
         for image in glance.images():
             if image["id"] not in before:
@@ -110,6 +113,13 @@ def output(stdout):
     """(progress records, the result) of a json run."""
     *lines, result = [json.loads(line) for line in stdout.splitlines()]
     return lines, result
+
+
+def error_lines(stderr):
+    """stderr's lines but the log's (urlsource warns of a loopback
+    source, as the tests' Glance is)."""
+    return [line for line in stderr.strip().splitlines()
+            if "WARNING" not in line or "loopback" not in line]
 
 
 def phases(lines):
@@ -203,7 +213,7 @@ def test_export_wrong_token(env, tmp_path):
     p = env.run("export-glance", "--log-file", log, "--log-level", "debug",
                 disk.id, check=False)
     assert p.returncode == 1
-    err = p.stderr.strip().splitlines()
+    err = error_lines(p.stderr)
     assert len(err) == 1
     assert "401" in err[0] and "token" in err[0]
     assert "x7q" not in p.stderr + log.read_text()
@@ -264,7 +274,7 @@ def test_export_glance_stopped(env, tmp_path, fmt):
                 proc.kill()
                 proc.communicate()
     assert proc.returncode == 1, err
-    err = err.strip().splitlines()
+    err = error_lines(err)
     assert len(err) == 1, err
     assert f"Glance image {image_id} may be left" in err[0]
     t, = env.transfers(disk.id)
@@ -287,7 +297,7 @@ def test_export_connection_cut_deletes_image(env, tmp_path):
                     glance_url=f"http://127.0.0.1:{relay.port}")
         assert relay.cut == 1
     assert p.returncode == 1
-    assert len(p.stderr.strip().splitlines()) == 1
+    assert len(error_lines(p.stderr)) == 1
     assert "may be left" not in p.stderr
     assert [i for i in env.glance.images()
             if i.get("ovirt_disk_id") == disk.id] == []
@@ -306,3 +316,176 @@ def test_export_image_id_taken(env, tmp_path):
     assert env.glance.image(image_id)["status"] == "active"
     assert env.glance.data(image_id) == b"taken"
     assert os.listdir(env.staging) == []
+
+
+# Import.
+
+def check_imported(env, result, src, fmt, disk_fmt):
+    disk = env.engine.disks[result["disk_id"]]
+    assert (disk.status, disk.format, disk.removed) == ("ok", disk_fmt,
+                                                        False)
+    # The disk's guest data is the source's, read through qemu.
+    compare(src, disk.path)
+    assert client.checksum(disk.path) == client.checksum(str(src))
+    t, = env.transfers(disk.id)
+    assert (t.direction, t.phase) == ("upload", "finished_success")
+    return disk
+
+
+@pytest.mark.parametrize("fmt,disk_fmt,sd", [
+    ("qcow2", "cow", "nfs"),
+    ("raw", "cow", "iscsi"),
+    ("raw", "raw", "nfs"),
+])
+def test_import(env, tmp_path, fmt, disk_fmt, sd):
+    src = make_image(tmp_path / f"src.{fmt}", fmt, size=8 * MiB)
+    image_id = env.glance.create(path=src, disk_format=fmt, name="fedora")
+    p = env.run("import-glance", "-s", sd, "-f",
+                "qcow2" if disk_fmt == "cow" else "raw", image_id)
+    lines, result = output(p.stdout)
+    assert "uploading image" in phases(lines)
+    assert "verifying upload" in phases(lines)
+    assert phases(lines)[-1] == "import completed"
+    assert lines[-1]["transferred"] == lines[-1]["size"] == 8 * MiB
+    assert (result["image_id"], result["format"], result["virtual_size"],
+            result["iso"]) == (image_id, fmt, 8 * MiB, False)
+    disk = check_imported(env, result, src, fmt, disk_fmt)
+    assert disk.name == "fedora"
+    assert disk.provisioned_size == 8 * MiB
+    # The image is Glance's still.
+    assert env.glance.image(image_id)["status"] == "active"
+
+
+def test_import_iso(env, tmp_path):
+    src = tmp_path / "src.iso"
+    data = bytearray(4 * MiB)
+    data[0x8000:0x8008] = b"\x01CD001\x01\x00"
+    data[MiB:MiB + 5] = b"hello"
+    src.write_bytes(bytes(data))
+    image_id = env.glance.create(path=src, disk_format="iso")
+    p = env.run("import-glance", "-s", "nfs", image_id)
+    _, result = output(p.stdout)
+    assert result["iso"] is True
+    disk = check_imported(env, result, src, "raw", "raw")
+    assert disk.content_type == "iso"
+
+
+@pytest.mark.parametrize("declared,props,message", [
+    # Glance takes raw bytes called qcow2 (virtual_size null).
+    ("qcow2", {}, "disk_format is qcow2, the data is a raw image"),
+    ("raw", {}, None),
+])
+def test_import_metadata_mismatch(env, tmp_path, declared, props, message):
+    src = make_image(tmp_path / "src.raw", "raw", size=4 * MiB)
+    if message is None:
+        # A qcow2 called raw.
+        src = make_image(tmp_path / "src.qcow2", "qcow2", size=4 * MiB)
+        message = "disk_format is raw, the data is a qcow2 image"
+    image_id = env.glance.create(path=src, disk_format=declared, **props)
+    p = env.run("import-glance", "-s", "nfs", image_id, check=False)
+    assert p.returncode == 1
+    err = error_lines(p.stderr)
+    assert len(err) == 1
+    assert f"Glance image {image_id} is not what Glance says" in err[0]
+    assert message in err[0]
+    assert env.engine.disks == {}
+
+
+def test_import_not_active(env):
+    image_id = env.glance.create(None, disk_format="raw")
+    p = env.run("import-glance", "-s", "nfs", image_id, check=False)
+    assert p.returncode == 1
+    assert "queued, not active" in p.stderr
+    assert env.engine.disks == {}
+
+
+def test_import_no_such_image(env):
+    image_id = str(uuid.uuid4())
+    p = env.run("import-glance", "-s", "nfs", image_id, check=False)
+    assert p.returncode == 1
+    assert "404" in p.stderr
+    assert env.engine.disks == {}
+
+
+def test_import_wrong_token(env, tmp_path):
+    src = make_image(tmp_path / "src.raw", "raw", size=4 * MiB)
+    image_id = env.glance.create(path=src)
+    env.write_token("bad-token-x7q")
+    p = env.run("import-glance", "-s", "nfs", image_id, check=False)
+    assert p.returncode == 1
+    err = error_lines(p.stderr)
+    assert len(err) == 1 and "401" in err[0]
+    assert "x7q" not in p.stderr
+    assert env.engine.disks == {}
+
+
+def random_image(tmp_path, size=32 * MiB):
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(size))
+    return src
+
+
+def stalled(relay, budget):
+    """Wait until the relay has let budget bytes through and holds the
+    rest."""
+    testutil.wait_for(lambda: relay.moved > budget - 64 * 1024,
+                      timeout=DEADLINE, message="the relay to stall")
+
+
+def test_import_token_expires(env, tmp_path):
+    """Glance's token expires mid-import; the token file has the new one:
+    read again on the 401, the import goes on."""
+    src = random_image(tmp_path)
+    image_id = env.glance.create(path=src)
+    budget = 12 * MiB
+    with Relay(env.glance.port, budget=budget) as relay:
+        proc = env.spawn("import-glance", "-s", "nfs", "-f", "raw",
+                         image_id,
+                         glance_url=f"http://127.0.0.1:{relay.port}")
+        try:
+            stalled(relay, budget)
+            env.glance.set_tokens("renewed")
+            env.write_token("renewed")
+            relay.set_budget(None)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    _, result = output(out)
+    check_imported(env, result, src, "raw", "raw")
+
+
+def test_import_image_deleted(env, tmp_path):
+    """The image is deleted in the middle of the import: the disk is
+    removed, and the error says why."""
+    src = random_image(tmp_path)
+    image_id = env.glance.create(path=src)
+    budget = 12 * MiB
+    with Relay(env.glance.port, budget=budget) as relay:
+        proc = env.spawn("import-glance", "-s", "nfs", "-f", "raw",
+                         image_id,
+                         glance_url=f"http://127.0.0.1:{relay.port}")
+        try:
+            stalled(relay, budget)
+            # Uploading: the disk and its transfer exist.
+            disk, = env.disks("test")
+            env.glance.delete(image_id)
+            relay.set_budget(None)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, err
+    # The NBD server of urlsource logs the failed read too.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ovirt-img: error: "), err
+    assert f"Glance image {image_id} was deleted during the import" in last
+    assert f"disk {disk.id} is removed" in last
+    testutil.wait_for(lambda: disk.removed, timeout=DEADLINE,
+                      message="the disk to be removed")
+    t, = env.transfers(disk.id)
+    assert t.phase.startswith("finished_failure") or "cancel" in t.phase
