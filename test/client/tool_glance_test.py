@@ -8,6 +8,7 @@ loopback (the glance fixture, test/glance.py).
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -489,3 +490,74 @@ def test_import_image_deleted(env, tmp_path):
                       message="the disk to be removed")
     t, = env.transfers(disk.id)
     assert t.phase.startswith("finished_failure") or "cancel" in t.phase
+
+
+def test_export_interrupted(env, tmp_path):
+    """Ctrl-C mid-export: the image is deleted, the transfer finalized,
+    exit 130."""
+    src = random_image(tmp_path)
+    disk = env.engine.add_disk_from_image(src, fmt="raw", sparse=False)
+    image_id = str(uuid.uuid4())
+    budget = 4 * MiB
+    with Relay(env.glance.port, budget=budget) as relay:
+        proc = env.spawn("export-glance", "-f", "raw", "--image-id",
+                         image_id, disk.id,
+                         glance_url=f"http://127.0.0.1:{relay.port}")
+        try:
+            testutil.wait_for(lambda: stored_bytes(env, image_id) > 0,
+                              timeout=DEADLINE, message="upload to start")
+            stalled(relay, budget)
+            proc.send_signal(signal.SIGINT)
+            relay.set_budget(None)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, err
+    assert error_lines(err) == ["ovirt-img: interrupted"]
+    assert env.glance.image(image_id) is None
+    t, = env.transfers(disk.id)
+    assert t.phase == "finished_success"
+
+
+def test_config_section(env, tmp_path):
+    """Glance's URL and token from the config file; --token-file wins."""
+    src = make_image(tmp_path / "src.qcow2", "qcow2", size=4 * MiB)
+    image_id = env.glance.create(path=src, disk_format="qcow2")
+    config = os.path.join(env.home, ".config", "ovirt-img.conf")
+    with open(config, "w") as f:
+        f.write(f"[glance1]\n"
+                f"engine_url = {env.engine.url}\n"
+                f"username = admin@internal\n"
+                f"password = password\n"
+                f"cafile = {env.pki['ca_file']}\n"
+                f"glance_url = {env.glance.url}\n"
+                f"glance_token = {env.glance.token}\n")
+    cmd = [OVIRT_IMG, "import-glance", "-c", "glance1", "-o", "json",
+           "-s", "nfs", image_id]
+    p = subprocess.run(cmd, env=env.environ, cwd=env.tmp, text=True,
+                       capture_output=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    _, result = output(p.stdout)
+    check_imported(env, result, src, "qcow2", "cow")
+    # A token file given on the command line is used instead.
+    env.write_token("bad-token-x7q")
+    p = subprocess.run(cmd + ["--token-file", env.token_file],
+                       env=env.environ, cwd=env.tmp, text=True,
+                       capture_output=True, timeout=TIMEOUT)
+    assert p.returncode == 1
+    assert "401" in p.stderr
+
+
+def test_usage_errors(env):
+    p = subprocess.run([OVIRT_IMG, "import-glance", *env.common()[:-4],
+                        "-s", "nfs", "not-a-uuid"], env=env.environ,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 2
+    assert "expected a UUID" in p.stderr
+    p = subprocess.run([OVIRT_IMG, "export-glance", *env.common()[:-4],
+                        str(uuid.uuid4())], env=env.environ,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 2
+    assert "glance_url" in p.stderr
