@@ -34,7 +34,9 @@ import configparser
 import hashlib
 import logging
 import os
+import queue
 import tempfile
+import threading
 import uuid
 
 from ovirt_imageio import checksum as _blkhash
@@ -51,6 +53,13 @@ log = logging.getLogger("ovirt-img")
 # block, so that each block is one ranged GET and its digest is computed
 # from the buffer as it is.
 BLOCK_SIZE = _blkhash.DEFAULT_BLOCK_SIZE
+
+# Blocks read ahead of the one being sent to Glance (4 MiB each).
+QUEUE_DEPTH = 4
+
+# The reader thread ends with its current read: within the daemon
+# connection's timeout.
+READER_TIMEOUT = 90
 
 # File bytes read and sent at a time when sending a staged image.
 FILE_BUFFER = 4 * opts.MiB
@@ -218,30 +227,68 @@ def _send_disk(src, send, hashes, bar):
     Send the disk's bytes in order with send(), block by block of the
     daemon's checksum; returns that checksum of what was sent. A block
     that the zero extents cover is not read: zeros are sent.
+
+    Reading and hashing overlap sending: a thread reads each block from
+    the daemon and hashes it (MD5, SHA-512, the block's digest) while
+    this one sends the block before to Glance; QUEUE_DEPTH blocks wait
+    between them. Measured on 256 MiB: 4.9 s without the overlap, against
+    2.0 s for curl's PUT of the file to Glance.
     """
     size = src.size
-    block_size = BLOCK_SIZE
-    outer = _blkhash._new(_blkhash.DEFAULT_ALGORITHM)
-    buf = bytearray(min(block_size, size))
-    zeros = bytes(len(buf))
-    with memoryview(buf) as view, memoryview(zeros) as zview:
-        for offset, length, zero in _blkhash._blocks(
-                src.extents("zero"), size, block_size):
-            if zero:
-                block = zview[:length]
-                digest = _blkhash._zero_digest(
-                    _blkhash.DEFAULT_ALGORITHM, length)
-            else:
-                block = view[:length]
-                src.read_into(block, offset)
-                digest = _blkhash._new(_blkhash.DEFAULT_ALGORITHM,
-                                       block).digest()
-            hashes.update(block)
+    algorithm = _blkhash.DEFAULT_ALGORITHM
+    outer = _blkhash._new(algorithm)
+    length = min(BLOCK_SIZE, size)
+    zeros = memoryview(bytes(length))
+    free = queue.Queue()
+    for _ in range(QUEUE_DEPTH + 1):
+        free.put(memoryview(bytearray(length)))
+    ready = queue.Queue()
+    stop = threading.Event()
+
+    def read():
+        try:
+            for offset, n, zero in _blkhash._blocks(
+                    src.extents("zero"), size, BLOCK_SIZE):
+                if stop.is_set():
+                    return
+                if zero:
+                    buf = None
+                    block = zeros[:n]
+                    digest = _blkhash._zero_digest(algorithm, n)
+                else:
+                    buf = free.get()
+                    if buf is None:
+                        return
+                    block = buf[:n]
+                    src.read_into(block, offset)
+                    digest = _blkhash._new(algorithm, block).digest()
+                hashes.update(block)
+                outer.update(digest)
+                ready.put((block, buf))
+            ready.put(None)
+        except BaseException as e:
+            ready.put(e)
+
+    reader = threading.Thread(target=read, name="export/read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            block, buf = item
             send(block)
-            outer.update(digest)
-            bar.update(length)
-    return {"algorithm": _blkhash.DEFAULT_ALGORITHM,
-            "block_size": block_size, "checksum": outer.hexdigest()}
+            bar.update(len(block))
+            if buf is not None:
+                free.put(buf)
+    finally:
+        stop.set()
+        free.put(None)
+        reader.join(READER_TIMEOUT)
+    return {"algorithm": algorithm, "block_size": BLOCK_SIZE,
+            "checksum": outer.hexdigest()}
 
 
 def _send_file(f, send, hashes, progress):
