@@ -13,7 +13,9 @@ header, and a record of what was asked.
 ranges=True answers "Range: bytes=A-B" with 206 and sends no
 Accept-Ranges header (as OpenStack Glance); ranges=False answers every GET
 with 200 and the whole file. A request without the required headers gets
-401. requests lists (method, path, headers, status) of every request.
+401. hold_after holds ranged GETs from an offset until release is set
+(to look at a transfer while it runs). HEAD answers as GET without the body. requests lists (method, path,
+headers, status) of every request.
 """
 
 import http.server
@@ -24,6 +26,8 @@ import ssl
 import threading
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+HOLD_TIMEOUT = 60
 
 
 class ImageServer:
@@ -36,6 +40,11 @@ class ImageServer:
         self.requests = []
         # Status to answer the next N ranged GETs with (retries).
         self.fail_next = []
+        # Ranged GETs starting at hold_after or later wait for release
+        # (at most HOLD_TIMEOUT); held is set when one waits.
+        self.hold_after = None
+        self.held = threading.Event()
+        self.release = threading.Event()
         self._lock = threading.Lock()
         srv = self
 
@@ -49,7 +58,7 @@ class ImageServer:
                 srv._get(self)
 
             def do_HEAD(self):
-                self._reply(405, b"")
+                srv._get(self, head=True)
 
             def _reply(self, status, body, headers=()):
                 self.send_response(status)
@@ -57,7 +66,8 @@ class ImageServer:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
         self._server = _Server(("127.0.0.1", 0), Handler)
         if pki is not None:
@@ -78,6 +88,7 @@ class ImageServer:
         return [r for r in self.requests if r[3] == 206]
 
     def close(self):
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
@@ -88,7 +99,7 @@ class ImageServer:
     def __exit__(self, *exc):
         self.close()
 
-    def _get(self, h):
+    def _get(self, h, head=False):
         path = h.path.split("?", 1)[0]
         headers = {k.lower(): v for k, v in h.headers.items()}
         status = self._status(path, headers)
@@ -110,6 +121,9 @@ class ImageServer:
         if status == 206:
             m = _RANGE.match(headers["range"])
             start = int(m.group(1))
+            if self.hold_after is not None and start >= self.hold_after:
+                self.held.set()
+                self.release.wait(HOLD_TIMEOUT)
             end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
             if start >= size:
                 return h._reply(416, b"", [("Content-Range",
@@ -120,6 +134,8 @@ class ImageServer:
         if status == 206:
             h.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         h.end_headers()
+        if head:
+            return
         with open(filename, "rb") as f:
             f.seek(start)
             _copy(f, h.wfile, end - start + 1)

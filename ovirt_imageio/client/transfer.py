@@ -489,7 +489,7 @@ class _Zeroing:
         self._zero = zero
         self._starts = []
         self._ends = []
-        if not zero or not dst.can_extents:
+        if not zero or not getattr(dst, "can_extents", False):
             return
         try:
             found = dst.extents("zero")

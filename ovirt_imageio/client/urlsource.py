@@ -44,7 +44,8 @@ Safety:
 
 A server without ranges (it answers a ranged GET with 200) is read once,
 in order: that works for raw only (stream_into()); for a qcow2 the error
-says it needs random access.
+says it needs random access. An image of at most HEAD_SIZE bytes is
+read whole at the probe and served from memory, ranges or not.
 
 Every wait has a deadline: each HTTP request has the timeout (seconds
 without progress), failed reads are retried ATTEMPTS times on a new
@@ -149,7 +150,8 @@ def open(url, headers=None, *, cafile=None, secure=True,
 class Source:
     """
     An image at a URL, probed. Attributes: url (for display: without
-    query), size (bytes), ranges (the server serves ranges), format
+    query), size (bytes), ranges (random access: the server serves
+    ranges, or the whole image is in memory), format
     ("raw", "qcow2"), virtual_size, info (`qemu-img info` of the bytes).
 
     Thread safe: read_into() may be called from several threads.
@@ -175,6 +177,11 @@ class Source:
 
     def __repr__(self):
         return f"<urlsource.Source {self.url} {self.format}>"
+
+    @property
+    def head(self):
+        """The image's first bytes (up to HEAD_SIZE), read at the probe."""
+        return self._head
 
     # Reading.
 
@@ -323,11 +330,17 @@ class Source:
             self._head = _read_exactly(resp, end + 1, self.url)
             c.done(resp)
         elif resp.status == 200:
-            self.ranges = False
             self.size = _content_length(resp, self.url)
-            self._stream = resp
             self._head = _read_exactly(resp, min(HEAD_SIZE, self.size),
                                        self.url)
+            if self.size <= HEAD_SIZE:
+                # All of it is in memory: as good as ranges (some
+                # servers answer a range covering everything with 200).
+                self.ranges = True
+                c.done(resp)
+            else:
+                self.ranges = False
+                self._stream = resp
         elif resp.status == 416:
             c.discard(resp)
             raise Error(f"{self.url} is empty")

@@ -5,6 +5,7 @@ server on loopback (imageserver.py), read by real qemu-img and qemu-nbd.
 
 import hashlib
 import logging
+import os
 import subprocess
 
 import pytest
@@ -129,12 +130,24 @@ def test_no_ranges_raw_streams_once(plain_server, raw):
     assert len(plain_server.requests) == 1
 
 
-def test_no_ranges_qcow2_refused(plain_server, qcow2):
-    plain_server.files["/disk.qcow2"] = qcow2
+def test_no_ranges_qcow2_refused(plain_server, big_qcow2):
+    plain_server.files["/disk.qcow2"] = big_qcow2
     with pytest.raises(urlsource.RangesNotSupported) as e:
         urlsource.open(plain_server.url("/disk.qcow2"))
     assert "qcow2" in str(e.value)
     assert "random access" in str(e.value)
+
+
+def test_no_ranges_small_image_from_memory(plain_server, qcow2):
+    # The whole file fits in the head: read once, then served from
+    # memory to qemu.
+    assert os.path.getsize(qcow2) <= urlsource.HEAD_SIZE
+    plain_server.files["/disk.qcow2"] = qcow2
+    with urlsource.open(plain_server.url("/disk.qcow2")) as src:
+        assert src.ranges
+        assert src.format == "qcow2"
+        qemu_img_compare(src.qemu_spec(), qcow2)
+    assert len(plain_server.requests) == 1
 
 
 def test_backing_file_refused(server, tmp_path, qcow2):
