@@ -336,6 +336,10 @@ class Client:
                                              timeout=self._timeout)
         try:
             con.connect()
+        except OSError as e:
+            con.close()
+            raise Error(f"Cannot connect to Glance at {self._host}:"
+                        f"{self._port}: {e.strerror or e}") from e
         except BaseException:
             con.close()
             raise

@@ -181,8 +181,11 @@ def test_upload_after_token_expired(glance):
 
 def test_unreachable():
     with _glance.Client("http://127.0.0.1:1", "t", timeout=5) as g:
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises(_glance.Error) as e:
             g.check()
+    assert str(e.value) == ("Cannot connect to Glance at 127.0.0.1:1: "
+                            "Connection refused")
+    assert isinstance(e.value.__cause__, ConnectionRefusedError)
 
 
 def test_reconnects_after_restart(glance, g):

@@ -237,7 +237,9 @@ def test_export_glance_unreachable(env, tmp_path):
     p = env.run("export-glance", disk.id, check=False,
                 glance_url="http://127.0.0.1:1")
     assert p.returncode == 1
-    assert "refused" in p.stderr.lower()
+    assert error_lines(p.stderr) == [
+        "ovirt-img: error: Cannot connect to Glance at 127.0.0.1:1: "
+        "Connection refused"]
     assert env.transfers() == []
 
 
