@@ -103,7 +103,7 @@ def _export_raw(args, engine, bar, g, disk, host, name, image_id):
             size = src.size
             bar.size = size
             sent = _Hashes()
-            with _new_image(bar, g, name, "raw", image_id, disk):
+            with _NewImage(bar, g, name, "raw", image_id, disk):
                 bar.phase = "exporting image"
                 blkhash = {}
 
@@ -143,7 +143,7 @@ def _export_qcow2(args, engine, bar, g, disk, host, name, image_id):
         staged = os.path.getsize(path)
         log.info("Staged %d bytes of disk %s in %s", staged, disk.id, path)
         sent = _Hashes()
-        with _new_image(bar, g, name, "qcow2", image_id, disk):
+        with _NewImage(bar, g, name, "qcow2", image_id, disk):
             bar.phase = "exporting image"
             with open(path, "rb") as f:
                 g.upload(image_id, staged, lambda send: _send_file(
@@ -157,7 +157,7 @@ def _export_qcow2(args, engine, bar, g, disk, host, name, image_id):
                                               "bytes": staged})
 
 
-class _new_image:
+class _NewImage:
     """
     A new Glance image for the block; a failure in the block deletes it.
     If it cannot be deleted (Glance stopped), the error says it is left.
