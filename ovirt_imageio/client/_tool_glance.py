@@ -231,8 +231,10 @@ def _send_disk(src, send, hashes, bar):
     Reading and hashing overlap sending: a thread reads each block from
     the daemon and hashes it (MD5, SHA-512, the block's digest) while
     this one sends the block before to Glance; QUEUE_DEPTH blocks wait
-    between them. Measured on 256 MiB: 4.9 s without the overlap, against
-    2.0 s for curl's PUT of the file to Glance.
+    between them. Measured (a 256 MiB disk of random data, --no-verify,
+    whole command, medians of 5 interleaved runs on a busy 2-core
+    machine): 4.38 s against 5.25 s without the overlap; curl's PUT of
+    the same file to Glance takes about 2 s (Glance hashes too).
     """
     size = src.size
     algorithm = _blkhash.DEFAULT_ALGORITHM
