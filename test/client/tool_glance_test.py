@@ -566,3 +566,30 @@ def test_usage_errors(env):
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 2
     assert "glance_url" in p.stderr
+
+
+def test_import_terminated(env, tmp_path):
+    """SIGTERM mid-import: the transfer is cancelled and the disk
+    removed, exit 143."""
+    src = random_image(tmp_path)
+    image_id = env.glance.create(path=src)
+    budget = 12 * MiB
+    with Relay(env.glance.port, budget=budget) as relay:
+        proc = env.spawn("import-glance", "-s", "nfs", "-f", "raw",
+                         image_id,
+                         glance_url=f"http://127.0.0.1:{relay.port}")
+        try:
+            stalled(relay, budget)
+            disk, = env.disks("test")
+            proc.send_signal(signal.SIGTERM)
+            relay.set_budget(None)
+            out, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "ovirt-img: terminated by SIGTERM"
+    testutil.wait_for(lambda: disk.removed, timeout=DEADLINE,
+                      message="the disk to be removed")
+    assert env.glance.image(image_id)["status"] == "active"
