@@ -21,9 +21,11 @@ Every wait has a deadline; a server that does not come up raises with
 the end of its log.
 """
 
+import ctypes
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -43,6 +45,9 @@ DB_SYNC_TIMEOUT = 180
 PORT_ATTEMPTS = 3
 
 TOKEN = "glance-test-token"
+
+# prctl(2)
+PR_SET_PDEATHSIG = 1
 
 CONF = """\
 [DEFAULT]
@@ -310,6 +315,11 @@ class Glance:
         return env
 
     def _setup(self):
+        for path in (GLANCE_API, GLANCE_MANAGE, SYSTEM_PYTHON):
+            if not os.path.exists(path):
+                raise Error(f"{path} is missing: the Glance tests need "
+                            f"Debian's glance-api (make system-packages "
+                            f"installs it)")
         for name in ("images", "staging", "lock", "log", "work", "pylib"):
             os.makedirs(os.path.join(self.dir, name), exist_ok=True)
         with open(os.path.join(self.dir, "paste.ini"), "w") as f:
@@ -343,7 +353,8 @@ class Glance:
             self.proc = subprocess.Popen(
                 [SYSTEM_PYTHON, GLANCE_API, "--config-file", self._conf],
                 env=self._env(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent)
 
     def _wait_until_healthy(self):
         deadline = time.monotonic() + START_TIMEOUT
@@ -388,3 +399,10 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """In the child: SIGTERM when the test process dies, even killed,
+    so that no glance-api outlives a test run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
