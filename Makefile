@@ -10,6 +10,9 @@ SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit 
 	curl openssl gcc python3-dev rpm libxml2-dev
 # The proxy's signed tickets (ovirt_imageio/signed.py) and their tests.
 SYSTEM_PACKAGES += python3-cryptography
+# glance-api: a real OpenStack Glance for the import-glance/export-glance
+# tests (test/glance.py); about a minute to install, once.
+SYSTEM_PACKAGES += glance-api
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its

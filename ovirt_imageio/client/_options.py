@@ -250,6 +250,9 @@ COMMON = (
 CONFIG_ONLY = (
     ("password", str, None),
     ("disk_timeout", positive_integer, 120),
+    # import-glance, export-glance: the Keystone token, if no
+    # --token-file.
+    ("glance_token", str, None),
 )
 
 

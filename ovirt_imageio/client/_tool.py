@@ -10,6 +10,8 @@ output and exit codes (ENGINE-SIM.md section 4).
     ovirt-img download-snapshot -c engine1 DISK_ID DIR
     ovirt-img upload-snapshot -c engine1 -s nfs-01 --vm VM_ID DIR/TOP.qcow2
     ovirt-img backup-disk -c engine1 DISK_ID full.qcow2
+    ovirt-img export-glance -c engine1 --glance-url URL DISK_ID
+    ovirt-img import-glance -c engine1 --glance-url URL -s nfs-01 IMAGE_ID
 
 Upload: inspect the image with qemu-img, create a disk of the right
 format, allocation and initial size for the storage domain, wait for it,
@@ -56,6 +58,9 @@ and the active layer) into a folder as a local qcow2 chain, one file per
 layer; upload-snapshot makes a new disk with the same layers from such a
 chain, through VM snapshots of a VM it attaches the disk to
 (doc/engine-api.md).
+
+Glance: export-glance makes a new OpenStack Glance image from a disk,
+import-glance a new disk from a Glance image (_tool_glance.py).
 
 Exit codes: 0 done, 1 failed (one line on stderr; the traceback in the
 debug log), 2 usage, 128+N killed by signal N (SIGINT, SIGTERM), after
@@ -1716,6 +1721,8 @@ def parser():
         p, "info", disk_info,
         "Show a disk: alias, format, sizes, storage domain, backup mode.",
         options=(), positionals=[disk_id])
+    from . import _tool_glance
+    _tool_glance.add_commands(p)
     return p
 
 

@@ -15,6 +15,8 @@ Fixtures for client tests.
                   factory: make_block_device(size, pattern) -> a loop
                   device of size bytes, every byte pattern (old data);
                   detached at teardown; skips if losetup cannot attach
+    glance        a real glance-api on loopback (test/glance.py), one for
+                  the session, with a token-checking filter (real 401s)
 """
 
 import dataclasses
@@ -168,3 +170,27 @@ def make_block_device(tmp_path):
     for device in attached:
         subprocess.run(["losetup", "--detach", device], check=True,
                        capture_output=True, timeout=20)
+
+
+@pytest.fixture(scope="session")
+def glance_server(tmp_path_factory):
+    """One real glance-api for the session (test/glance.py): about 5 s to
+    set up, paid once."""
+    import glance
+    server = glance.Glance(tmp_path_factory.mktemp("glance"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def glance(glance_server):
+    """The session's Glance, running, accepting only its token; a test
+    may stop it or change the tokens."""
+    glance_server.set_tokens(glance_server.token)
+    if not glance_server.running:
+        glance_server.start()
+    yield glance_server
+    glance_server.set_tokens(glance_server.token)
+    if not glance_server.running:
+        glance_server.start()
