@@ -307,7 +307,10 @@ def test_info_fields(fake_clock):
     assert list(d) == [
         "active", "canceled", "connections", "expires", "idle_time",
         "inactivity_timeout", "ops", "size", "sparse", "dirty", "timeout",
-        "url", "uuid", "transfer_id", "filename", "transferred"]
+        "url", "uuid", "transfer_id", "filename", "transferred",
+        # Ours, after upstream's.
+        "read_bytes", "written_bytes", "zeroed_bytes", "read_zero_bytes",
+        "failed_requests"]
     assert d["expires"] == int(fake_clock.now()) + 300
     assert d["inactivity_timeout"] == 3600
     assert d["transferred"] == 0

@@ -391,6 +391,9 @@ def test_file_ticket_export_restart_fails(daemon, tmp_path):
     assert data.decode() == message + "\n"
     status = daemon.api.get("file-ticket-1")
     assert status.pop("error") == message
+    # The failed GET is counted.
+    assert status.pop("failed_requests") == 1
+    healthy.pop("failed_requests")
     assert status == healthy
     resp, _ = daemon.api.delete("file-ticket-1")
     assert resp.status == 204
