@@ -342,10 +342,12 @@ class Ticket:
             self._ops.discard(op)
             self._transferred.add(op.offset, op.offset + op.length)
             self._count(op)
+            # Under the ticket's lock: whoever sees the operation ended
+            # sees it in the totals too.
+            if self.totals is not None:
+                self.totals.add_operation(op)
             self._touch()
             self._cond.notify_all()
-        if self.totals is not None:
-            self.totals.add_operation(op)
 
     def _count(self, op):
         if op.kind in self._bytes:
@@ -403,8 +405,8 @@ class Ticket:
             self._requests[key] = self._requests.get(key, 0) + 1
             if failed:
                 self._errors += 1
-        if failed and self.totals is not None:
-            self.totals.add_error()
+                if self.totals is not None:
+                    self.totals.add_error()
 
     def stats(self):
         """
@@ -509,7 +511,8 @@ class Totals:
     The process's counters over every ticket, removed ones too: bytes by
     kind, and failed requests. Bytes are added when an
     operation ends (so the totals never go back), under a lock taken once
-    per operation or request, never per piece.
+    per operation or failed request, never per piece; a ticket takes it
+    under its own lock, never the other way.
     """
 
     def __init__(self):

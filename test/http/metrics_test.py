@@ -25,6 +25,23 @@ def names(samples):
     return {name for name, _ in samples}
 
 
+def wait_metrics(daemon, name, expected, **labels):
+    """
+    Poll /metrics until the sample has the expected value; return the
+    samples. A request is counted when it ends, a moment after the client
+    got its response.
+    """
+    key = (name, tuple(sorted(labels.items())))
+
+    def counted():
+        text, samples = testutil.get_metrics(daemon)
+        if samples.get(key) == expected:
+            return text, samples
+
+    return testutil.wait_for(counted, message=f"{name} {labels} == "
+                                              f"{expected}")
+
+
 def series_of(samples, transfer_id):
     return [k for k in samples if ("transfer_id", transfer_id) in k[1]]
 
@@ -55,8 +72,10 @@ def test_counts_data_zero_and_holes(daemon, client, nbdkit):
     assert body[:MiB] == data and body[MiB:] == bytes(3 * MiB)
 
     info = testutil.wait_for_ticket(daemon.api, TICKET_ID, active=False)
-    text, samples = testutil.get_metrics(daemon)
     t = {"transfer_id": "tr-1"}
+    text, samples = wait_metrics(
+        daemon, "ovirt_imageio_ticket_requests_total", 1, op="read",
+        status="200", **t)
     assert value(samples, "ovirt_imageio_ticket_bytes_total",
                  op="write", **t) == MiB
     assert value(samples, "ovirt_imageio_ticket_bytes_total",
@@ -101,7 +120,8 @@ def test_ticket_status_has_byte_counters(daemon, client, nbdkit):
     resp, _ = client.request("PATCH", f"/images/{TICKET_ID}", body={
         "op": "zero", "offset": MiB, "size": MiB})
     assert resp.status == 200
-    info = testutil.wait_for_ticket(daemon.api, TICKET_ID, active=False)
+    info = testutil.wait_for_ticket(daemon.api, TICKET_ID, active=False,
+                                    zeroed_bytes=MiB)
     assert info["written_bytes"] == 4096
     assert info["zeroed_bytes"] == MiB
     assert info["read_bytes"] == 0
@@ -122,9 +142,9 @@ def test_nbd_errors_counted(daemon, client, nbdkit):
         if client.conn.sock is None:
             # The failed NBD connection closed the HTTP one.
             client.conn.close()
-    _, samples = testutil.get_metrics(daemon)
     t = {"transfer_id": "tr-1"}
-    assert value(samples, "ovirt_imageio_ticket_errors_total", **t) == 2
+    _, samples = wait_metrics(
+        daemon, "ovirt_imageio_ticket_errors_total", 2, **t)
     assert value(samples, "ovirt_imageio_ticket_requests_total",
                  op="read", status="500", **t) == 2
     assert value(samples, "ovirt_imageio_ticket_bytes_total",
