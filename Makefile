@@ -8,6 +8,8 @@ DEV := .dev
 # a small C extension against it; pycurl comes from a wheel.
 SYSTEM_PACKAGES := qemu-utils qemu-block-extra python3-libnbd libnbd-bin nbdkit python3-venv \
 	curl openssl gcc python3-dev rpm libxml2-dev
+# The proxy's signed tickets (ovirt_imageio/signed.py) and their tests.
+SYSTEM_PACKAGES += python3-cryptography
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # The side-by-side benchmark harness (shared/bench/README.md) and its
@@ -22,6 +24,10 @@ VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 SDIST := $(DIST)/ovirt_imageio-$(VERSION).tar.gz
 RPM_TOPDIR := $(CURDIR)/build/rpmbuild
 RPMBUILD_ARGS ?= --nodeps
+# The page's tests (test/http/page_test.py) run chromium headless through
+# chromium-driver; certutil (libnss3-tools) makes their browser profile's
+# trusted CAs.
+SYSTEM_PACKAGES += chromium chromium-driver libnss3-tools
 
 .PHONY: check stress demo run bench venv system-packages clean dist rpm
 

@@ -222,3 +222,44 @@ def _blocks(extents, size, block_size):
                 break
             pos = cur.start + cur.length
         yield offset, end - offset, zero
+
+
+class Hasher:
+    """
+    The checksum of an image read once, in order (a stream that cannot
+    be read again): update(data) with every byte from offset 0, then
+    result(), equal to compute() of the same bytes.
+    """
+
+    def __init__(self, algorithm=DEFAULT_ALGORITHM,
+                 block_size=DEFAULT_BLOCK_SIZE):
+        if algorithm not in ALGORITHMS:
+            raise InvalidArgument(f"Unsupported algorithm {algorithm!r}")
+        if block_size < 1:
+            raise InvalidArgument(f"Invalid block size: {block_size!r}")
+        self.algorithm = algorithm
+        self.block_size = block_size
+        self._outer = _new(algorithm)
+        self._block = _new(algorithm)
+        self._filled = 0
+
+    def update(self, data):
+        with memoryview(data) as view, view.cast("B") as view:
+            while len(view):
+                n = min(len(view), self.block_size - self._filled)
+                self._block.update(view[:n])
+                self._filled += n
+                view = view[n:]
+                if self._filled == self.block_size:
+                    self._end_block()
+
+    def result(self):
+        if self._filled:
+            self._end_block()
+        return {"algorithm": self.algorithm, "block_size": self.block_size,
+                "checksum": self._outer.hexdigest()}
+
+    def _end_block(self):
+        self._outer.update(self._block.digest())
+        self._block = _new(self.algorithm)
+        self._filled = 0

@@ -3,6 +3,8 @@ The one source of time for tickets and timeouts.
 
 Everything that ages (ticket expiry, idle time) asks a clock for monotonic
 seconds, so tests inject a FakeClock and move time instead of sleeping.
+Dates that come from elsewhere (a signed ticket's life) are wall time,
+from `wall`; a FakeClock started at time.time() stands in for it.
 """
 
 import threading
@@ -32,4 +34,15 @@ class FakeClock:
             self._now += seconds
 
 
+class WallClock:
+    """
+    Epoch seconds, as time.time(): for times that other hosts set, such
+    as the start and end of a ticket signed by the engine (signed.py).
+    """
+
+    def now(self):
+        return time.time()
+
+
 system = Clock()
+wall = WallClock()

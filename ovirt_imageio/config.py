@@ -156,6 +156,18 @@ DEFAULTS = {
         # Changing the port needs matching firewall rules and engine
         # configuration. The engine host's proxy uses 54323.
         "port": 54322,
+        # Serve the upload and download page at / (its files are the
+        # package's ovirt_imageio/http/static/): a browser uploads to and
+        # downloads from a transfer URL without the engine's UI. The page
+        # holds no secret; a ticket id is typed in it, never sent in its
+        # URL. false answers 404 for the page, as upstream.
+        "page": True,
+        # A CA certificate (PEM) offered at /ca.pem, for users to import
+        # so their browser trusts this service's certificate (the page
+        # links to it when its test connection fails). Usually the file
+        # of [tls] ca_file, named here on purpose: it is public, but
+        # serving it is the administrator's choice. Empty offers none.
+        "offer_ca_file": "",
     },
     "local": {
         # Serve /images over a unix socket, letting clients on this host skip
@@ -202,6 +214,30 @@ DEFAULTS = {
     "profile": {
         # Where /profile/ writes profiling data.
         "filename": "/run/ovirt-imageio/profile",
+    },
+    "proxy": {
+        # Accept tickets signed by the engine on the remote service, as the
+        # 1.x proxy did (oVirt 4.0-4.2 engines and clients: Authorization
+        # headers, /sessions/, PUT /tickets/ on the proxy's port). Off, only
+        # tickets added over the control service are served. Only on the
+        # engine host's proxy; needs python3-cryptography.
+        "signed_tickets": False,
+        # The engine's certificate, whose key signs the tickets. Empty uses
+        # the certificate inside each ticket, which engine_ca_cert_file
+        # must then certify.
+        "engine_cert_file": "",
+        # The CA that issued the engine's certificate (engine-setup's
+        # /etc/pki/ovirt-engine/ca.pem).
+        "engine_ca_cert_file": "",
+        # Check the signer's certificate against engine_ca_cert_file
+        # (issuer, the CA's signature, validity dates). Off trusts
+        # engine_cert_file alone.
+        "verify_certificate": True,
+        # Seconds of tolerance for clocks that differ: a ticket is taken
+        # that long before its start (validFrom, nbf) and after its end
+        # (validTo, exp). Larger tolerates skewed clocks but lets an
+        # expired ticket live longer.
+        "allowed_skew_seconds": 0,
     },
     # Logging, in the format of logging.config.fileConfig. Only these
     # sections exist: deployments choose a handler and levels, nothing more.
@@ -490,6 +526,7 @@ CHECKS = {
     ("control", "port"): _port(-1),
     ("control", "remove_timeout"): _at_least(0),
     ("metrics", "port"): _port(0),
+    ("proxy", "allowed_skew_seconds"): _at_least(0),
     ("loggers", "keys"): _names_of("root"),
     ("handlers", "keys"): _names_of("logfile", "stderr"),
     ("formatters", "keys"): _names_of("long"),

@@ -111,11 +111,16 @@ class Daemon:
         self.services = []
         self.remote = self.local = self.control = None
         self.metrics_service = None
+        # [proxy] signed_tickets: the engine's signed tickets, made at
+        # start (it loads certificates and may fail).
+        self.signed = None
 
     def start(self):
         cfg = self.cfg
         os.makedirs(cfg.daemon.run_dir, mode=0o750, exist_ok=True)
         try:
+            if cfg.proxy.signed_tickets:
+                self.signed = services.signed_tickets(cfg, self.store)
             unix_socket = None
             if cfg.local.enable:
                 self.local = self._add(
@@ -124,7 +129,8 @@ class Daemon:
                 unix_socket = self.local.server.address()
             self.remote = self._add(
                 services.remote(cfg, self.store, unix_socket,
-                                self.buffers, self.metrics))
+                                self.buffers, signed=self.signed,
+                                metrics_sources=self.metrics))
             if cfg.control.enable:
                 self.control = self._add(
                     services.control(cfg, self.store, self.metrics))
@@ -164,6 +170,8 @@ class Daemon:
         self.metrics.services = []
         # Removing the tickets stops the qemu-nbd processes they own.
         self.store.clear()
+        if self.signed is not None:
+            self.signed.close()
         qemu_nbd.stop_all()
 
 

@@ -410,3 +410,34 @@ def test_same_as_upstream_client(make_image, qemu_nbd, upstream_venv, fmt,
     with client.open(server.address) as image:
         result = checksum.compute(image, algorithm, block_size)
     assert result == expected
+
+
+# Hasher: a stream read once, in order.
+
+@pytest.mark.parametrize("size,block_size,piece", [
+    (3 * MiB, MiB, 4096), (3 * MiB + 7, MiB, 3 * MiB + 7),
+    (10000, 4096, 999), (0, MiB, 1),
+])
+def test_hasher_equals_compute(size, block_size, piece):
+    data = (PATTERN * 2)[:size]
+    hasher = checksum.Hasher("blake2b", block_size)
+    for i in range(0, size, piece):
+        hasher.update(memoryview(data)[i:i + piece])
+    expected = checksum.compute(Image(data), "blake2b", block_size)
+    assert hasher.result() == expected
+
+
+def test_hasher_zero_blocks():
+    data = bytes(2 * MiB) + b"x" * 100
+    hasher = checksum.Hasher()
+    hasher.update(data)
+    extents = [Extent(0, 2 * MiB, True, True),
+               Extent(2 * MiB, 100, False, False)]
+    assert hasher.result() == checksum.compute(Image(data, extents))
+
+
+def test_hasher_invalid():
+    with pytest.raises(checksum.InvalidArgument):
+        checksum.Hasher("shake_128")
+    with pytest.raises(checksum.InvalidArgument):
+        checksum.Hasher(block_size=0)

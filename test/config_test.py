@@ -203,6 +203,14 @@ def test_str_values_are_raw(conf_dir, vendor_dir):
     assert cfg.formatter_long.format == "%(levelname)s %(message)s"
 
 
+def test_page_defaults(conf_dir, vendor_dir):
+    # The page is served, no CA offered (http/static.py).
+    write(conf_dir, "50-x.conf", "")
+    cfg = load(conf_dir, vendor_dir)
+    assert cfg.remote.page is True
+    assert cfg.remote.offer_ca_file == ""
+
+
 # Conversion: (section, key, text, expected).
 CONVERSIONS = [
     pytest.param("tls", "enable", "false", False, id="bool-false"),
@@ -222,6 +230,9 @@ CONVERSIONS = [
     pytest.param("daemon", "poll_interval", "0.5", 0.5, id="float"),
     pytest.param("daemon", "poll_interval", "2", 2.0, id="float-from-int"),
     pytest.param("remote", "host", "0.0.0.0", "0.0.0.0", id="str"),
+    pytest.param("remote", "page", "false", False, id="remote-page"),
+    pytest.param("remote", "offer_ca_file", "/etc/pki/ca.pem",
+                 "/etc/pki/ca.pem", id="remote-offer-ca-file"),
     pytest.param("control", "socket", "/tmp/sock", "/tmp/sock",
                  id="str-path"),
     pytest.param("logger_root", "propagate", "1", 1, id="int-logging"),

@@ -176,6 +176,15 @@ def source_modules(package_dir):
     return result
 
 
+def page_files(package_dir):
+    """Paths of the page's files (http/static.py), relative to the
+    package's parent."""
+    static = os.path.join(package_dir, "http", "static")
+    names = [n for n in os.listdir(static) if not n.startswith(".")]
+    assert "index.html" in names
+    return {f"ovirt_imageio/http/static/{n}" for n in names}
+
+
 def test_common_files(build):
     files = build.files("common")
     sitelib = build.sitelib()
@@ -183,6 +192,9 @@ def test_common_files(build):
     packaged = {p[len(sitelib) + 1:] for p in files if p.endswith(".py")}
     # All of them, the client library too: the daemon's proxy uses it.
     assert packaged == source_modules(build.package)
+    # The page the daemon serves at /.
+    for path in page_files(build.package):
+        assert files[f"{sitelib}/{path}"][0] == "-rw-r--r--"
     distinfo = f"{sitelib}/ovirt_imageio-{VERSION}.dist-info"
     assert f"{distinfo}/entry_points.txt" in files
     assert f"{distinfo}/RECORD" not in files
@@ -370,6 +382,8 @@ def test_sdist(build):
                  "data/README", "ovirt_imageio/__init__.py",
                  "ovirt_imageio/server.py"):
         assert f"{top}/{path}" in names
+    for path in page_files(build.package):
+        assert f"{top}/{path}" in names
     spec_fields = dict(line.split(":", 1) for line in spec.splitlines()
                        if line.startswith(("Version:", "Source0:")))
     assert spec_fields["Version"].strip() == VERSION
@@ -390,6 +404,7 @@ def test_wheel(build):
             f"ovirt_imageio-{VERSION}.dist-info/entry_points.txt").decode()
     modules = {n for n in names if n.endswith(".py")}
     assert modules == source_modules(build.package)
+    assert page_files(build.package) <= names
     parser = configparser.RawConfigParser()
     parser.read_string(entry_points)
     assert dict(parser["console_scripts"]) == SCRIPTS

@@ -20,6 +20,7 @@ from ._api import (
     extents,
     info,
     measure,
+    open_url,
     upload,
 )
 from .progress import ProgressBar
@@ -43,6 +44,7 @@ __all__ = (
     "extents",
     "info",
     "measure",
+    "open_url",
     "upload",
 )
 

@@ -62,7 +62,10 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
     vmdk, vhdx, vdi, ISO...) to the transfer URL url, as guest data.
 
     Args:
-        filename (str): the image to upload.
+        filename (str): the image to upload, or a urlsource.Source (an
+            image at an HTTP(S) URL, open_url()); member, backing_chain
+            and safe do not apply to it: a remote image never has its
+            backing or data files followed.
         url (str): transfer URL on the host running imageio, e.g.
             https://host:54322/images/<ticket-id>.
         cafile (str): CA certificates file to verify the server with
@@ -110,6 +113,12 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
     and server message), errors.PeerError (the server refused the
     transfer), OSError (network), qemu_img.Error, ChecksumMismatch.
     """
+    if not isinstance(filename, (str, bytes, os.PathLike)):
+        return _upload_url(
+            filename, url, cafile, buffer_size=buffer_size, secure=secure,
+            progress=progress, proxy_url=proxy_url, max_workers=max_workers,
+            disk_is_zero=disk_is_zero, verify=verify, retry=retry,
+            journal=journal)
     if verify and not backing_chain:
         raise ValueError("verify=True needs backing_chain=True: the server "
                          "checksums the whole disk, backing chain included")
@@ -142,6 +151,75 @@ def upload(filename, url, cafile, buffer_size=BUFFER_SIZE, secure=True,
                 _set_phase(progress, "verifying upload")
                 with src.connect() as image:
                     transfer.verify(image, dst, "upload")
+
+
+def open_url(url, headers=None, **options):
+    """
+    Probe the image at an http:// or https:// URL and return a
+    urlsource.Source to give upload() (as its filename); close it when
+    done (it is a context manager). headers: {name: value} sent with
+    every request. Options (urlsource.open()): cafile (the source's CA),
+    secure, allow_redirect_host, refresh (called on 401 for new headers),
+    max_connections, timeout. Raises urlsource.Error,
+    sources.UnsafeImage (a backing or data file), qemu_img.Error.
+    """
+    # Imported here: ssl contexts, ipaddress and tempfile are for URL
+    # sources only.
+    from . import urlsource
+    return urlsource.open(url, headers, **options)
+
+
+def _upload_url(src, url, cafile, *, buffer_size, secure, progress,
+                proxy_url, max_workers, disk_is_zero, verify, retry,
+                journal):
+    """
+    upload() of a urlsource.Source (an image at an HTTP(S) URL, probed
+    and checked: no backing or data file is ever followed). A server
+    with ranges: qemu-nbd reads the image through the source's NBD
+    export with up to max_workers ranged GETs at once, converting the
+    format on the fly; a qcow2's allocation map and, for raw, the zero
+    blocks found in the data decide what is sent; verify reads the
+    source again. Without ranges (raw only): read once, in order, on one
+    connection; verify compares the checksum computed while sending.
+    """
+    buffer_size = _buffer_size(buffer_size)
+    progress = _progress.wrap(progress)
+    with _open_remote(url, cafile, secure, proxy_url) as dst:
+        if not src.ranges:
+            if journal is not None and journal.ranges:
+                raise ValueError(f"{src.url} serves no ranges: an upload "
+                                 f"from it cannot be resumed")
+            _upload_stream(src, dst, buffer_size, disk_is_zero, verify,
+                           progress)
+            return
+        workers = max(1, min(max_workers, dst.max_writers))
+        with src.export(shared=workers + 1) as exp:
+            transfer.upload(
+                exp, dst,
+                max_workers=workers,
+                buffer_size=buffer_size,
+                zero=not disk_is_zero,
+                progress=progress,
+                detect_zeros=src.format == "raw",
+                **_retry_options(retry, journal))
+            if verify:
+                _set_phase(progress, "verifying upload")
+                with exp.connect() as image:
+                    transfer.verify(image, dst, "upload")
+
+
+def _upload_stream(src, dst, buffer_size, disk_is_zero, verify, progress):
+    hasher = None
+    if verify:
+        from ovirt_imageio import checksum as blkhash
+        hasher = blkhash.Hasher()
+    transfer.upload_stream(
+        src.stream_into, src.size, dst, buffer_size=buffer_size,
+        zero=not disk_is_zero, progress=progress,
+        hasher=hasher.update if hasher else None)
+    if verify:
+        _set_phase(progress, "verifying upload")
+        transfer.verify_streamed(hasher.result(), dst, "upload")
 
 
 def download(url, filename, cafile, fmt="qcow2", incremental=False,

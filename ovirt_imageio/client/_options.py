@@ -180,6 +180,30 @@ class Option:
                             choices=self.choices)
 
 
+class Repeated(Option):
+    """
+    An option that may be given several times (command line only): a
+    list of texts, or None. Values are checked with text() only; the
+    command parses them, so that an error need not quote a value that
+    may be a secret.
+    """
+
+    def __init__(self, *flags, **kwargs):
+        super().__init__(*flags, type=_texts, config=False, **kwargs)
+
+    def add_to(self, parser):
+        parser.add_argument(*self.flags, dest=self.dest, action="append",
+                            default=None, metavar=self.metavar,
+                            help=self.help)
+
+
+def _texts(values):
+    for value in values:
+        if any(unicodedata.category(c) == "Cc" for c in value):
+            raise Invalid("control characters are not allowed")
+    return values
+
+
 class Flag(Option):
     """
     An on/off option: --NAME sets it; with negate, --no-NAME clears it.
@@ -343,6 +367,9 @@ class Command:
         try:
             return parse(value)
         except Invalid as e:
+            if isinstance(value, list):
+                # A repeated option's values may be secrets (--header).
+                self.error(f"argument {flag}: invalid value: {e}")
             self.error(f"argument {flag}: invalid value {value!r}: {e}")
 
     def _config_value(self, path, name, key, parse, section):

@@ -45,6 +45,12 @@ Safe sources: an upload source that names other files (backing file,
 data file, vmdk extents elsewhere) is refused unless --allow-backing
 (sources.py).
 
+URL sources: upload-disk's FILE may be an http:// or https:// URL of a
+raw or qcow2 image, read through our own reader (urlsource.py) with
+--header / --header-file (values never logged), --source-cafile and
+--allow-redirect-host; a remote image's backing or data file is always
+refused, and such an upload is not resumable.
+
 Snapshots: download-snapshot copies a disk's layers (its disk snapshots
 and the active layer) into a folder as a local qcow2 chain, one file per
 layer; upload-snapshot makes a new disk with the same layers from such a
@@ -76,6 +82,7 @@ from . import _journal
 from . import _options as opts
 from . import _ovirt
 from . import progress as _progress
+from . import qemu_img
 from . import sources
 from . import transfer as _transfer
 
@@ -117,8 +124,9 @@ class Terminated(BaseException):
 def upload_disk(args):
     if args.resume:
         return _resume_upload(args)
-    with progress_bar(args, "inspecting image") as bar:
-        image = inspect_image(args)
+    with progress_bar(args, "inspecting image") as bar, \
+            _url_source(args) as source:
+        image = inspect_image(args, source)
         with connect(args) as engine:
             sd = engine.storage_domain(args.storage_domain)
             block = engine.is_block(sd)
@@ -145,8 +153,9 @@ def upload_disk(args):
                 disk = engine.wait_for_disk(disk.id, args.disk_timeout)
                 host = engine.this_host(sd.name)
                 bar.phase = "creating transfer"
+                # An upload from a URL has no journal to resume with.
                 transfer = engine.add_transfer(disk, "upload", host,
-                                               resumable=True)
+                                               resumable=source is None)
             except BaseException:
                 # No transfer we know of: nothing will remove the disk
                 # but us.
@@ -154,16 +163,20 @@ def upload_disk(args):
                 _cleanup(_remove_new_disk, engine, disk.id)
                 raise
             journal = None
+            disk_is_zero = new_disk_is_zero(params, block)
             try:
                 transfer = engine.wait_for_transfer(transfer)
-                journal = _journal.Journal.create(transfer.id, {
-                    "command": "upload-disk",
-                    "disk_id": disk.id,
-                    "source": _journal.identity(args.filename),
-                    "member": image.member,
-                    "disk_is_zero": new_disk_is_zero(params, block),
-                })
-                _upload(args, engine, bar, transfer, journal)
+                if source is None:
+                    journal = _journal.Journal.create(transfer.id, {
+                        "command": "upload-disk",
+                        "disk_id": disk.id,
+                        "source": _journal.identity(args.filename),
+                        "member": image.member,
+                        "disk_is_zero": disk_is_zero,
+                    })
+                    _upload(args, engine, bar, transfer, journal)
+                else:
+                    _upload_url(args, bar, transfer, source, disk_is_zero)
             except BaseException as e:
                 if journal is not None and _resumable(e):
                     _pause(args, engine, bar, transfer, journal, e)
@@ -223,11 +236,77 @@ def _upload(args, engine, bar, transfer, journal):
         journal=journal)
 
 
+def _upload_url(args, bar, transfer, source, disk_is_zero):
+    """Upload from an HTTP(S) source (urlsource.py): never resumable, and
+    never following a backing file."""
+    bar.phase = "uploading image"
+    url, proxy_url = transfer_urls(transfer)
+    client.upload(
+        source, url, args.cafile,
+        proxy_url=proxy_url,
+        secure=args.secure,
+        buffer_size=args.buffer_size,
+        max_workers=args.max_workers,
+        disk_is_zero=disk_is_zero,
+        verify=args.verify,
+        progress=bar)
+
+
+def _url_source(args):
+    """
+    upload-disk's source when FILE is a URL: the probed urlsource.Source,
+    closed when the command ends; else None. Header values go to the
+    redacting log formatter first, so no log line can show them.
+    """
+    if not _is_url(args.filename):
+        return contextlib.nullcontext(None)
+    from . import urlsource
+
+    headers = source_headers(args)
+    _SECRETS.update(v for v in headers.values() if len(v) >= 4)
+    try:
+        return urlsource.open(
+            args.filename, headers,
+            cafile=args.source_cafile,
+            allow_redirect_host=args.allow_redirect_host,
+            max_connections=args.max_workers)
+    except sources.UnsafeImage as e:
+        raise _ovirt.Error(
+            f"{e}. A remote image's backing or data files are never "
+            f"followed") from None
+
+
+def source_headers(args):
+    """{name: value} of --header-file files, then --header options."""
+    from . import urlsource
+
+    headers = {}
+    for path in args.header_file or ():
+        try:
+            headers.update(urlsource.read_header_file(path))
+        except (OSError, UnicodeDecodeError) as e:
+            raise _ovirt.Error(f"Cannot read header file {path}: "
+                               f"{getattr(e, 'strerror', None) or e}")
+        except ValueError as e:
+            raise _ovirt.Error(f"Invalid header file: {e}") from None
+    for line in args.header or ():
+        name, value = urlsource.parse_header(line)
+        headers[name] = value
+    return headers
+
+
+def _is_url(name):
+    return isinstance(name, str) and name.lower().startswith(
+        ("http://", "https://"))
+
+
 def _finalize_upload(engine, bar, transfer, disk_id, journal):
-    journal.close()
+    if journal is not None:
+        journal.close()
     bar.phase = "finalizing transfer"
     engine.finalize_transfer(transfer, disk_id)
-    journal.remove()
+    if journal is not None:
+        journal.remove()
     bar.phase = "upload completed"
 
 
@@ -297,9 +376,13 @@ class Image:
         self.member = member
         self.iso = iso
         self.required = None
+        # A URL's file name (its path's last part), for the disk's name.
+        self.source_name = None
 
 
-def inspect_image(args):
+def inspect_image(args, source=None):
+    if source is not None:
+        return _inspect_source(args, source)
     filename = args.filename
     member = args.member
     if member is None and _is_tar(filename):
@@ -327,6 +410,28 @@ def inspect_image(args):
     return image
 
 
+def _inspect_source(args, source):
+    """inspect_image() of a urlsource.Source: format and size probed
+    from its bytes (checked: no backing or data file)."""
+    image = Image(source.format, source.virtual_size)
+    image.source_name = source.url.rstrip("/").rsplit("/", 1)[-1] or "image"
+    if image.format == "raw":
+        head = source.head
+        image.iso = head[ISO_OFFSET:ISO_OFFSET + len(ISO_MAGIC)] == ISO_MAGIC
+    if args.format == "qcow2" and not args.preallocated and not image.iso:
+        if source.ranges:
+            measured = qemu_img.measure(source.qemu_spec(), "qcow2")
+            image.required = measured["required"]
+        else:
+            # Read once: the data's allocation is not known before.
+            image.required = qemu_img.measure_size(
+                image.size, "qcow2")["fully-allocated"]
+    log.info("Image %s: format %s, virtual size %d%s%s", source.url,
+             image.format, image.size, ", ISO" if image.iso else "",
+             "" if source.ranges else ", no ranges: read once")
+    return image
+
+
 def disk_params(args, image, block):
     """The new disk's attributes, by the engine's rules for the storage
     domain (ENGINE-SIM.md 3.1)."""
@@ -334,7 +439,7 @@ def disk_params(args, image, block):
     name = args.name
     if name is None:
         name = os.path.splitext(os.path.basename(
-            image.member or args.filename))[0]
+            image.member or image.source_name or args.filename))[0]
     if image.iso:
         # An ISO is a read-only raw disk: preallocated, no backup.
         fmt, sparse, content = "raw", False, types.DiskContentType.ISO
@@ -1193,6 +1298,24 @@ def _existing_target(path):
     return path
 
 
+def _upload_source(path):
+    """upload-disk's FILE: a local image (_source()) or an HTTP(S) URL;
+    a URL's user info is refused, since a password would show in ps."""
+    if not _is_url(path):
+        return _source(path)
+    import argparse
+
+    from . import urlsource
+
+    path = opts.text(path)
+    if "@" in path.split("/", 3)[2]:
+        # Not quoted: the password is in it.
+        raise argparse.ArgumentTypeError(
+            f"{urlsource.display(path)}: a URL cannot carry credentials "
+            f"(they would show in ps): give them in a --header-file")
+    return path
+
+
 def _new_file(path):
     """backup-disk's FILE: a file that does not exist yet."""
     path = opts.text(path)
@@ -1224,6 +1347,24 @@ def _source(path):
         raise opts.Invalid(e.strerror or str(e))
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         raise opts.Invalid("not a regular file or a block device")
+    return path
+
+
+def _upload_source(path):
+    """upload-disk's FILE: a local image (_source()) or an HTTP(S) URL;
+    a URL's user info is refused, since a password would show in ps."""
+    if not _is_url(path):
+        return _source(path)
+    import argparse
+
+    from . import urlsource
+
+    path = opts.text(path)
+    if "@" in path.split("/", 3)[2]:
+        # Not quoted: the password is in it.
+        raise argparse.ArgumentTypeError(
+            f"{urlsource.display(path)}: a URL cannot carry credentials "
+            f"(they would show in ps): give them in a --header-file")
     return path
 
 
@@ -1404,9 +1545,15 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+# Values never to show: upload-disk's source header values.
+_SECRETS = set()
+
+
 def redact(text):
     for pattern, repl in _RedactingFormatter.PATTERNS:
         text = pattern.sub(repl, text)
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
     return text
 
 
@@ -1457,11 +1604,31 @@ def parser():
                         metavar="TRANSFER_ID", help=RESUME_HELP.format(
                             what="upload", verb="pauses",
                             timeout=_ovirt.RESUMABLE_INACTIVITY_TIMEOUT)),
+            opts.Repeated("--header", metavar="'NAME: VALUE'",
+                          help="send this header when FILE is a URL "
+                               "(repeatable); ps shows it: put secrets "
+                               "in a --header-file"),
+            opts.Repeated("--header-file", metavar="PATH",
+                          help="send the headers of this file, 'NAME: "
+                               "VALUE' lines, when FILE is a URL "
+                               "(repeatable); values are never logged"),
+            opts.Option("--source-cafile", config=False, metavar="PATH",
+                        help="CA certificates to verify an https:// FILE "
+                             "with (default: the system's; --cafile is "
+                             "the engine's)"),
+            opts.Flag("--allow-redirect-host", config=False, default=False,
+                      help="follow redirects of a URL to other hosts, "
+                           "sending them the headers (refused by "
+                           "default)"),
         ),
+        validate=_validate_upload,
         positionals=[(("filename",), dict(
-            metavar="FILE", type=_argtype(_source),
+            metavar="FILE", type=_argtype(_upload_source),
             help="the image: raw, qcow2, ISO, vmdk, vhdx, vdi, or an "
-                 "OVA"))])
+                 "OVA; or an http:// or https:// URL of a raw or qcow2 "
+                 "image (read through our own reader: ranges in "
+                 "parallel, or once in order if the server has none, "
+                 "raw only)"))])
     opts.Command(
         p, "download-disk", download_disk,
         "Download a disk into an image file or a block device.",
@@ -1579,6 +1746,34 @@ def parser():
         "Show a disk: alias, format, sizes, storage domain, backup mode.",
         options=(), positionals=[disk_id])
     return p
+
+
+def _validate_upload(ns):
+    """upload-disk's usage errors: URL options without a URL, or local
+    file options with one. Header syntax is checked here, and an error
+    names the header, never its value."""
+    from . import urlsource
+
+    url_options = [flag for flag, value in (
+        ("--header", ns.header), ("--header-file", ns.header_file),
+        ("--source-cafile", ns.source_cafile),
+        ("--allow-redirect-host", ns.allow_redirect_host)) if value]
+    if not _is_url(ns.filename):
+        if url_options:
+            return f"{url_options[0]} needs a URL as FILE"
+        return None
+    for flag, value in (("--member", ns.member), ("--resume", ns.resume),
+                        ("--allow-backing", ns.allow_backing)):
+        if value:
+            return (f"{flag} cannot be used with a URL (an upload from a "
+                    f"URL is not resumable, and a remote image's backing "
+                    f"files are never followed)")
+    for line in ns.header or ():
+        try:
+            urlsource.parse_header(line)
+        except ValueError as e:
+            return f"argument --header: {e}"
+    return None
 
 
 def _argtype(parse):

@@ -57,6 +57,15 @@ def measure(filename, dst_fmt):
     return json.loads(out)
 
 
+def measure_size(size, dst_fmt):
+    """Return `qemu-img measure` of a new dst_fmt image of size bytes
+    ("fully-allocated": its size once every cluster is written)."""
+    out = _run("measure", f"--size {size}",
+               [QEMU_IMG, "measure", "--output", "json", "-O", dst_fmt,
+                "--size", str(size)])
+    return json.loads(out)
+
+
 def create(filename, fmt, size=None, backing_file=None, backing_format=None,
            unsafe=False):
     """

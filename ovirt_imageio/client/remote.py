@@ -179,6 +179,8 @@ class RemoteImage:
         self._requests = 0
         # The last request was cut short; reconnect before the next.
         self._broken = False
+        # The server has no HEAD or sends no ETag (etag()).
+        self._no_etag = False
 
     def clone(self):
         """
@@ -292,6 +294,33 @@ class RemoteImage:
         """PATCH flush when the server can flush; else nothing to do."""
         if self.can_flush:
             self._patch({"op": "flush"})
+
+    def etag(self):
+        """
+        The server's ETag of the image now (HEAD), or None if it sends
+        none. Servers without HEAD (upstream answers 405, with a body
+        that breaks the connection's framing) or without an ETag are not
+        asked again on this connection. An error answer is None too: a
+        HEAD's error has no message, the next request gets it with one.
+        """
+        if self._no_etag:
+            return None
+
+        def send():
+            self._con.request("HEAD", self._path)
+
+        resp = self._roundtrip(send)
+        if resp.status != http.client.OK:
+            # Whatever body an error has, it is not framed as HEAD's.
+            self._abandon()
+            if resp.status == http.client.METHOD_NOT_ALLOWED:
+                self._no_etag = True
+            return None
+        self._discard(resp)
+        value = resp.getheader("etag")
+        if value is None:
+            self._no_etag = True
+        return value
 
     def extents(self, context="zero", offset=0, length=None):
         """

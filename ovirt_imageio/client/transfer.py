@@ -60,6 +60,7 @@ Theory of operation.
   connections.
 """
 
+import bisect
 import collections
 import errno
 import http.client
@@ -398,14 +399,17 @@ def _merge(requests):
 
 def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
            zero=True, hole=True, progress=None, retry=RETRY, skip=(),
-           done=None):
+           done=None, detect_zeros=False):
     """
     Copy the local export to dst (a RemoteImage) with up to max_workers
     connections. zero=False skips zero extents (the disk is known to be
     zero); hole=False keeps holes unallocated on the destination.
     retry: a Retry. skip: (start, length) ranges already uploaded (they
     count as progress); done(start, length) is called, from the worker
-    threads, for each range uploaded.
+    threads, for each range uploaded. detect_zeros: data is read into
+    the worker's buffer and its zero blocks are zeroed (or skipped with
+    zero=False) instead of sent, for a source whose extents say data
+    everywhere (a raw image read from a URL).
     """
     primary = export.connect()
     try:
@@ -436,12 +440,122 @@ def upload(export, dst, *, max_workers=MAX_WORKERS, buffer_size=BUFFER_SIZE,
 
         run(_split(requests, done), open_worker, max_workers,
             progress=progress, name="upload", copy_op="write",
-            copy=lambda w, req, report: w.dst.copy_from(
-                w.src, req.start, req.length, w.buf, progress=report),
+            copy=_copy_sparse(_Zeroing(dst, zero)) if detect_zeros else (
+                lambda w, req, report: w.dst.copy_from(
+                    w.src, req.start, req.length, w.buf, progress=report)),
             zero=lambda w, req: w.dst.zero(req.length, req.start),
             retry=retry, done=_done(done))
     finally:
         primary.close()
+
+
+def _copy_sparse(zeroing):
+    """An upload's copy() sending only the blocks of data that are not
+    all zeros (zero_runs()); zero blocks are zeroed where zeroing says
+    so."""
+
+    def copy(w, req, report):
+        pos, end = req.start, req.start + req.length
+        with memoryview(w.buf) as view:
+            while pos < end:
+                n = min(len(view), end - pos)
+                piece = view[:n]
+                w.src.read_into(piece, pos)
+                _send_runs(w.dst, piece, pos, zeroing)
+                pos += n
+                report(n)
+
+    return copy
+
+
+def _send_runs(dst, piece, pos, zeroing):
+    """Write piece's data blocks at pos, zero its zero blocks if needed."""
+    for start, length, is_zero in zero_runs(piece, pos):
+        if not is_zero:
+            at = start - pos
+            dst.write(piece[at:at + length], start)
+        elif zeroing.needed(start, length):
+            dst.zero(length, start)
+
+
+class _Zeroing:
+    """
+    Where zero blocks found in the data must be zeroed on dst: nowhere
+    with zero=False (the disk is known to read zeros), else where the
+    server's zero extents (asked for once) do not say it reads zeros.
+    """
+
+    def __init__(self, dst, zero):
+        self._zero = zero
+        self._starts = []
+        self._ends = []
+        if not zero or not getattr(dst, "can_extents", False):
+            return
+        try:
+            found = dst.extents("zero")
+        except (errors.Unsupported, errors.PeerError) as e:
+            log.debug("Cannot get destination extents, zeroing: %s", e)
+            return
+        for ext in found:
+            if not ext.zero:
+                continue
+            if self._ends and self._ends[-1] == ext.start:
+                self._ends[-1] = ext.start + ext.length
+            else:
+                self._starts.append(ext.start)
+                self._ends.append(ext.start + ext.length)
+
+    def needed(self, start, length):
+        if not self._zero:
+            return False
+        i = bisect.bisect_right(self._starts, start) - 1
+        return i < 0 or self._ends[i] < start + length
+
+
+def upload_stream(read_into, size, dst, *, buffer_size=BUFFER_SIZE,
+                  zero=True, progress=None, hasher=None):
+    """
+    Copy size bytes, read in order by read_into(buf) -> n (0 at the end),
+    to dst (a RemoteImage) on one connection: a source that can be read
+    only once (an HTTP server without ranges). Zero blocks are zeroed,
+    or skipped with zero=False; hasher(piece), if given, sees every byte
+    in order (a checksum computed while sending). Not retried: the bytes
+    cannot be read again.
+    """
+    if progress is not None:
+        progress.size = size
+    buf = bytearray(min(buffer_size, size) or 1)
+    pos = 0
+    try:
+        zeroing = _Zeroing(dst, zero)
+        with memoryview(buf) as view:
+            while pos < size:
+                n = _fill(read_into, view[:min(len(view), size - pos)])
+                if n == 0:
+                    raise RuntimeError(f"Source ended at {pos} of {size} "
+                                       f"bytes")
+                piece = view[:n]
+                if hasher is not None:
+                    hasher(piece)
+                _send_runs(dst, piece, pos, zeroing)
+                pos += n
+                if progress is not None:
+                    progress.update(n)
+        dst.flush()
+    except Exception as e:
+        error = TransferError("upload", "write", pos, size - pos, e)
+        raise error from e
+
+
+def _fill(read_into, view):
+    """Fill view as far as the source goes; bytes read."""
+    pos = 0
+    while pos < len(view):
+        n = read_into(view[pos:])
+        if not n:
+            break
+        pos += n
+    return pos
 
 
 def download(src, export, *, dirty=False, zero=False, hole=False,
@@ -647,6 +761,32 @@ def verify(local, remote, name):
     if ours["checksum"] != theirs["checksum"]:
         raise ChecksumMismatch(
             f"{name} verification failed: local checksum "
+            f"{ours['checksum']} != server checksum {theirs['checksum']} "
+            f"(algorithm={theirs['algorithm']}, "
+            f"block_size={theirs['block_size']})")
+    log.debug("%s verified: %s", name, ours)
+
+
+def verify_streamed(ours, remote, name):
+    """
+    Compare ours, the checksum of what was sent (checksum.Hasher's
+    result, computed while sending a stream that cannot be read again),
+    with the server's. Raises ChecksumMismatch.
+    """
+    if not remote.can_checksum:
+        raise ChecksumMismatch(
+            f"Cannot verify {name}: the server does not support checksums")
+    theirs = remote.checksum(algorithm=ours["algorithm"],
+                             block_size=ours["block_size"], timeout=None)
+    if (theirs["algorithm"], theirs["block_size"]) != (
+            ours["algorithm"], ours["block_size"]):
+        raise ChecksumMismatch(
+            f"Cannot verify {name}: the server computed its checksum with "
+            f"algorithm={theirs['algorithm']} "
+            f"block_size={theirs['block_size']}, not those asked for")
+    if ours["checksum"] != theirs["checksum"]:
+        raise ChecksumMismatch(
+            f"{name} verification failed: checksum of the bytes sent "
             f"{ours['checksum']} != server checksum {theirs['checksum']} "
             f"(algorithm={theirs['algorithm']}, "
             f"block_size={theirs['block_size']})")

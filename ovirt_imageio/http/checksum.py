@@ -10,6 +10,7 @@ is canceled. Zero extents are never read.
 
 from .. import checksum
 from .. import errors
+from . import cors
 from . import params
 from . import server
 
@@ -19,8 +20,12 @@ class AlgorithmsHandler:
     name = "algorithms"
 
     def get(self, req, resp, ticket_id):
+        cors.allow(req, resp, "*")
         # No ticket needed: any id, even an empty one.
         resp.send_json({"algorithms": checksum.ALGORITHMS})
+
+    def options(self, req, resp, ticket_id):
+        cors.preflight(req, resp, "OPTIONS,GET")
 
 
 class Handler:
@@ -31,6 +36,7 @@ class Handler:
         self.images = images_handler
 
     def get(self, req, resp, ticket_id):
+        cors.allow(req, resp, "*")
         params.require_id(ticket_id)
         algorithm, block_size = checksum.validate(
             req.query.get("algorithm"), req.query.get("block_size"))
@@ -46,3 +52,6 @@ class Handler:
                 image, algorithm=algorithm, block_size=block_size,
                 progress=op.done)
         resp.send_json(result)
+
+    def options(self, req, resp, ticket_id):
+        cors.preflight(req, resp, "OPTIONS,GET")

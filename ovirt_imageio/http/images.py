@@ -17,6 +17,9 @@ Retry-After. The Stream keeps one read ahead, and writes are pipelined,
 so qemu-nbd works on the next piece while this one crosses TLS. A
 spliced request (a plain connection) takes no buffer.
 
+Downloads carry an ETag that every write changes, and honour If-Range,
+so browsers resume them (etag.py).
+
 Every image, the NBD stream or the proxy's relay (relay.py, one request
 to the daemon per client request), is used through the Image contract
 (ovirt_imageio/image.py): a request splices when its connection is plain
@@ -32,6 +35,7 @@ from . import bodies
 from . import buffers
 from . import cors
 from . import disposition
+from . import etag
 from . import link
 from . import params
 from . import ranges
@@ -126,7 +130,8 @@ class Handler:
     # OPTIONS
 
     def options(self, req, resp, ticket_id):
-        cors.allow(req, resp, "OPTIONS,GET,PUT")
+        # PATCH only when a preflight asks for it (cors.py).
+        cors.allow(req, resp, "OPTIONS,GET,PUT", extra=("PATCH",))
         params.require_id(ticket_id)
         body = {}
         if self.unix_socket is not None:
@@ -162,12 +167,16 @@ class Handler:
             resp.close_connection = True
         ticket = self._authorize(req, ticket_id, "read")
         lk = self._link(req, ticket)
+        tag = self._etag(ticket, lk)
+        rng = etag.if_range(req, rng, tag)
         offset, length, content_range = ranges.resolve(
             rng, ticket.size, lk.size)
         req.range = (offset, length)
         resp.status = 206 if content_range else 200
         resp.headers["content-type"] = "application/octet-stream"
         resp.headers["accept-ranges"] = "bytes"
+        if tag is not None:
+            resp.headers["etag"] = tag
         if content_range:
             resp.headers["content-range"] = content_range
         resp.headers["content-disposition"] = (
@@ -197,6 +206,16 @@ class Handler:
 
     head = get
 
+    def _etag(self, ticket, lk):
+        """
+        The ETag of the ticket's image (etag.py): ours, or through the
+        proxy the daemon's (None from a daemon that sends none).
+        """
+        if not getattr(lk.resource, "remote_etag", False):
+            return etag.of(ticket)
+        with lk as image:
+            return image.etag()
+
     # PUT
 
     def put(self, req, resp, ticket_id):
@@ -215,7 +234,8 @@ class Handler:
         ticket = self._authorize_write(req, ticket_id, offset, length)
         lk = self._link(req, ticket)
         if lk.splices:
-            with ticket.operation(offset, "write", lk) as op, lk as image:
+            with etag.writing(ticket), \
+                    ticket.operation(offset, "write", lk) as op, lk as image:
                 prefix = req.take_body()
                 try:
                     image.receive(lk.sock, offset, length, prefix=prefix,
@@ -230,7 +250,7 @@ class Handler:
                     image.flush()
             return
         # Through the buffer; a relay flushes with its PUT (relay.py).
-        with self._buffer(lk) as buf, \
+        with self._buffer(lk) as buf, etag.writing(ticket), \
                 ticket.operation(offset, "write", lk) as op, lk as image:
             image.receive(bodies.body_reader(req, length), offset, length,
                           buf=buf, done=op.done, flush=flush)
@@ -238,6 +258,7 @@ class Handler:
     # PATCH
 
     def patch(self, req, resp, ticket_id):
+        cors.allow(req, resp, "*")
         params.require_id(ticket_id)
         msg = params.read_json(req)
         op = msg.get("op")
@@ -254,7 +275,8 @@ class Handler:
             flush = params.boolean(msg, "flush", False)
             ticket = self._authorize_write(req, ticket_id, offset, size)
             lk = self._link(req, ticket)
-            with ticket.operation(offset, "zero", lk) as operation, \
+            with etag.writing(ticket), \
+                    ticket.operation(offset, "zero", lk) as operation, \
                     lk as image:
                 end = offset + size
                 while offset < end:
@@ -280,6 +302,7 @@ class ExtentsHandler:
         self.images = images
 
     def get(self, req, resp, ticket_id):
+        cors.allow(req, resp, "*")
         params.require_id(ticket_id)
         ticket = self.images._authorize(req, ticket_id, "read")
         context = params.choice(
@@ -291,3 +314,6 @@ class ExtentsHandler:
         with lk as image:
             found = image.extents(context)
         resp.send_json([e.to_dict() for e in found])
+
+    def options(self, req, resp, ticket_id):
+        cors.preflight(req, resp, "OPTIONS,GET")

@@ -26,6 +26,8 @@ the Link ([backend_http] buffer_size / 2). Both are bound by TLS and TCP
 in the kernel, not by Python (bench/proxy.py). PATCH zero and flush are one
 PATCH each;
 /checksum reads through read_into (ranged GETs) and skips zero extents.
+A GET or HEAD first asks the daemon's ETag with a HEAD (etag.py), and
+passes it on.
 
 Theory of operation, errors. Two kinds, kept apart:
 - The daemon answered with an error status: RemoteImage raises
@@ -57,6 +59,7 @@ from .. import errors
 from .. import image
 from ..client import remote
 from . import bodies
+from . import etag
 
 log = logging.getLogger("relay")
 
@@ -125,6 +128,10 @@ class Relay:
     def serves(self, image):
         """A RemoteImage reconnects by itself: always usable."""
         return True
+
+    # The images handler asks the daemon for a download's ETag (etag.py):
+    # only the daemon sees every write.
+    remote_etag = True
 
     def limits(self, image):
         """What the daemon reported in OPTIONS: it serves the
@@ -216,6 +223,12 @@ class Image:
     def extents(self, context="zero", offset=0, length=None):
         with self._daemon_errors():
             return self._remote.extents(context, offset, length)
+
+    def etag(self):
+        """The daemon's ETag of the image now (one HEAD), checked: None if
+        it sends none or one that is not a strong tag."""
+        with self._daemon_errors():
+            return etag.checked(self._remote.etag())
 
     # Streaming (the Image contract's send and receive): one daemon
     # request per client request.

@@ -1,7 +1,8 @@
 """
 The daemon's services, built from the configuration:
 
-    remote   HTTPS on [remote] host:port       /images, /info
+    remote   HTTPS on [remote] host:port       /images, /info, the page at
+                                               / ([remote] page), /ca.pem
     local    HTTP on the [local] unix socket   /images
     control  HTTP on a unix socket or TCP      /tickets, /profile,
              localhost port ([control])        /transfers, /metrics
@@ -22,6 +23,7 @@ file (errors.Error; the daemon prints "Cannot start: ..." and exits).
 import contextlib
 import logging
 import ssl
+import types
 import urllib.parse
 
 from .. import errors
@@ -33,6 +35,7 @@ from . import metrics
 from . import relay
 from . import router
 from . import server
+from . import static
 from . import tickets as tickets_api
 from . import transfers
 
@@ -49,9 +52,20 @@ def _observer(sources):
     return sources.recorder.request if sources is not None else None
 
 
-def remote(cfg, store, unix_socket=None, pool=None, metrics_sources=None):
-    routes = data_routes(cfg, store, unix_socket, pool) + [
-        (r"/info/", info.Handler())]
+def remote(cfg, store, unix_socket=None, pool=None, signed=None,
+           metrics_sources=None):
+    """signed: the SignedTickets of signed_tickets(), with [proxy]
+    signed_tickets on."""
+    if signed is None:
+        routes = data_routes(cfg, store, unix_socket, pool)
+    else:
+        from . import sessions
+        routes = sessions.routes(
+            signed, data_routes(cfg, signed.tickets, unix_socket, pool))
+    # The page and the CA: on this service only, never on the unix
+    # sockets (static.py).
+    page_routes, ca_url = static.routes(cfg)
+    routes += [(r"/info/", info.Handler(ca_url=ca_url))] + page_routes
     tls = None
     if cfg.tls.enable:
         tls = tls_context(cfg.tls)
@@ -245,3 +259,40 @@ def relay_for(cfg, ticket):
     return relay.Relay(
         ticket.url, cafile=cafile, buffer_size=cfg.backend_http.buffer_size,
         transfer_id=ticket.transfer_id)
+
+
+def signed_tickets(cfg, store):
+    """
+    The signed tickets of [proxy] signed_tickets (http/sessions.py), their
+    certificates loaded. Errors name what is missing: the cryptography
+    package (imported only here), a certificate, a file.
+    """
+    try:
+        from .. import signed
+    except ImportError as e:
+        raise errors.Error(
+            f"[proxy] signed_tickets = true needs the cryptography package "
+            f"(python3-cryptography): {e}")
+    from . import sessions
+    verifier = signed.Verifier.from_config(cfg.proxy)
+    log.info("Accepting tickets signed by the engine (verify_certificate=%s "
+             "allowed_skew_seconds=%s)", cfg.proxy.verify_certificate,
+             cfg.proxy.allowed_skew_seconds)
+    return sessions.SignedTickets(
+        verifier, store, probe=lambda verified: probe(cfg, verified))
+
+
+def probe(cfg, verified):
+    """
+    What serves a signed ticket: a relay to its daemon, and the
+    operations and size of the daemon's ticket (the signed ticket names
+    neither), from the daemon's OPTIONS and extents. The daemon's refusal
+    (403 no such ticket) or a daemon out of reach (502) fails the request
+    that brought the signed ticket.
+    """
+    resource = relay_for(cfg, types.SimpleNamespace(
+        url=verified.url, transfer_id=verified.transfer_id))
+    with resource.open() as image:
+        writes = image.can_zero or image.can_flush
+        size = image.size
+    return resource, (["read", "write"] if writes else ["read"]), size

@@ -1390,3 +1390,88 @@ def test_retry_not_for_http_errors(relayed, pki):
                           wait=lambda s, stop: waits.append(s)))
     assert e.value.status == 403
     assert waits == []
+
+
+# Upload from a URL (urlsource.py): a real HTTP server on loopback.
+
+@pytest.fixture
+def image_server():
+    from imageserver import ImageServer
+    with ImageServer() as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("fmt,options", [
+    ("raw", ()), ("qcow2", ()), ("qcow2", ("-c",)),
+], ids=["raw", "qcow2", "qcow2-compressed"])
+def test_upload_url(daemon, pki, make_image, qemu_nbd, raw_source,
+                    image_server, tmp_path, fmt, options):
+    src = str(tmp_path / f"image.{fmt}")
+    convert(raw_source, src, "raw", fmt, *options)
+    image_server.files["/image"] = src
+    dst, srv = new_disk(make_image, qemu_nbd)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    progress = Progress()
+    with client.open_url(image_server.url("/image"),
+                         max_connections=3) as url_src:
+        assert (url_src.format, url_src.virtual_size) == (fmt, SIZE)
+        client.upload(url_src, https_url(daemon), pki["ca_file"],
+                      buffer_size=BUFFER_SIZE, progress=progress,
+                      max_workers=3)
+    compare(raw_source, dst, "raw", "raw")
+    assert progress.size == SIZE
+    assert progress.done == SIZE
+    # Sparse: only data crossed to the daemon, also from a raw source,
+    # whose zero blocks were found in the data read.
+    ticket = daemon.api.get("api-secret")
+    assert ticket["transferred"] <= data_length(raw_source) + 1 * MiB
+
+
+def test_upload_url_zeroes_old_data(daemon, pki, make_image, qemu_nbd,
+                                    raw_source, image_server):
+    image_server.files["/image"] = raw_source
+    dst = make_image(name="dst", size=SIZE, commands=["write -P 0xff 0 8M"])
+    srv = qemu_nbd(dst, fmt="raw", shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    with client.open_url(image_server.url("/image")) as url_src:
+        client.upload(url_src, https_url(daemon), pki["ca_file"],
+                      buffer_size=BUFFER_SIZE, verify=True)
+    compare(raw_source, dst, "raw", "raw")
+
+
+@pytest.mark.parametrize("disk_is_zero", [False, True])
+def test_upload_url_without_ranges(daemon, pki, make_image, qemu_nbd,
+                                   raw_source, disk_is_zero):
+    from imageserver import ImageServer
+    dst, srv = new_disk(make_image, qemu_nbd)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    progress = Progress()
+    with ImageServer(ranges=False) as image_server:
+        image_server.files["/image"] = raw_source
+        with client.open_url(image_server.url("/image")) as url_src:
+            assert not url_src.ranges
+            client.upload(url_src, https_url(daemon), pki["ca_file"],
+                          buffer_size=BUFFER_SIZE, progress=progress,
+                          disk_is_zero=disk_is_zero)
+        # Read once.
+        assert len(image_server.requests) == 1
+    compare(raw_source, dst, "raw", "raw")
+    assert progress.done == SIZE
+    ticket = daemon.api.get("api-secret")
+    assert ticket["transferred"] <= data_length(raw_source) + 1 * MiB
+
+
+def test_upload_url_stream_verify_mismatch(daemon, pki, make_image, qemu_nbd,
+                                           raw_source):
+    # A disk that was not empty, and zeros skipped (disk_is_zero lies):
+    # the checksum of what was sent differs from the disk's.
+    from imageserver import ImageServer
+    dst = make_image(name="dst", size=SIZE, commands=["write -P 0xff 2M 1M"])
+    srv = qemu_nbd(dst, fmt="raw", shared=8)
+    add_ticket(daemon, f"nbd:unix:{srv.socket}")
+    with ImageServer(ranges=False) as image_server:
+        image_server.files["/image"] = raw_source
+        with client.open_url(image_server.url("/image")) as url_src:
+            with pytest.raises(client.ChecksumMismatch):
+                client.upload(url_src, https_url(daemon), pki["ca_file"],
+                              verify=True, disk_is_zero=True)

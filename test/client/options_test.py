@@ -576,3 +576,27 @@ def test_password_file_unreadable(config, tmp_path):
     with pytest.raises(_ovirt.Error) as e:
         _tool.password(args)
     assert str(e.value).startswith(f"Cannot read password file {path}: ")
+
+
+# Repeated options (upload-disk --header, --header-file).
+
+def test_repeated(config, image):
+    url = "https://images.example.com/disk.qcow2"
+    args = parse(["upload-disk", *REQUIRED, "-s", "nfs", "--header",
+                  "A: 1", "--header", "B: 2", "--header-file", image, url],
+                 config.environ)
+    assert args.header == ["A: 1", "B: 2"]
+    assert args.header_file == [image]
+    assert args.filename == url
+    args = parse(["upload-disk", *REQUIRED, "-s", "nfs", url],
+                 config.environ)
+    assert args.header is None
+
+
+def test_repeated_invalid_not_echoed(config, capsys):
+    err = usage_error(capsys, [
+        "upload-disk", *REQUIRED, "-s", "nfs", "--header",
+        "X-Token: secret\x07value", "https://images.example.com/d"],
+        config.environ)
+    assert "argument --header: invalid value: control characters" in err
+    assert "secret" not in err

@@ -59,3 +59,11 @@ def test_hung_qemu_img_is_killed(tmp_path, monkeypatch):
     with pytest.raises(qemu_img.Error) as e:
         qemu_img.info(str(tmp_path / "disk.qcow2"))
     assert "no answer within 0.2 seconds" in str(e.value)
+
+
+def test_measure_size():
+    small = qemu_img.measure_size(1024**2, "qcow2")
+    large = qemu_img.measure_size(1024**3, "qcow2")
+    # Fully allocated: the data and the metadata.
+    assert 1024**2 < small["fully-allocated"] < large["fully-allocated"]
+    assert large["fully-allocated"] > 1024**3

@@ -2027,3 +2027,207 @@ def test_backup_backing_file_with_colon(env, tmp_path):
             "--backing-file", full, disk.id, incr)
     assert client.info(str(incr))["backing-filename"] == "./nbd:full.qcow2"
     compare(snapshot_of(disk, tmp_path / "now.raw"), incr)
+
+
+# upload-disk from a URL (urlsource.py), from an HTTP(S) server on
+# loopback (imageserver.py).
+
+SECRET = "tok-5e3c2et-value"
+
+
+@pytest.fixture
+def image_server():
+    from imageserver import ImageServer
+    with ImageServer() as srv:
+        yield srv
+
+
+def url_image(tmp_path, fmt, size=8 * MiB):
+    path = make_image(tmp_path / f"image.{fmt}", fmt, size=size)
+    # Data past the first 2 MiB of the file, read by ranged GETs.
+    qemu_io(path, fmt, "write -P 0x45 5m 2m")
+    return path
+
+
+@pytest.mark.parametrize("src_fmt,disk_fmt,sd", [
+    ("qcow2", "qcow2", "nfs"), ("raw", "qcow2", "nfs"),
+    ("qcow2", "raw", "iscsi"),
+])
+def test_upload_url(env, tmp_path, image_server, src_fmt, disk_fmt, sd):
+    src = url_image(tmp_path, src_fmt)
+    image_server.files["/images/fedora.img"] = src
+    p = env.run("upload-disk", "-s", sd, "-f", disk_fmt,
+                image_server.url("/images/fedora.img?sig=abc"))
+    lines = progress(p.stdout)
+    assert [r["description"] for r in lines][-1] == "upload completed"
+    assert lines[-1]["transferred"] == 8 * MiB
+    disk, = env.disks("fedora")
+    assert disk.format == ("cow" if disk_fmt == "qcow2" else "raw")
+    assert disk.provisioned_size == 8 * MiB
+    compare(src, disk.path)
+    assert any(r[3] == 206 for r in image_server.requests)
+
+
+def test_upload_url_without_ranges(env, tmp_path):
+    from imageserver import ImageServer
+    src = url_image(tmp_path, "raw")
+    with ImageServer(ranges=False) as srv:
+        srv.files["/disk.raw"] = src
+        env.run("upload-disk", "-s", "nfs", srv.url("/disk.raw"))
+        assert len(srv.requests) == 1
+    disk, = env.disks("disk")
+    compare(src, disk.path)
+
+
+def test_upload_url_without_ranges_qcow2_refused(env, tmp_path):
+    from imageserver import ImageServer
+    src = url_image(tmp_path, "qcow2")
+    with ImageServer(ranges=False) as srv:
+        srv.files["/disk.qcow2"] = src
+        p = env.run("upload-disk", "-s", "nfs", srv.url("/disk.qcow2"),
+                    check=False)
+    assert p.returncode == 1
+    assert "serves no ranges" in p.stderr
+    assert "random access" in p.stderr
+    assert not env.engine.disks
+
+
+def test_upload_url_header_never_shown(env, tmp_path, image_server):
+    """The header's value is sent, and never in a log or a command
+    line (ps) of ovirt-img or its children."""
+    src = url_image(tmp_path, "qcow2")
+    image_server.files["/disk.qcow2"] = src
+    image_server.required = {"X-Auth-Token": SECRET}
+    headers = tmp_path / "headers"
+    headers.write_text(f"X-Auth-Token: {SECRET}\n")
+    log_file = tmp_path / "ovirt-img.log"
+    # Hold the reads past the head, to look at the processes meanwhile.
+    image_server.hold_after = 2 * MiB
+    cmd = [OVIRT_IMG, "upload-disk", *env.common(), "--log-level", "debug",
+           "--log-file", str(log_file), "-s", "nfs", "--header-file",
+           str(headers), image_server.url("/disk.qcow2")]
+    proc = subprocess.Popen(cmd, env=env.environ, cwd=env.tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert image_server.held.wait(TIMEOUT)
+        cmdlines = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmdlines.append(f.read())
+                except OSError:
+                    pass
+        # ovirt-img and its qemu-nbd are running, without the secret.
+        assert any(b"disk.qcow2" in c for c in cmdlines)
+        assert any(c.startswith(b"qemu-nbd") for c in cmdlines)
+        assert not [c for c in cmdlines if SECRET.encode() in c]
+        image_server.release.set()
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        image_server.release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    disk, = env.disks("disk")
+    compare(src, disk.path)
+    log = log_file.read_text()
+    assert SECRET not in log + out + err
+    assert "loopback address" in log
+    # The header was sent with every request.
+    assert all(r[2].get("x-auth-token") == SECRET
+               for r in image_server.requests)
+
+
+def test_upload_url_unauthorized(env, tmp_path, image_server):
+    src = url_image(tmp_path, "qcow2")
+    image_server.files["/disk.qcow2"] = src
+    image_server.required = {"X-Auth-Token": SECRET}
+    p = env.run("upload-disk", "-s", "nfs", "--header",
+                "X-Auth-Token: wrong-value", image_server.url("/disk.qcow2"),
+                check=False)
+    assert p.returncode == 1
+    assert "401" in p.stderr
+    assert "wrong-value" not in p.stderr
+    assert not env.engine.disks
+
+
+def test_upload_url_redirect(env, tmp_path, image_server):
+    src = url_image(tmp_path, "qcow2")
+    image_server.files["/disk.qcow2"] = src
+    image_server.redirects["/same"] = "/disk.qcow2"
+    image_server.redirects["/other"] = image_server.url(
+        "/disk.qcow2", host="localhost")
+    p = env.run("upload-disk", "-s", "nfs", image_server.url("/other"),
+                check=False)
+    assert p.returncode == 1
+    assert "another host (localhost)" in p.stderr
+    assert "--allow-redirect-host" in p.stderr
+    assert not env.engine.disks
+    assert not any(r[2]["host"].startswith("localhost")
+                   for r in image_server.requests)
+
+    env.run("upload-disk", "-s", "nfs", "--name", "same",
+            image_server.url("/same"))
+    env.run("upload-disk", "-s", "nfs", "--name", "other",
+            "--allow-redirect-host", image_server.url("/other"))
+    for name in ("same", "other"):
+        disk, = env.disks(name)
+        compare(src, disk.path)
+
+
+def test_upload_url_backing_file_refused(env, tmp_path, image_server):
+    base = url_image(tmp_path, "qcow2")
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base,
+                    "-F", "qcow2", str(top)], check=True, timeout=TIMEOUT)
+    image_server.files["/top.qcow2"] = str(top)
+    p = env.run("upload-disk", "-s", "nfs", image_server.url("/top.qcow2"),
+                check=False)
+    assert p.returncode == 1
+    assert "backing file" in p.stderr
+    assert "never followed" in p.stderr
+    assert not env.engine.disks
+
+
+def test_upload_url_https(env, tmp_path):
+    from imageserver import ImageServer
+    src = url_image(tmp_path, "qcow2")
+    with ImageServer(pki=env.pki) as srv:
+        srv.files["/disk.qcow2"] = src
+        url = srv.url("/disk.qcow2", host="localhost")
+        env.run("upload-disk", "-s", "nfs", "--source-cafile",
+                env.pki["ca_file"], url)
+    disk, = env.disks("disk")
+    compare(src, disk.path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--member", "x"], "--member cannot be used with a URL"),
+    (["--allow-backing"], "--allow-backing cannot be used with a URL"),
+    (["--header", f"no colon {SECRET}"], "argument --header"),
+])
+def test_upload_url_usage_errors(env, image_server, args, message):
+    p = env.run("upload-disk", "-s", "nfs", *args,
+                image_server.url("/disk"), check=False)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert SECRET not in p.stderr
+
+
+def test_upload_url_options_need_url(env, tmp_path):
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    p = env.run("upload-disk", "-s", "nfs", "--header", "A: b", src,
+                check=False)
+    assert p.returncode == 2
+    assert "--header needs a URL" in p.stderr
+
+
+def test_upload_url_credentials_refused(env):
+    p = env.run("upload-disk", "-s", "nfs",
+                f"http://user:{SECRET}@127.0.0.1:1/disk", check=False)
+    assert p.returncode == 2
+    assert "credentials" in p.stderr
+    assert SECRET not in p.stderr

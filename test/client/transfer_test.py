@@ -133,6 +133,88 @@ def test_sparse_writes_data_blocks_only(zero, calls):
     assert dst.data == expected
 
 
+# Uploads that find zeros in the data (sources without extents).
+
+class ZeroAware:
+    """A destination whose extents say where it reads zeros."""
+
+    can_extents = True
+
+    def __init__(self, image, extents):
+        self.image = image
+        self._extents = extents
+
+    def extents(self, context="zero"):
+        return self._extents
+
+    def __getattr__(self, name):
+        return getattr(self.image, name)
+
+
+def test_zeroing():
+    dst = ZeroAware(None, [Z(0, 2 * K64, zero=True), Z(2 * K64, K64),
+                           Z(3 * K64, K64, zero=True)])
+    z = transfer._Zeroing(dst, True)
+    assert not z.needed(0, K64)
+    assert not z.needed(K64, K64)
+    assert z.needed(K64, 2 * K64)
+    assert z.needed(2 * K64, K64)
+    assert not z.needed(3 * K64, K64)
+    assert z.needed(4 * K64, K64)
+    assert not transfer._Zeroing(dst, False).needed(2 * K64, K64)
+
+
+@pytest.mark.parametrize("zero,calls", [
+    (False, [("write", K64), ("write", 3 * K64), ("flush", 0)]),
+    (True, [("zero", 0), ("write", K64), ("zero", 2 * K64),
+            ("write", 3 * K64), ("flush", 0)]),
+], ids=["skip", "zero"])
+def test_upload_stream(zero, calls):
+    data = bytes(K64) + b"x" * K64 + bytes(K64) + b"y" * 100
+    dst = Memory(b"\xff" * len(data))
+    src = memoryview(data)
+    pos = 0
+    seen = bytearray()
+
+    def read_into(buf):
+        nonlocal pos
+        n = min(len(buf), 1000, len(data) - pos)
+        buf[:n] = src[pos:pos + n]
+        pos += n
+        return n
+
+    progress = Progress()
+    transfer.upload_stream(read_into, len(data), dst, buffer_size=K64,
+                           zero=zero, progress=progress, hasher=seen.extend)
+    assert dst.calls == calls
+    assert bytes(seen) == data
+    assert progress.size == progress.done == len(data)
+    if zero:
+        assert dst.data == data
+
+
+def test_upload_stream_ends_early():
+    dst = Memory(bytes(3 * K64))
+    with pytest.raises(transfer.TransferError) as e:
+        transfer.upload_stream(lambda buf: 0, 3 * K64, dst, buffer_size=K64)
+    assert "ended at 0" in str(e.value)
+
+
+def test_copy_sparse_reads_pieces():
+    data = b"a" * K64 + bytes(2 * K64) + b"b" * K64
+    src = Memory(data)
+    dst = Memory(b"\xff" * len(data))
+    w = transfer._Worker(src, dst, K64, owned=())
+    reported = []
+    copy = transfer._copy_sparse(transfer._Zeroing(dst, True))
+    copy(w, R(COPY, 0, len(data)), reported.append)
+    assert dst.data == data
+    assert src.calls == [("read", i * K64) for i in range(4)]
+    assert dst.calls == [("write", 0), ("zero", K64), ("zero", 2 * K64),
+                         ("write", 3 * K64)]
+    assert reported == [K64] * 4
+
+
 # run() with in-memory images
 
 class Memory:
