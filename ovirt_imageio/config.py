@@ -199,6 +199,18 @@ DEFAULTS = {
         # finish, but blocks the caller (engine, vdsm) longer.
         "remove_timeout": 60,
     },
+    "metrics": {
+        # /metrics (Prometheus text format) is always served on the control
+        # service; enable also serves it, alone, over plain HTTP on
+        # host:port, for a Prometheus that cannot reach the control
+        # socket. Never on the remote port: a ticket holder could read
+        # other transfers. Any local user can reach a localhost port; the
+        # metrics name transfers by transfer id, never by ticket id.
+        "enable": False,
+        "host": "localhost",
+        # 0: a random port (tests).
+        "port": 54325,
+    },
     "profile": {
         # Where /profile/ writes profiling data.
         "filename": "/run/ovirt-imageio/profile",
@@ -513,6 +525,7 @@ CHECKS = {
     ("control", "transport"): _one_of("unix", "tcp"),
     ("control", "port"): _port(-1),
     ("control", "remove_timeout"): _at_least(0),
+    ("metrics", "port"): _port(0),
     ("proxy", "allowed_skew_seconds"): _at_least(0),
     ("loggers", "keys"): _names_of("root"),
     ("handlers", "keys"): _names_of("logfile", "stderr"),

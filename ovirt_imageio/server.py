@@ -20,6 +20,7 @@ from . import errors
 from . import systemd
 from . import tickets
 from . import version
+from .http import metrics
 from .http import services
 from .nbd import qemu_nbd
 
@@ -104,8 +105,12 @@ class Daemon:
             clock=clock)
         # One pool of data buffers for the remote and local services.
         self.buffers = services.buffer_pool(cfg)
+        # What /metrics reads; every service reports its requests.
+        self.metrics = metrics.Sources(self.store, metrics.Recorder(),
+                                       self.buffers)
         self.services = []
         self.remote = self.local = self.control = None
+        self.metrics_service = None
         # [proxy] signed_tickets: the engine's signed tickets, made at
         # start (it loads certificates and may fail).
         self.signed = None
@@ -119,13 +124,19 @@ class Daemon:
             unix_socket = None
             if cfg.local.enable:
                 self.local = self._add(
-                    services.local(cfg, self.store, self.buffers))
+                    services.local(cfg, self.store, self.buffers,
+                                   self.metrics))
                 unix_socket = self.local.server.address()
             self.remote = self._add(
                 services.remote(cfg, self.store, unix_socket,
-                                self.buffers, signed=self.signed))
+                                self.buffers, signed=self.signed,
+                                metrics_sources=self.metrics))
             if cfg.control.enable:
-                self.control = self._add(services.control(cfg, self.store))
+                self.control = self._add(
+                    services.control(cfg, self.store, self.metrics))
+            if cfg.metrics.enable:
+                self.metrics_service = self._add(
+                    services.metrics_service(cfg, self.metrics))
         except BaseException:
             self.stop()
             raise
@@ -136,6 +147,7 @@ class Daemon:
 
     def _add(self, service):
         self.services.append(service)
+        self.metrics.services.append(service)
         return service
 
     def add_ticket_file(self, path):
@@ -155,6 +167,7 @@ class Daemon:
             except Exception:
                 log.exception("Error stopping %s", service.name)
         self.services = []
+        self.metrics.services = []
         # Removing the tickets stops the qemu-nbd processes they own.
         self.store.clear()
         if self.signed is not None:

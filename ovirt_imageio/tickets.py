@@ -7,6 +7,14 @@ State lives at three addresses:
   transferred, and the connection contexts using it.
 - operation: its offset and the bytes done so far.
 
+Counters (for /metrics, the listing and the status document): a ticket
+counts the bytes of its operations by kind (read, write, zero, and the
+bytes of reads that were zero extents) and its requests by operation and
+status. An operation adds its bytes once, when it ends, under the lock
+the ticket takes then anyway; bytes of operations in flight are added
+when asked. So counting costs nothing per piece. The store keeps the
+process's totals, which go on counting after a ticket is removed.
+
 A ticket knows neither NBD nor HTTP. What serves its bytes (an NBD export,
 a qemu-nbd process) is an opaque `resource` with a close() method, closed
 when the ticket leaves the store, and optionally an `error` attribute:
@@ -195,20 +203,36 @@ class Ranges:
         return iter(zip(self._starts, self._ends))
 
 
+# Operation kinds whose bytes are counted.
+BYTE_KINDS = ("read", "write", "zero")
+
+
 class Operation:
     """
     An operation in flight on a ticket: a read, write, zero, flush or
     checksum. Report progress with done(n) at each buffer boundary; it
     raises errors.TransferCanceled once the ticket is canceled.
+
+    kind: counts its bytes as "read", "write" or "zero" (others are not
+    counted); context: the connection context it runs on (counted per
+    connection). zeros: bytes of a read sent from zero extents, set by
+    the thread running it (a plain int: one writer).
     """
 
-    def __init__(self, ticket, offset):
+    def __init__(self, ticket, offset, kind=None, context=None):
         self.ticket = ticket
         self.offset = offset
         self.length = 0
+        self.kind = kind
+        self.context = context
+        self.zeros = 0
 
     def done(self, n):
         self.ticket._progress(self, n)
+
+    def zero_extent(self, n):
+        """n bytes of this read were a zero extent (never read)."""
+        self.zeros += n
 
     def __enter__(self):
         return self
@@ -244,6 +268,15 @@ class Ticket:
         self._contexts = set()
         self._transferred = Ranges()
         self._canceled = False
+        # Bytes of ended operations by kind, and of reads from zero
+        # extents; by connection context; requests by (op, status).
+        self._bytes = dict.fromkeys(BYTE_KINDS, 0)
+        self._read_zeros = 0
+        self._context_bytes = {}
+        self._requests = {}
+        self._errors = 0
+        # The store's process totals, set by Store.create().
+        self.totals = None
         now = clock.now()
         self._expires = now + self.timeout
         self._access = now
@@ -289,9 +322,9 @@ class Ticket:
 
     # Operations.
 
-    def operation(self, offset=0):
+    def operation(self, offset=0, kind=None, context=None):
         """Start an operation at offset; use as a context manager."""
-        op = Operation(self, offset)
+        op = Operation(self, offset, kind, context)
         with self._cond:
             if self._canceled:
                 raise errors.TicketCanceled(self.transfer_id)
@@ -308,8 +341,21 @@ class Ticket:
         with self._cond:
             self._ops.discard(op)
             self._transferred.add(op.offset, op.offset + op.length)
+            self._count(op)
+            # Under the ticket's lock: whoever sees the operation ended
+            # sees it in the totals too.
+            if self.totals is not None:
+                self.totals.add_operation(op)
             self._touch()
             self._cond.notify_all()
+
+    def _count(self, op):
+        if op.kind in self._bytes:
+            self._bytes[op.kind] += op.length
+            self._read_zeros += op.zeros
+        if op.context in self._contexts:
+            self._context_bytes[op.context] = (
+                self._context_bytes.get(op.context, 0) + op.length)
 
     @property
     def active(self):
@@ -339,11 +385,60 @@ class Ticket:
     def remove_context(self, context):
         with self._cond:
             self._contexts.discard(context)
+            self._context_bytes.pop(context, None)
 
     @property
     def connections(self):
         with self._cond:
             return len(self._contexts)
+
+    # Counters.
+
+    def count_request(self, op, status, failed=False):
+        """
+        Count a request of this ticket that ended with status; failed: it
+        failed on the server's side (a 5xx, or cut after its response
+        started).
+        """
+        with self._cond:
+            key = (op, status)
+            self._requests[key] = self._requests.get(key, 0) + 1
+            if failed:
+                self._errors += 1
+                if self.totals is not None:
+                    self.totals.add_error()
+
+    def stats(self):
+        """
+        The ticket's counters, with operations in flight, for /metrics and
+        the listing: a dict with "bytes" (by kind), "read_zero_bytes",
+        "requests" ({(op, status): n}), "errors", "connections",
+        "active_operations", and "contexts": [(context, bytes, busy)],
+        busy if an operation runs on it.
+        """
+        with self._cond:
+            byte_counts = dict(self._bytes)
+            read_zeros = self._read_zeros
+            per_context = {ctx: self._context_bytes.get(ctx, 0)
+                           for ctx in self._contexts}
+            busy = set()
+            for op in self._ops:
+                if op.kind in byte_counts:
+                    byte_counts[op.kind] += op.length
+                    read_zeros += op.zeros
+                if op.context in per_context:
+                    per_context[op.context] += op.length
+                    busy.add(op.context)
+            return {
+                "bytes": byte_counts,
+                "read_zero_bytes": read_zeros,
+                "requests": dict(self._requests),
+                "errors": self._errors,
+                "connections": len(self._contexts),
+                "active_operations": len(self._ops),
+                "contexts": [(ctx, n, ctx in busy)
+                             for ctx, n in per_context.items()],
+            }
 
     # Cancellation.
 
@@ -396,11 +491,53 @@ class Ticket:
             d["filename"] = self.filename
         if len(self.ops) == 1:
             d["transferred"] = self.transferred()
+        # Ours, under names of their own: vdsm and the engine
+        # read upstream's fields above.
+        stats = self.stats()
+        d["read_bytes"] = stats["bytes"]["read"]
+        d["written_bytes"] = stats["bytes"]["write"]
+        d["zeroed_bytes"] = stats["bytes"]["zero"]
+        d["read_zero_bytes"] = stats["read_zero_bytes"]
+        d["failed_requests"] = stats["errors"]
         # Only when there is one: vdsm and the engine know the others.
         error = getattr(self.resource, "error", None)
         if isinstance(error, str) and error:
             d["error"] = error
         return d
+
+
+class Totals:
+    """
+    The process's counters over every ticket, removed ones too: bytes by
+    kind, and failed requests. Bytes are added when an
+    operation ends (so the totals never go back), under a lock taken once
+    per operation or failed request, never per piece; a ticket takes it
+    under its own lock, never the other way.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._bytes = dict.fromkeys(BYTE_KINDS, 0)
+        self._read_zeros = 0
+        self._errors = 0
+
+    def add_operation(self, op):
+        if op.kind in self._bytes:
+            with self._lock:
+                self._bytes[op.kind] += op.length
+                self._read_zeros += op.zeros
+
+    def add_error(self):
+        with self._lock:
+            self._errors += 1
+
+    def snapshot(self):
+        """Counters of ended operations and failed requests:
+        {"bytes": {kind: n}, "read_zero_bytes": n, "errors": n}."""
+        with self._lock:
+            return {"bytes": dict(self._bytes),
+                    "read_zero_bytes": self._read_zeros,
+                    "errors": self._errors}
 
 
 class Store:
@@ -411,13 +548,21 @@ class Store:
         self.remove_timeout = remove_timeout
         self.inactivity_timeout = inactivity_timeout
         self.clock = clock
+        self.totals = Totals()
         self._lock = threading.Lock()
         self._tickets = {}
 
     def create(self, info):
         """Build a Ticket from a dict with this store's defaults."""
-        return Ticket(info, inactivity_timeout=self.inactivity_timeout,
-                      clock=self.clock)
+        ticket = Ticket(info, inactivity_timeout=self.inactivity_timeout,
+                        clock=self.clock)
+        ticket.totals = self.totals
+        return ticket
+
+    def tickets(self):
+        """The tickets in the store now, in no particular order."""
+        with self._lock:
+            return list(self._tickets.values())
 
     def add(self, ticket):
         """Add a ticket, replacing one with the same id."""

@@ -255,3 +255,28 @@ def compare(a, b):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True)
     assert p.returncode == 0, f"{a} != {b}: {p.stdout}{p.stderr}"
+
+
+def parse_metrics(text):
+    """
+    Parse Prometheus text with the client library's parser (which fails on
+    malformed text): {(sample name, ((label, value), ...)): value}, labels
+    sorted.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = s.value
+    return samples
+
+
+def get_metrics(daemon):
+    """GET /metrics on the daemon's control service: (text, samples)."""
+    resp, data = daemon.api.request("GET", "/metrics")
+    assert resp.status == 200, data
+    assert resp.getheader("content-type").startswith("text/plain")
+    text = data.decode("utf-8")
+    return text, parse_metrics(text)

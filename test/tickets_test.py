@@ -307,7 +307,10 @@ def test_info_fields(fake_clock):
     assert list(d) == [
         "active", "canceled", "connections", "expires", "idle_time",
         "inactivity_timeout", "ops", "size", "sparse", "dirty", "timeout",
-        "url", "uuid", "transfer_id", "filename", "transferred"]
+        "url", "uuid", "transfer_id", "filename", "transferred",
+        # Ours, after upstream's.
+        "read_bytes", "written_bytes", "zeroed_bytes", "read_zero_bytes",
+        "failed_requests"]
     assert d["expires"] == int(fake_clock.now()) + 300
     assert d["inactivity_timeout"] == 3600
     assert d["transferred"] == 0
@@ -479,3 +482,99 @@ def test_store_clear(fake_clock):
     store.clear()
     assert len(store) == 0
     assert [r.closed for r in resources] == [1, 1, 1]
+
+
+# Counters.
+
+def test_counts_bytes_by_kind(fake_clock):
+    store = tickets.Store(clock=fake_clock)
+    t = store.create(info(ops=["write"]))
+    store.add(t)
+    with t.operation(0, "write") as op:
+        op.done(100)
+        op.done(20)
+    with t.operation(200, "zero") as op:
+        op.done(1000)
+    with t.operation(0, "read") as op:
+        op.zero_extent(30)
+        op.done(50)
+    with t.operation(0, "flush"):
+        pass
+    with t.operation(0, "checksum") as op:
+        op.done(7)
+    stats = t.stats()
+    assert stats["bytes"] == {"read": 50, "write": 120, "zero": 1000}
+    assert stats["read_zero_bytes"] == 30
+    d = t.info()
+    assert (d["read_bytes"], d["written_bytes"], d["zeroed_bytes"],
+            d["read_zero_bytes"]) == (50, 120, 1000, 30)
+    assert store.totals.snapshot()["bytes"] == stats["bytes"]
+
+
+def test_in_flight_bytes(fake_clock):
+    store = tickets.Store(clock=fake_clock)
+    t = store.create(info())
+    ctx = Context()
+    t.add_context(ctx)
+    with t.operation(0, "read", ctx) as op:
+        op.done(4096)
+        stats = t.stats()
+        assert stats["bytes"]["read"] == 4096
+        assert stats["active_operations"] == 1
+        assert stats["contexts"] == [(ctx, 4096, True)]
+        # The process totals count operations that ended.
+        assert store.totals.snapshot()["bytes"]["read"] == 0
+    stats = t.stats()
+    assert stats["contexts"] == [(ctx, 4096, False)]
+    assert stats["active_operations"] == 0
+    assert store.totals.snapshot()["bytes"]["read"] == 4096
+
+
+def test_bytes_by_context(fake_clock):
+    t = ticket(fake_clock)
+    a, b = Context(), Context()
+    t.add_context(a)
+    t.add_context(b)
+    for ctx, n in ((a, 10), (b, 20), (a, 5)):
+        with t.operation(0, "read", ctx) as op:
+            op.done(n)
+    assert sorted(n for _, n, _ in t.stats()["contexts"]) == [15, 20]
+    t.remove_context(a)
+    assert t.stats()["contexts"] == [(b, 20, False)]
+    # Its bytes stay the ticket's.
+    assert t.stats()["bytes"]["read"] == 35
+
+
+def test_count_requests(fake_clock):
+    store = tickets.Store(clock=fake_clock)
+    t = store.create(info())
+    t.count_request("read", "200")
+    t.count_request("read", "200")
+    t.count_request("read", "500", failed=True)
+    t.count_request("read", "cut", failed=True)
+    stats = t.stats()
+    assert stats["requests"] == {("read", "200"): 2, ("read", "500"): 1,
+                                 ("read", "cut"): 1}
+    assert stats["errors"] == 2
+    assert t.info()["failed_requests"] == 2
+    assert store.totals.snapshot()["errors"] == 2
+
+
+def test_totals_survive_removal(fake_clock):
+    store = tickets.Store(clock=fake_clock)
+    for uuid in ("a", "b"):
+        t = store.create(info(uuid=uuid))
+        store.add(t)
+        with t.operation(0, "read") as op:
+            op.done(10)
+        store.remove(uuid)
+    assert len(store) == 0
+    assert store.totals.snapshot()["bytes"]["read"] == 20
+
+
+def test_store_tickets(fake_clock):
+    store = tickets.Store(clock=fake_clock)
+    assert store.tickets() == []
+    t = store.create(info())
+    store.add(t)
+    assert store.tickets() == [t]

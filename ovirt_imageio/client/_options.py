@@ -128,6 +128,17 @@ def disk_id(value):
         raise Invalid("expected a UUID")
 
 
+def host_port(value):
+    """"localhost:9100", "[::1]:9100", ":9100" (every address) ->
+    (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise Invalid(f"expecting HOST:PORT: {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 def existing_file(value):
     if not os.path.isfile(value):
         raise Invalid("no such file")
@@ -230,6 +241,14 @@ COMMON = (
     Option("-o", "--output", choices=("text", "json"), config=False,
            type=choice("text", "json"), default="text",
            help="progress as a text line or JSON lines (default text)"),
+    Option("--progress-file", metavar="PATH", config=False,
+           help="also write the progress as Prometheus text to PATH, "
+                "rewritten atomically every second; the last value stays "
+                "after exit"),
+    Option("--progress-listen", metavar="HOST:PORT", config=False,
+           type=host_port,
+           help="also serve the progress as Prometheus text at "
+                "http://HOST:PORT/metrics while the command runs"),
     Option("--log-file", help="log to this file (default: stderr)"),
     Option("--log-level", choices=("debug", "info", "warning", "error"),
            type=choice("debug", "info", "warning", "error"),

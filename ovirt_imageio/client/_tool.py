@@ -1461,25 +1461,54 @@ def _ask(prompt):
 
 
 def progress_bar(args, phase):
-    return _Progress(args.output, phase)
+    return _Progress(args.output, phase, args)
 
 
 class _Progress:
-    """A ProgressBar and its Ticker, as one context manager."""
+    """
+    A ProgressBar and its Ticker, as one context manager; with
+    --progress-file or --progress-listen, its Exporter too.
+    """
 
-    def __init__(self, output, phase):
+    def __init__(self, output, phase, args=None):
         self.bar = _progress.ProgressBar(phase=phase, output=sys.stdout,
                                          format=output)
         self.ticker = _progress.Ticker(self.bar)
+        self.exporter = None
+        path = getattr(args, "progress_file", None)
+        listen = getattr(args, "progress_listen", None)
+        if path or listen:
+            try:
+                self.exporter = _progress.Exporter(
+                    self.bar, path=path, listen=listen,
+                    command=getattr(args, "command", None))
+            except OSError as e:
+                self.bar.close()
+                raise RuntimeError(
+                    f"Cannot serve progress on {listen[0]}:{listen[1]}: "
+                    f"{e}") from None
 
     def __enter__(self):
         self.bar.__enter__()
         self.ticker.__enter__()
+        if self.exporter is not None:
+            try:
+                self.exporter.__enter__()
+            except OSError as e:
+                self.ticker.__exit__(None, None, None)
+                self.bar.close()
+                raise RuntimeError(
+                    f"Cannot write progress to {self.exporter.path}: "
+                    f"{e}") from None
         return self.bar
 
     def __exit__(self, *exc):
         self.ticker.__exit__(*exc)
-        return self.bar.__exit__(*exc)
+        try:
+            return self.bar.__exit__(*exc)
+        finally:
+            if self.exporter is not None:
+                self.exporter.__exit__(*exc)
 
 
 def _cleanup(func, *args):

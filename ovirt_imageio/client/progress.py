@@ -1,5 +1,7 @@
 """
-Progress reporting, compatible with upstream's client.ProgressBar.
+Progress reporting, compatible with upstream's client.ProgressBar, and
+as Prometheus text for programs (Exporter: ovirt-img --progress-file,
+--progress-listen).
 
 The pipeline sets `progress.size` once the total is known and calls
 `progress.update(n)` (from worker threads) for every n bytes done,
@@ -8,10 +10,16 @@ object with a settable `size` and an `update(n)` method works (tqdm
 does); a plain callable is wrapped by Callback.
 """
 
+import http.server
 import json
+import os
+import socket
 import sys
+import tempfile
 import threading
 import time
+
+from .. import prometheus
 
 FORMAT_TEXT = "text"
 FORMAT_JSON = "json"
@@ -109,6 +117,12 @@ class ProgressBar:
     def done(self):
         return self._done
 
+    def snapshot(self):
+        """(phase, done, size, elapsed seconds, closed), read together."""
+        with self._lock:
+            return (self._phase, self._done, self._size,
+                    self._now() - self._start, self._closed)
+
     def update(self, n):
         """Add n bytes done; redraw when the percentage changes."""
         with self._lock:
@@ -200,3 +214,147 @@ class Ticker:
     def _run(self):
         while not self._stop.wait(self._interval / 4):
             self._bar.refresh(self._interval)
+
+
+class Exporter:
+    """
+    A ProgressBar's state as Prometheus text, for a Kubernetes populator
+    or Forklift that should not parse the progress line: rewritten every
+    interval seconds in a file (atomically: a reader sees the last
+    complete text, never a partial one; kept after exit), and served at
+    http://ADDRESS:PORT/metrics while the command runs.
+
+        bar = ProgressBar()
+        with Exporter(bar, path="progress.prom"), bar:
+            ...
+
+    The bar is closed before the exporter exits, so the last text says
+    how the command ended (its phase, running 0, failed).
+    """
+
+    def __init__(self, bar, path=None, listen=None, command=None,
+                 interval=1.0):
+        """
+        path: the file to write; listen: (host, port) to serve on;
+        command: the ovirt-img command, a label.
+        """
+        self._bar = bar
+        self.path = path
+        self._command = command
+        self._interval = interval
+        self._stop = threading.Event()
+        self.failed = False
+        self._thread = None
+        self._server = None
+        if listen is not None:
+            self._server = _Server(listen, self)
+
+    @property
+    def address(self):
+        """The address served, (host, port), or None."""
+        return self._server.server_address[:2] if self._server else None
+
+    def __enter__(self):
+        self.write()
+        if self._server is not None:
+            threading.Thread(target=self._server.serve_forever,
+                             name="progress-server", daemon=True).start()
+        if self.path is not None:
+            self._thread = threading.Thread(
+                target=self._run, name="progress-file", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None:
+            self.failed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        # The last value, after the bar closed.
+        self.write()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            self.write()
+
+    def write(self):
+        """Replace the file with the current text."""
+        if self.path is None:
+            return
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix=".progress-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.text())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def text(self):
+        phase, done, size, elapsed, closed = self._bar.snapshot()
+        families = []
+
+        def family(name, kind, help):
+            f = prometheus.Family("ovirt_img_" + name, kind, help)
+            families.append(f)
+            return f
+
+        labels = {"phase": phase or ""}
+        if self._command:
+            labels["command"] = self._command
+        family("info", "gauge", "The command and what it is doing.").add(
+            1, labels)
+        family("transferred_bytes", "gauge",
+               "Bytes of the image done so far.").add(done)
+        if size is not None:
+            family("size_bytes", "gauge",
+                   "Bytes of the image to transfer.").add(size)
+            family("progress_ratio", "gauge",
+                   "Done, from 0 to 1.").add(
+                min(1.0, done / size) if size else 1.0)
+        family("elapsed_seconds", "gauge",
+               "Seconds since the command started.").add(elapsed)
+        family("running", "gauge",
+               "1 while the command runs, 0 once it ended.").add(
+            0 if closed else 1)
+        family("failed", "gauge", "1 if the command failed.").add(
+            1 if self.failed else 0)
+        return prometheus.render(families)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, exporter):
+        self.exporter = exporter
+        host = address[0]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):
+        if self.path.split("?")[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        body = self.server.exporter.text().encode("utf-8")
+        self.send_response(200)
+        self.send_header("content-type", prometheus.CONTENT_TYPE)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass

@@ -66,18 +66,23 @@ def plan(image, offset, length, piece):
         covered += n
 
 
-def send_range(image, offset, length, dst, begin, done, buf=None):
+def send_range(image, offset, length, dst, begin, done, buf=None,
+               zero_extent=None):
     """
     Send the range of image (ovirt_imageio/image.py) to dst, the client's
     socket (spliced) or the response's write(data) (through buf); zero
     extents from the shared zero buffer. begin() starts the response: it
     is called before the first byte, and again at the end (an empty
     range), so it must do nothing once the response started.
+    zero_extent(n), if given, is called for each zero extent sent (for
+    the counters of bytes that were zeros).
     """
     write = image_contract.writer(dst)
     for start, n, zero in plan(image, offset, length, length):
         if zero:
             begin()
+            if zero_extent is not None:
+                zero_extent(n)
             send_zeros(write, n, done)
         else:
             image.send(dst, start, n, buf=buf, begin=begin, done=done)

@@ -47,7 +47,7 @@ class Handler:
             # connection open here.
             raise server.Error(403, str(e))
         lk = self.images._link(req, ticket)
-        with ticket.operation(0) as op, lk as image:
+        with ticket.operation(0, "checksum", lk) as op, lk as image:
             result = checksum.compute(
                 image, algorithm=algorithm, block_size=block_size,
                 progress=op.done)

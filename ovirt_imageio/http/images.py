@@ -183,6 +183,7 @@ class Handler:
             disposition.content_disposition(ticket.filename))
 
         if req.method == "HEAD":
+            req.op = "head"
             resp.start(length)
             return
 
@@ -198,10 +199,10 @@ class Handler:
 
         # Spliced to the client's socket, or through the buffer to write().
         dst = lk.sock if lk.splices else write
-        with self._buffer(lk) as buf, ticket.operation(offset) as op, \
-                lk as image:
+        with self._buffer(lk) as buf, \
+                ticket.operation(offset, "read", lk) as op, lk as image:
             bodies.send_range(image, offset, length, dst, begin, op.done,
-                              buf=buf)
+                              buf=buf, zero_extent=op.zero_extent)
 
     head = get
 
@@ -233,8 +234,8 @@ class Handler:
         ticket = self._authorize_write(req, ticket_id, offset, length)
         lk = self._link(req, ticket)
         if lk.splices:
-            with etag.writing(ticket), ticket.operation(offset) as op, \
-                    lk as image:
+            with etag.writing(ticket), \
+                    ticket.operation(offset, "write", lk) as op, lk as image:
                 prefix = req.take_body()
                 try:
                     image.receive(lk.sock, offset, length, prefix=prefix,
@@ -250,7 +251,7 @@ class Handler:
             return
         # Through the buffer; a relay flushes with its PUT (relay.py).
         with self._buffer(lk) as buf, etag.writing(ticket), \
-                ticket.operation(offset) as op, lk as image:
+                ticket.operation(offset, "write", lk) as op, lk as image:
             image.receive(bodies.body_reader(req, length), offset, length,
                           buf=buf, done=op.done, flush=flush)
 
@@ -267,13 +268,15 @@ class Handler:
             raise server.Error(
                 400, f"Unsupported value {op!r} for 'op', expecting one of "
                      f"['flush', 'zero']")
+        req.op = op
         if op == "zero":
             size = params.integer(msg, "size")
             offset = params.integer(msg, "offset", 0)
             flush = params.boolean(msg, "flush", False)
             ticket = self._authorize_write(req, ticket_id, offset, size)
             lk = self._link(req, ticket)
-            with etag.writing(ticket), ticket.operation(offset) as operation, \
+            with etag.writing(ticket), \
+                    ticket.operation(offset, "zero", lk) as operation, \
                     lk as image:
                 end = offset + size
                 while offset < end:
@@ -286,7 +289,7 @@ class Handler:
         else:
             ticket = self._authorize(req, ticket_id, "write")
             lk = self._link(req, ticket)
-            with ticket.operation(0), lk as image:
+            with ticket.operation(0, "flush", lk), lk as image:
                 image.flush()
 
 

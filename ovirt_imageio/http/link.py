@@ -30,6 +30,7 @@ what happened, and its HTTP connection is closed.
 
 import errno
 import threading
+import time
 
 from .. import errors
 from ..nbd import client as nbd_client
@@ -79,6 +80,14 @@ class Link:
         self.closed = False
         # Fired by cancel() to stop the NBD I/O of a busy link.
         self.interrupt = nbd_client.Interrupt()
+        self.opened = time.monotonic()
+
+    def describe(self):
+        """The connection using this link, for the listing of transfers
+        (the ticket counts its bytes)."""
+        d = self.client.describe() if self.client is not None else {}
+        d["seconds"] = time.monotonic() - self.opened
+        return d
 
     def open(self):
         """Connect now, so a missing export fails the first request."""

@@ -33,18 +33,29 @@ STATUS = [
 
 class Router:
 
-    def __init__(self, routes):
+    def __init__(self, routes, observe=None):
+        """
+        observe(req, resp, seconds, cut), if given, is called when each
+        request ends (metrics.Recorder.request); cut: its response started
+        and could not be completed.
+        """
         self.routes = [(re.compile(pattern), handler)
                        for pattern, handler in routes]
+        self.observe = observe
 
     def dispatch(self, req, resp):
         start = time.monotonic()
+        cut = False
         try:
             self._dispatch(req, resp)
         except Exception as e:
+            cut = resp.started
             self._fail(req, resp, e)
         finally:
-            log_request(req, resp, time.monotonic() - start)
+            seconds = time.monotonic() - start
+            log_request(req, resp, seconds)
+            if self.observe is not None:
+                self.observe(req, resp, seconds, cut)
 
     def _dispatch(self, req, resp):
         if req.framing_error:

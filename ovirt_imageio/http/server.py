@@ -46,11 +46,13 @@ import selectors
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 import time
 import urllib.parse
 
 from .. import pipes
+from .. import prometheus
 from .. import tls
 from .. import version
 
@@ -176,6 +178,29 @@ class Context:
         else:
             _shutdown(self.sock, socket.SHUT_RD)
 
+    def describe(self):
+        """
+        Who is connected, for the listing of transfers: the connection id,
+        the service, and the client's address and port (TCP), or its
+        process id (a unix socket).
+        """
+        d = {"connection": self.id, "client": self.client}
+        if self._handler is None:
+            return d
+        d["service"] = self._handler.server.name
+        address = self._handler.client_address
+        if isinstance(address, tuple) and len(address) >= 2:
+            d["client"] = tcp_peer(address[0], address[1])
+        else:
+            try:
+                creds = self.sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED,
+                    struct.calcsize("3i"))
+                d["client"] = f"pid={struct.unpack('3i', creds)[0]}"
+            except OSError:
+                pass
+        return d
+
     def close(self):
         while self._closers:
             fn = self._closers.pop()
@@ -183,6 +208,12 @@ class Context:
                 fn()
             except Exception:
                 log.exception("Error closing connection %s", self.id)
+
+
+def tcp_peer(host, port):
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
 
 
 class Request:
@@ -441,16 +472,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._start_deadline(self.server.limits.handshake_timeout,
                                  "TLS handshake")
             try:
-                if not self._setup_tls():
-                    return
+                shaken = self._setup_tls()
             finally:
                 self._end_deadline()
+            self.server.stats.handshake(shaken)
+            if not shaken:
+                return
         self.context = Context(next(_conn_ids), self.address_string(),
                                self.request,
                                plain=self.server.tls_context is None,
                                handler=self)
         self._start = time.monotonic()
         self._requests = 0
+        self.server.stats.opened.inc()
         log.info("OPEN connection=%s client=%s service=%s",
                  self.context.id, self.context.client, self.server.name)
 
@@ -597,6 +631,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
         self.context.close()
+        self.server.stats.closed.inc()
         if self._tls is not None:
             self._tls.release()
         log.info("CLOSE connection=%s requests=%s seconds=%.3f",
@@ -805,6 +840,23 @@ class _HeaderReader:
         return getattr(self._rfile, name)
 
 
+class Stats:
+    """A server's connection counters, for /metrics; no lock needed."""
+
+    def __init__(self):
+        self.opened = prometheus.Counter()
+        self.closed = prometheus.Counter()
+        self.handshakes = prometheus.Counter()
+        self.handshake_failures = prometheus.Counter()
+
+    def handshake(self, ok):
+        (self.handshakes if ok else self.handshake_failures).inc()
+
+    @property
+    def connections(self):
+        return self.opened.value - self.closed.value
+
+
 class _Server(socketserver.ThreadingMixIn):
     daemon_threads = True
     block_on_close = False
@@ -815,6 +867,7 @@ class _Server(socketserver.ThreadingMixIn):
 
     def _init_limits(self, limits):
         self.limits = limits or Limits()
+        self.stats = Stats()
         # Sockets of connections that have not authorized a ticket, oldest
         # first. A socket is shut down here only while it is listed, and
         # it leaves the list before its handler closes it, so a closed

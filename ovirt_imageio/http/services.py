@@ -1,11 +1,17 @@
 """
-The daemon's three services, built from the configuration:
+The daemon's services, built from the configuration:
 
     remote   HTTPS on [remote] host:port       /images, /info, the page at
                                                / ([remote] page), /ca.pem
     local    HTTP on the [local] unix socket   /images
-    control  HTTP on a unix socket or TCP      /tickets, /profile
-             localhost port ([control])
+    control  HTTP on a unix socket or TCP      /tickets, /profile,
+             localhost port ([control])        /transfers, /metrics
+    metrics  HTTP on [metrics] host:port,      /metrics
+             when [metrics] enable
+
+Every router reports its requests to the process's metrics.Recorder
+(`metrics`, optional); /metrics is never served where a ticket holder
+connects (remote, local).
 
 Tickets are shared by all services: the control service adds them, the
 others serve them.
@@ -25,11 +31,13 @@ from ..nbd import backend
 from . import checksum
 from . import images
 from . import info
+from . import metrics
 from . import relay
 from . import router
 from . import server
 from . import static
 from . import tickets as tickets_api
+from . import transfers
 
 log = logging.getLogger("services")
 
@@ -40,7 +48,12 @@ def buffer_pool(cfg):
     return images.buffer_pool(cfg)
 
 
-def remote(cfg, store, unix_socket=None, pool=None, signed=None):
+def _observer(sources):
+    return sources.recorder.request if sources is not None else None
+
+
+def remote(cfg, store, unix_socket=None, pool=None, signed=None,
+           metrics_sources=None):
     """signed: the SignedTickets of signed_tickets(), with [proxy]
     signed_tickets on."""
     if signed is None:
@@ -59,7 +72,8 @@ def remote(cfg, store, unix_socket=None, pool=None, signed=None):
     with starting("remote", tcp_address(cfg.remote.host, cfg.remote.port)):
         srv = server.TCPServer(
             "remote", cfg.remote.host, cfg.remote.port,
-            router.Router(routes), tls_context=tls,
+            router.Router(routes, observe=_observer(metrics_sources)),
+            tls_context=tls,
             limits=server.Limits.from_config(cfg))
     return server.Service(srv)
 
@@ -125,22 +139,26 @@ def unix_address(path):
     return repr(path)
 
 
-def local(cfg, store, pool=None):
+def local(cfg, store, pool=None, metrics_sources=None):
     """The local service; its routes are set once its address is known."""
     with starting("local", unix_address(cfg.local.socket)):
         srv = server.UnixServer("local", cfg.local.socket, None,
                                 limits=server.Limits.from_config(cfg))
-    srv.router = router.Router(data_routes(cfg, store, srv.address(),
-                                           pool))
+    srv.router = router.Router(
+        data_routes(cfg, store, srv.address(), pool),
+        observe=_observer(metrics_sources))
     return server.Service(srv)
 
 
-def control(cfg, store):
+def control(cfg, store, metrics_sources=None):
     routes = [
         (r"/tickets/(.*)", tickets_api.Handler(store, export=exporter(cfg))),
         (r"/profile/", tickets_api.ProfileHandler()),
+        (r"/transfers/(.*)", transfers.Handler(store)),
     ]
-    r = router.Router(routes)
+    if metrics_sources is not None:
+        routes.append((METRICS_PATH, metrics.Handler(metrics_sources)))
+    r = router.Router(routes, observe=_observer(metrics_sources))
     if cfg.control.transport == "tcp":
         if cfg.control.port == -1:
             raise errors.Error(
@@ -157,6 +175,22 @@ def control(cfg, store):
             srv = server.UnixServer(
                 "control", cfg.control.socket, r, mode=0o660,
                 limits=server.Limits.from_config(cfg))
+    return server.Service(srv)
+
+
+# /metrics, or /metrics/, and nothing under it.
+METRICS_PATH = r"/metrics/?$"
+
+
+def metrics_service(cfg, sources):
+    """The [metrics] service: /metrics only, plain HTTP on host:port."""
+    r = router.Router([(METRICS_PATH, metrics.Handler(sources))],
+                      observe=_observer(sources))
+    with starting("metrics", tcp_address(cfg.metrics.host,
+                                         cfg.metrics.port)):
+        srv = server.TCPServer(
+            "metrics", cfg.metrics.host, cfg.metrics.port, r,
+            limits=server.Limits.from_config(cfg))
     return server.Service(srv)
 
 

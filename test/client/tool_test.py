@@ -407,6 +407,64 @@ def test_upload_text_output(env, tmp_path):
     assert phases == UPLOAD_PHASES
 
 
+def progress_file(path):
+    samples = testutil.parse_metrics(open(path).read())
+    return {name: (value, dict(labels))
+            for (name, labels), value in samples.items()}
+
+
+def test_progress_file(env, tmp_path):
+    src = make_image(tmp_path / "src.raw", "raw")
+    path = tmp_path / "progress.prom"
+    env.run("upload-disk", "-s", "nfs", "-f", "raw", src,
+            "--progress-file", path)
+    m = progress_file(path)
+    assert m["ovirt_img_transferred_bytes"][0] == 4 * MiB
+    assert m["ovirt_img_size_bytes"][0] == 4 * MiB
+    assert m["ovirt_img_progress_ratio"][0] == 1.0
+    assert m["ovirt_img_running"][0] == 0
+    assert m["ovirt_img_failed"][0] == 0
+    assert m["ovirt_img_info"] == (
+        1, {"command": "upload-disk", "phase": "upload completed"})
+    # Replaced: no temporary file left behind.
+    assert not [n for n in os.listdir(tmp_path)
+                if n.startswith(".progress-")]
+
+
+def test_progress_file_failure(env, tmp_path):
+    env.engine.inject("add_transfer")
+    src = make_image(tmp_path / "src.qcow2", "qcow2")
+    path = tmp_path / "progress.prom"
+    p = env.run("upload-disk", "-s", "nfs", src, "--progress-file", path,
+                check=False)
+    assert p.returncode == 1, p.stderr
+    m = progress_file(path)
+    assert m["ovirt_img_failed"][0] == 1
+    assert m["ovirt_img_running"][0] == 0
+
+
+def test_progress_listen_address_in_use(env, tmp_path):
+    src = make_image(tmp_path / "src.raw", "raw")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = env.run("upload-disk", "-s", "nfs", src, "--progress-listen",
+                    f"127.0.0.1:{port}", check=False)
+    assert p.returncode == 1
+    assert_one_line(p.stderr.splitlines(),
+                    f"Cannot serve progress on 127.0.0.1:{port}")
+    # Nothing was uploaded.
+    assert env.disks("src") == []
+
+
+def test_progress_listen_invalid(env, tmp_path):
+    p = env.run("upload-disk", "-s", "nfs", "x", "--progress-listen",
+                "nowhere", check=False)
+    assert p.returncode == 2
+    assert "--progress-listen" in p.stderr and "HOST:PORT" in p.stderr
+
+
 def forklift_download(env, disk_id, path):
     """Download as Forklift's ovirt-populator does (CLIENTS.md 3): its
     command line, stdout and stderr merged, JSON lines parsed, the rest

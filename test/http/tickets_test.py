@@ -60,6 +60,12 @@ def test_put_get(daemon):
         "transfer_id": "transfer-1",
         "filename": "disk.raw",
         "transferred": 0,
+        # Ours, after upstream's.
+        "read_bytes": 0,
+        "written_bytes": 0,
+        "zeroed_bytes": 0,
+        "read_zero_bytes": 0,
+        "failed_requests": 0,
     }
 
 
