@@ -25,6 +25,8 @@ to it as to any other connection.
 import io
 import ssl
 
+from . import _openssl
+
 # Bytes of ciphertext moved per send or recv. Large enough to amortize the
 # system call and TCP overhead; small enough to stay in cache.
 BATCH = 256 * 1024
@@ -36,6 +38,10 @@ BATCH = 256 * 1024
 # KiB. A batch's pieces go out in one sendmsg(). (32 KiB pieces cost 7-9%
 # more CPU sending.)
 HALF = BATCH // 2
+
+# Let OpenSSL do the socket I/O when it can (see _openssl); False keeps
+# the memory BIOs.
+NATIVE = True
 
 # Ciphertext received at once for a small read (the handshake, request
 # heads, small bodies): two full TLS records. A read into a buffer at
@@ -60,6 +66,16 @@ class Connection:
         # Ciphertext of large reads (request bodies) is received here,
         # made on the first one and dropped when the connection idles.
         self._rbuf = None
+        # OpenSSL's own socket I/O once the handshake is done (writes)
+        # and the in BIO is empty (reads); None if it cannot be had.
+        self._native = None
+        self._native_reads = False
+        lib = _openssl.load() if NATIVE else None
+        if lib is not None:
+            ptr = _openssl.ssl_pointer(lib, self._tls, self._in, self._out)
+            if ptr is not None:
+                _openssl.Native.prepare(lib, ptr, BATCH)
+                self._native = _openssl.Native(lib, ptr, sock, BATCH)
 
     def handshake(self):
         while True:
@@ -82,6 +98,8 @@ class Connection:
                 raise
         # Session tickets and the end of the handshake.
         self._flush()
+        if self._native is not None:
+            self._native.start_writing()
 
     def version(self):
         return self._tls.version()
@@ -92,6 +110,9 @@ class Connection:
         clients report a bare TCP FIN as "unexpected eof"). We do not wait
         for the peer's close_notify.
         """
+        if self._native is not None:
+            self._native.shutdown()
+            return
         try:
             self._tls.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
@@ -107,6 +128,7 @@ class Connection:
         the garbage collector, which big C buffers do not trigger: 256
         closed connections kept 300 MiB.
         """
+        self._native = None
         self._tls = self._in = self._out = self._rbuf = None
         self.sock = None
 
@@ -119,6 +141,9 @@ class Connection:
         reader, request body, the image handler's loop) would otherwise
         each run once per record.
         """
+        if self._native is not None and self._native_read():
+            with _openssl.Buffer(buf, writable=True) as b:
+                return self._native.read(b.address, b.length)
         view = memoryview(buf).cast("B")
         want = len(view)
         while True:
@@ -145,7 +170,20 @@ class Connection:
             n += got
         return n
 
+    def _native_read(self):
+        """True if OpenSSL reads the socket: from the first read that
+        finds the in BIO empty (what came with the handshake is read
+        from it first)."""
+        if not self._native_reads and not self._eof and \
+                not self._in.pending:
+            self._native.start_reading()
+            self._native_reads = True
+        return self._native_reads
+
     def sendall(self, data):
+        if self._native is not None:
+            self._native.write(data, memoryview(data).nbytes >= SMALL)
+            return
         view = memoryview(data).cast("B")
         for start in range(0, len(view), BATCH):
             batch = view[start:start + BATCH]
@@ -167,6 +205,8 @@ class Connection:
         cost.
         """
         self._rbuf = None
+        if self._native is not None:
+            self._native.idle()
 
     def _fill(self, large=False):
         """
