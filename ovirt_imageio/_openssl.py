@@ -35,15 +35,15 @@ SSL_CTRL_MODE = 33
 SSL_MODE_RELEASE_BUFFERS = 0x10
 
 BIO_NOCLOSE = 0
+BIO_CTRL_PENDING = 10
 BIO_CTRL_FLUSH = 11
 BIO_C_SET_BUFF_SIZE = 117
 BIO_FLAGS_SHOULD_RETRY = 0x08
 
-# ERR_GET_LIB / ERR_GET_REASON of OpenSSL 3.
-ERR_LIB_SSL = 20
-SSL_R_UNEXPECTED_EOF_WHILE_READING = 294
 
 P = ctypes.c_void_p
+
+READ, WRITE = "read", "write"
 
 
 class _Py_buffer(ctypes.Structure):
@@ -195,83 +195,106 @@ class Native:
     SSL (the SSLObject) must live as long as this one.
     """
 
-    def __init__(self, lib, ptr, sock, batch):
+    def __init__(self, lib, ptr, sslobj, sock, batch):
         self._lib = lib
         self._ssl = ptr
+        self._sslobj = sslobj
         self._sock = sock
         self._batch = batch
         self._fd = sock.fileno()
-        self._rsock = None
-        self._wsock = None
-        self._buffered = False
+        # Our references to the socket BIOs; OpenSSL's object holds its
+        # own, directly or under a buffer BIO.
+        self._bio = {READ: None, WRITE: None}
+        self._buffered = {READ: False, WRITE: False}
         self._n = ctypes.c_size_t()
         self._peek = bytearray(1)
 
     @staticmethod
-    def prepare(lib, ptr, read_buffer):
-        """Before the handshake: read ahead into a large buffer, freed
-        whenever it is empty."""
-        lib.SSL_set_default_read_buffer_len(ptr, read_buffer)
-        lib.SSL_set_read_ahead(ptr, 1)
+    def prepare(lib, ptr):
+        """Before the handshake: OpenSSL's own record buffers are freed
+        whenever they are empty (an idle connection keeps none)."""
         lib.SSL_ctrl(ptr, SSL_CTRL_MODE, SSL_MODE_RELEASE_BUFFERS, None)
 
     def start_writing(self):
         """Write to the socket from now on (the memory BIO is empty)."""
-        self._wsock = self._socket_bio()
-        self._lib.BIO_up_ref(self._wsock)
-        self._lib.SSL_set0_wbio(self._ssl, self._wsock)
+        self._start(WRITE)
 
     def start_reading(self):
         """Read from the socket from now on (the memory BIO is empty)."""
-        self._rsock = self._socket_bio()
-        self._lib.SSL_set0_rbio(self._ssl, self._rsock)
+        self._start(READ)
 
-    def _socket_bio(self):
+    def _start(self, way):
         bio = self._lib.BIO_new_socket(self._fd, BIO_NOCLOSE)
         if not bio:
             raise MemoryError("BIO_new_socket")
-        return bio
+        self._lib.BIO_up_ref(bio)
+        self._bio[way] = bio
+        self._set0(way, bio)
 
-    def _buffer(self, on):
+    def _set0(self, way, bio):
+        if way == READ:
+            self._lib.SSL_set0_rbio(self._ssl, bio)
+        else:
+            self._lib.SSL_set0_wbio(self._ssl, bio)
+
+    def close(self):
+        """Drop our references (OpenSSL's object frees its own)."""
+        for way, bio in self._bio.items():
+            if bio:
+                self._lib.BIO_free(bio)
+                self._bio[way] = None
+
+    def _buffer(self, way, on):
         """
-        Gather records in a buffer BIO of a batch while sending a large
-        body; send them straight otherwise, so that an idle connection
-        keeps no buffer.
+        Move the ciphertext of a large body through a buffer BIO of a
+        batch: one read() brings many records, one write() sends many.
+        Without it (small messages, an idle connection) no buffer is
+        kept.
         """
-        if on == self._buffered:
+        if on == self._buffered[way]:
             return
         lib = self._lib
+        bio = self._bio[way]
         if on:
             buf = lib.BIO_new(lib.BIO_f_buffer())
             if not buf:
                 raise MemoryError("BIO_new")
+            which = ctypes.c_int(0 if way == READ else 1)
             if lib.BIO_ctrl(buf, BIO_C_SET_BUFF_SIZE, self._batch,
-                            ctypes.byref(ctypes.c_int(1))) != 1:
+                            ctypes.byref(which)) != 1:
                 lib.BIO_free(buf)
-                raise MemoryError("BIO_set_write_buffer_size")
-            # The chain and SSL_set0_wbio's free of the bare BIO each
+                raise MemoryError("BIO_C_SET_BUFF_SIZE")
+            # The chain and SSL_set0_*bio's free of the bare BIO each
             # take one reference.
-            lib.BIO_up_ref(self._wsock)
-            lib.BIO_push(buf, self._wsock)
-            lib.SSL_set0_wbio(self._ssl, buf)
+            lib.BIO_up_ref(bio)
+            lib.BIO_push(buf, bio)
+            self._set0(way, buf)
         else:
-            lib.BIO_up_ref(self._wsock)
-            # Frees the buffer BIO and drops its reference to ours.
-            lib.SSL_set0_wbio(self._ssl, self._wsock)
-        self._buffered = on
+            lib.BIO_up_ref(bio)
+            # Frees the buffer BIO and its reference to ours.
+            self._set0(way, bio)
+        self._buffered[way] = on
 
     def write(self, data, large):
         with Buffer(data) as buf:
             if not buf.length:
                 return
             if large:
-                self._buffer(True)
+                self._buffer(WRITE, True)
             self._write(buf.address, buf.length)
         self._flush()
 
     def idle(self):
-        if self._buffered:
-            self._buffer(False)
+        """Drop the buffers of large bodies; received ciphertext not yet
+        read (a pipelined request) keeps the read one."""
+        self._buffer(WRITE, False)
+        if self._buffered[READ] and not self._pending():
+            self._buffer(READ, False)
+
+    def _pending(self):
+        """Ciphertext in the read buffer BIO."""
+        rbio = self._lib.SSL_get_rbio(self._ssl)
+        return self._lib.BIO_ctrl(rbio, BIO_CTRL_PENDING, 0, None) > 0
 
     def _write(self, address, length):
         lib = self._lib
@@ -285,7 +308,7 @@ class Native:
             self._wait(ret, ctypes.get_errno())
 
     def _flush(self):
-        if not self._buffered:
+        if not self._buffered[WRITE]:
             return
         lib = self._lib
         wbio = lib.SSL_get_wbio(self._ssl)
@@ -298,47 +321,54 @@ class Native:
                 raise self._oserror(code)
             self._wait_socket(select.POLLOUT)
 
-    def read(self, address, length):
+    def read(self, view, large):
         """
-        Read up to length bytes into address: as many as OpenSSL has
-        already received, waiting (through the socket's recv_into, with
-        its timeouts and deadlines) only for the first. 0 at end of
-        stream.
+        Read up to len(view) bytes into the byte view: as many as
+        OpenSSL has already received, waiting (through the socket's
+        recv_into, with its timeouts and deadlines) only for the first.
+        0 at end of stream.
+
+        Records are read with the _ssl object's read(): a ctypes call
+        costs more, and this runs once per record (16 KiB).
         """
-        lib = self._lib
-        n = self._n
+        if large:
+            self._buffer(READ, True)
+        read = self._sslobj.read
+        length = len(view)
         got = 0
+        if (self._sock.gettimeout() is None
+                and not self._lib.SSL_has_pending(self._ssl)
+                and not self._pending()):
+            # A blocking socket: OpenSSL's read() would not keep the
+            # caller's deadline; wait through the socket first.
+            if not self._wait_readable():
+                return 0
         while got < length:
-            if (got == 0 and not lib.SSL_has_pending(self._ssl)
-                    and self._sock.gettimeout() is None):
-                # A blocking socket: OpenSSL's read() would not keep the
-                # caller's deadline; wait through the socket first.
-                if not self._wait_readable():
-                    return 0
-            ctypes.set_errno(0)
-            ret = lib.SSL_read_ex(self._ssl, address + got, length - got,
-                                  ctypes.byref(n))
-            if ret == 1:
-                got += n.value
-                continue
-            code = ctypes.get_errno()
-            err = lib.SSL_get_error(self._ssl, ret)
-            if err == SSL_ERROR_WANT_READ:
-                lib.ERR_clear_error()
+            try:
+                n = read(length - got, view[got:])
+            except ssl.SSLWantReadError:
                 if got:
                     return got
                 if not self._wait_readable():
                     return 0
-            elif err == SSL_ERROR_WANT_WRITE:
+                continue
+            except ssl.SSLWantWriteError:
                 # A reply of OpenSSL's (a key update) waits for the socket.
-                lib.ERR_clear_error()
                 self._wait_socket(select.POLLOUT)
-            elif got:
-                # The end (or the error) is reported by the next call.
-                lib.ERR_clear_error()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # Closed, with or without close_notify: end of stream
+                # (reported by the next call if this one read some).
                 return got
-            else:
-                return self._read_error(err, code)
+            except ssl.SSLSyscallError:
+                # The socket failed; _ssl keeps no errno without a socket.
+                if got:
+                    return got
+                raise ConnectionResetError(
+                    errno.ECONNRESET, "Connection reset by peer") from None
+            if n == 0:
+                return got
+            got += n
         return got
 
     def shutdown(self):
@@ -348,24 +378,7 @@ class Native:
         try:
             self._flush()
         finally:
-            self._buffer(False)
-
-    def _read_error(self, err, code):
-        lib = self._lib
-        if err == SSL_ERROR_ZERO_RETURN:
-            lib.ERR_clear_error()
-            return 0
-        if err == SSL_ERROR_SYSCALL:
-            lib.ERR_clear_error()
-            if code == 0:
-                return 0
-            raise OSError(code, os.strerror(code))
-        e = lib.ERR_get_error()
-        if ((e >> 23) & 0xff) == ERR_LIB_SSL and \
-                (e & 0x7fffff) == SSL_R_UNEXPECTED_EOF_WHILE_READING:
-            lib.ERR_clear_error()
-            return 0
-        raise self._ssl_error(e)
+            self._buffer(WRITE, False)
 
     def _wait(self, ret, code):
         """Wait as OpenSSL asks after a failed write; raise on errors."""

@@ -74,8 +74,9 @@ class Connection:
         if lib is not None:
             ptr = _openssl.ssl_pointer(lib, self._tls, self._in, self._out)
             if ptr is not None:
-                _openssl.Native.prepare(lib, ptr, BATCH)
-                self._native = _openssl.Native(lib, ptr, sock, BATCH)
+                _openssl.Native.prepare(lib, ptr)
+                self._native = _openssl.Native(lib, ptr, self._tls._sslobj,
+                                               sock, BATCH)
 
     def handshake(self):
         while True:
@@ -128,7 +129,9 @@ class Connection:
         the garbage collector, which big C buffers do not trigger: 256
         closed connections kept 300 MiB.
         """
-        self._native = None
+        if self._native is not None:
+            self._native.close()
+            self._native = None
         self._tls = self._in = self._out = self._rbuf = None
         self.sock = None
 
@@ -142,8 +145,8 @@ class Connection:
         each run once per record.
         """
         if self._native is not None and self._native_read():
-            with _openssl.Buffer(buf, writable=True) as b:
-                return self._native.read(b.address, b.length)
+            view = memoryview(buf).cast("B")
+            return self._native.read(view, len(view) >= SMALL)
         view = memoryview(buf).cast("B")
         want = len(view)
         while True:

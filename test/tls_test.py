@@ -135,9 +135,9 @@ def test_idle_drops_the_send_buffer(contexts):
             received += client.recv(65536)
         t.join(10)
         assert received == data
-        assert conn._native._buffered
+        assert conn._native._buffered["write"]
         conn.idle()
-        assert not conn._native._buffered
+        assert not conn._native._buffered["write"]
 
 
 def test_send_survives_partial_sends(contexts):
