@@ -291,6 +291,11 @@ class Native:
         if self._buffered[READ] and not self._pending():
             self._buffer(READ, False)
 
+    def _received(self):
+        """Ciphertext received and not yet read (in OpenSSL's record
+        buffer or in the read buffer BIO)."""
+        return self._lib.SSL_has_pending(self._ssl) or self._pending()
+
     def _pending(self):
         """Ciphertext in the read buffer BIO."""
         rbio = self._lib.SSL_get_rbio(self._ssl)
@@ -336,14 +341,17 @@ class Native:
         read = self._sslobj.read
         length = len(view)
         got = 0
-        if (self._sock.gettimeout() is None
-                and not self._lib.SSL_has_pending(self._ssl)
-                and not self._pending()):
-            # A blocking socket: OpenSSL's read() would not keep the
-            # caller's deadline; wait through the socket first.
+        # A blocking socket: OpenSSL's read() would block, past the
+        # caller's deadline for the first record, for ever for one that
+        # may never come: wait through the socket first, and read no
+        # more than OpenSSL has.
+        blocking = self._sock.gettimeout() is None
+        if blocking and not self._received():
             if not self._wait_readable():
                 return 0
         while got < length:
+            if got and blocking and not self._received():
+                return got
             try:
                 n = read(length - got, view[got:])
             except ssl.SSLWantReadError:

@@ -188,6 +188,35 @@ def test_recv_into_returns_every_record_received(contexts):
     assert conn.recv_into(buf) == 2000
 
 
+def test_blocking_socket_returns_what_came(contexts):
+    # Without a timeout (the client's checksum request) a read returns
+    # the records that came, without waiting for more that may never
+    # come: small and large reads (through the read buffer).
+    conn, client = pair(contexts)
+    conn.sock.settimeout(None)
+    result = []
+
+    def read(size):
+        buf = bytearray(size)
+        n = conn.recv_into(buf)
+        result.append(bytes(buf[:n]))
+
+    for size in (1000, 10 * tls.BATCH):
+        result.clear()
+        client.sendall(b"x" * 100)
+        client.sendall(b"y" * 200)
+        t = threading.Thread(target=read, args=(size,), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive()
+        data = result[0]
+        # One record at least; the other may still be on its way.
+        assert data in (b"x" * 100, b"x" * 100 + b"y" * 200)
+        if len(data) == 100:
+            buf = bytearray(1000)
+            assert conn.recv_into(buf) == 200
+
+
 @pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "eof"])
 def test_end_of_stream(contexts, clean):
     conn, client = pair(contexts)
