@@ -166,7 +166,11 @@ def ssl_pointer(lib, sslobj, inbio, outbio):
     BIOs), then SSL *ssl; _ssl.MemoryBIO with PyObject_HEAD then BIO *bio.
     Proved by the SSL's BIOs being the object's memory BIOs.
     """
-    obj = sslobj._sslobj
+    obj = getattr(sslobj, "_sslobj", None)
+    if type(obj).__name__ != "_SSLSocket" or \
+            type(inbio) is not ssl.MemoryBIO or \
+            type(outbio) is not ssl.MemoryBIO:
+        return None
     head = object.__basicsize__
     word = ctypes.sizeof(P)
     if (type(obj).__basicsize__ < head + 2 * word

@@ -25,8 +25,6 @@ to it as to any other connection.
 import io
 import ssl
 
-from . import _openssl
-
 # Bytes of ciphertext moved per send or recv. Large enough to amortize the
 # system call and TCP overhead; small enough to stay in cache.
 BATCH = 256 * 1024
@@ -70,7 +68,14 @@ class Connection:
         # and the in BIO is empty (reads); None if it cannot be had.
         self._native = None
         self._native_reads = False
-        lib = _openssl.load() if NATIVE else None
+        if NATIVE:
+            self._start_native(sock)
+
+    def _start_native(self, sock):
+        # Imported here: ctypes stays out of a light import of the client
+        # library.
+        from . import _openssl
+        lib = _openssl.load()
         if lib is not None:
             ptr = _openssl.ssl_pointer(lib, self._tls, self._in, self._out)
             if ptr is not None:

@@ -45,6 +45,21 @@ def pair(contexts):
     return conn, result["client"]
 
 
+def test_ssl_pointer_is_proved_by_its_bios(contexts):
+    from ovirt_imageio import _openssl
+    lib = _openssl.load()
+    if lib is None:
+        pytest.skip("No libssl to use here")
+    a, b = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = contexts[0].wrap_bio(a, b, server_side=True)
+    assert _openssl.ssl_pointer(lib, obj, a, b)
+    # Another object's BIOs, or these swapped: not this SSL.
+    assert _openssl.ssl_pointer(lib, obj, b, a) is None
+    c, d = ssl.MemoryBIO(), ssl.MemoryBIO()
+    assert _openssl.ssl_pointer(lib, obj, c, d) is None
+    assert _openssl.ssl_pointer(lib, object(), a, b) is None
+
+
 def test_large_transfer_both_ways(contexts):
     conn, client = pair(contexts)
     data = os.urandom(3 * tls.BATCH + 12345)
