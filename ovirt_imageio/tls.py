@@ -1,25 +1,45 @@
 """
-TLS for one connection, through memory BIOs: the daemon's connections
-(server side) and the client library's and proxy's connections to a
-daemon (client side).
+TLS for one connection: the daemon's connections (server side) and the
+client library's and proxy's connections to a daemon (client side).
 
-ssl.SSLSocket lets OpenSSL do the socket I/O, one TLS record (at most 16
+ssl.SSLSocket lets OpenSSL do the socket I/O one TLS record (at most 16
 KiB) at a time: a send() per record, and two read()s per record (header,
-then body; Python does not enable read-ahead). Over a whole image that is
-hundreds of thousands of system calls, each also pushing a segment through
-TCP. Here OpenSSL encrypts into and decrypts from memory, and we move
-bytes to and from the socket in batches of up to BATCH bytes: one send per
-batch of records, one recv for many records. The price, measured with
-perf on a download (issue 13): two more passes over the ciphertext than
-SSLSocket's (MemoryBIO.read() copies it out of OpenSSL's buffer, and
-OpenSSL zeroes its BIO buffer as it grows, BUF_MEM_grow_clean), about
-0.15 CPU-s per GiB; the system calls saved cost more (SSLSocket measured
-1.79 CPU-s per GiB against 1.47 here, one connection). Closing the rest
-of the gap to upstream needs OpenSSL writing to the socket itself through
-a buffered socket BIO (native code) or kernel TLS.
+then body; Python does not enable read-ahead): hundreds of thousands of
+system calls over an image, each also pushing a segment through TCP.
 
-The socket stays a plain socket: timeouts, TCP_NODELAY and shutdown apply
-to it as to any other connection.
+Here the handshake runs through memory BIOs (ssl.SSLObject), so the
+socket stays a plain socket: timeouts, deadlines, TCP_NODELAY and
+shutdown apply to it as to any other connection. Then, when it can
+(_openssl.py: the libssl the _ssl module runs on, and an SSL object
+proved by its own BIOs), OpenSSL gets socket BIOs and does the I/O
+itself: a large send is one SSL_write_ex() of the whole piece with the
+GIL released, its records gathered in a buffer BIO of BATCH bytes and
+sent in one write() per batch; a large read fills a buffer BIO with one
+read() per batch, from which OpenSSL takes its records (OpenSSL 3.0's
+own read-ahead is worse: it memmoves the rest of its buffer for every
+record). Small messages go straight, and an idle connection keeps no
+buffer. Waits go through the socket: poll() to write, a peek through the
+caller's recv_into (the server handler's deadlines and cancel) to read.
+Where that cannot be had, the memory BIOs stay, and we move ciphertext
+between them and the socket in batches (two more passes over it:
+MemoryBIO.read() copies it out of OpenSSL's buffer, which OpenSSL zeroes
+as it grows).
+
+Measured (issue 13; shared/bench/compare --runs 3, A = the native path,
+B = the memory BIOs, same run): daemon CPU 0.86 download-https, 0.89
+upload-https, 0.91 curl-full, 0.95 parallel-https. What a GiB of
+download-https costs the daemon now (perf, 2 cores; upstream's
+SSLSocket daemon in brackets): AES-256-GCM 0.51 (0.49); memmove 0.21
+(0.15: OpenSSL copies the plaintext into its record buffer, and we copy
+records into the batch buffer; without that buffer one write() per
+record measured more); kernel 0.67 (0.73), of which copying from the
+NBD socket 0.18 and into TCP 0.12; Python 0.28 (0.15: request handling
+and the NBD stream, not TLS). An upload: AES 0.52 (0.56), memmove 0.25
+(0.19), kernel 0.89 (1.23), Python 0.34 (0.35). The floor of a user
+space TLS daemon here, AES and the two kernel copies and OpenSSL's
+copy, is about 0.9 CPU-s per GiB; upstream is at 1.7. Only kernel TLS
+(not on the bench's kernel) would remove the record copies and let NBD
+payloads be spliced to the client's socket as on the unix socket.
 """
 
 import io
