@@ -1,18 +1,18 @@
 """
 OpenSSL's socket I/O for an ssl.SSLObject, through ctypes: see tls.py.
 
-Python's SSLObject encrypts into a memory BIO; once its handshake is done
-we give its SSL a socket BIO for reading (with read-ahead into a large
-buffer, so one read() brings many records) and one under a buffer BIO
-for writing (records are gathered and sent in batches), and call
-SSL_read_ex/SSL_write_ex ourselves: ctypes releases the GIL for the
-call, and a whole piece is encrypted and sent in one call.
+Python's SSLObject encrypts into memory BIOs; once its handshake is done
+we give its SSL socket BIOs, under a buffer BIO of a batch while a large
+body moves (one read() brings many records, one write() sends many), and
+call SSL_write_ex ourselves: ctypes releases the GIL, and a whole piece
+is encrypted and sent in one call. Records are read with the _ssl
+object's read(), cheaper per call than ctypes.
 
 Everything here is checked before use: the library must be the libssl
 the _ssl module runs on (the same version, mapped once in this process),
 and the SSL pointer found in the _ssl object must have the object's own
-memory BIOs. If anything does not match, load() returns None and the
-caller keeps the memory BIO path.
+memory BIOs. If anything does not match, load() or ssl_pointer() returns
+None and the caller keeps the memory BIO path.
 """
 
 import ctypes
@@ -91,11 +91,7 @@ def _signatures(lib):
         "SSL_set0_rbio": ([P, P], None),
         "SSL_set0_wbio": ([P, P], None),
         "SSL_ctrl": ([P, ctypes.c_int, ctypes.c_long, P], ctypes.c_long),
-        "SSL_set_read_ahead": ([P, ctypes.c_int], None),
-        "SSL_set_default_read_buffer_len": ([P, ctypes.c_size_t], None),
         "SSL_has_pending": ([P], ctypes.c_int),
-        "SSL_read_ex": ([P, P, ctypes.c_size_t,
-                         ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int),
         "SSL_write_ex": ([P, P, ctypes.c_size_t,
                           ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int),
         "SSL_shutdown": ([P], ctypes.c_int),
@@ -187,10 +183,6 @@ def ssl_pointer(lib, sslobj, inbio, outbio):
     if lib.SSL_get_rbio(ptr) != rbio or lib.SSL_get_wbio(ptr) != wbio:
         return None
     return ptr
-
-
-class Error(Exception):
-    pass
 
 
 class Native:
