@@ -271,7 +271,14 @@ class Native:
             self._set0(way, bio)
         self._buffered[way] = on
 
+    def _check_open(self):
+        """Our BIOs hold the fd's number: once the socket is closed it
+        may name another file."""
+        if self._sock.fileno() != self._fd:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
     def write(self, data, large):
+        self._check_open()
         with Buffer(data) as buf:
             if not buf.length:
                 return
@@ -283,6 +290,7 @@ class Native:
     def idle(self):
         """Drop the buffers of large bodies; received ciphertext not yet
         read (a pipelined request) keeps the read one."""
+        self._flush()
         self._buffer(WRITE, False)
         if self._buffered[READ] and not self._pending():
             self._buffer(READ, False)
@@ -332,6 +340,7 @@ class Native:
         Records are read with the _ssl object's read(): a ctypes call
         costs more, and this runs once per record (16 KiB).
         """
+        self._check_open()
         if large:
             self._buffer(READ, True)
         read = self._sslobj.read
@@ -377,6 +386,7 @@ class Native:
 
     def shutdown(self):
         """Send close_notify, not waiting for the peer's."""
+        self._check_open()
         self._lib.SSL_shutdown(self._ssl)
         self._lib.ERR_clear_error()
         try:

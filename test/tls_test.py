@@ -203,6 +203,28 @@ def test_recv_into_returns_every_record_received(contexts):
     assert conn.recv_into(buf) == 2000
 
 
+def test_closed_socket_is_never_written(contexts):
+    # OpenSSL's BIOs hold the fd's number, which a closed socket gives
+    # back to the process: the next socket gets it.
+    conn, client = pair(contexts)
+    fd = conn.sock.fileno()
+    conn.sock.close()
+    c, d = socket.socketpair()
+    try:
+        c.settimeout(0)
+        d.settimeout(0)
+        with pytest.raises(OSError):
+            conn.sendall(b"x" * 100)
+        with pytest.raises(OSError):
+            conn.recv_into(bytearray(100))
+        if fd in (c.fileno(), d.fileno()):
+            with pytest.raises(BlockingIOError):
+                (d if c.fileno() == fd else c).recv(100)
+    finally:
+        c.close()
+        d.close()
+
+
 def test_blocking_socket_returns_what_came(contexts):
     # Without a timeout (the client's checksum request) a read returns
     # the records that came, without waiting for more that may never
