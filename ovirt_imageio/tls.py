@@ -1,25 +1,45 @@
 """
-TLS for one connection, through memory BIOs: the daemon's connections
-(server side) and the client library's and proxy's connections to a
-daemon (client side).
+TLS for one connection: the daemon's connections (server side) and the
+client library's and proxy's connections to a daemon (client side).
 
-ssl.SSLSocket lets OpenSSL do the socket I/O, one TLS record (at most 16
+ssl.SSLSocket lets OpenSSL do the socket I/O one TLS record (at most 16
 KiB) at a time: a send() per record, and two read()s per record (header,
-then body; Python does not enable read-ahead). Over a whole image that is
-hundreds of thousands of system calls, each also pushing a segment through
-TCP. Here OpenSSL encrypts into and decrypts from memory, and we move
-bytes to and from the socket in batches of up to BATCH bytes: one send per
-batch of records, one recv for many records. The price, measured with
-perf on a download (issue 13): two more passes over the ciphertext than
-SSLSocket's (MemoryBIO.read() copies it out of OpenSSL's buffer, and
-OpenSSL zeroes its BIO buffer as it grows, BUF_MEM_grow_clean), about
-0.15 CPU-s per GiB; the system calls saved cost more (SSLSocket measured
-1.79 CPU-s per GiB against 1.47 here, one connection). Closing the rest
-of the gap to upstream needs OpenSSL writing to the socket itself through
-a buffered socket BIO (native code) or kernel TLS.
+then body; Python does not enable read-ahead): hundreds of thousands of
+system calls over an image, each also pushing a segment through TCP.
 
-The socket stays a plain socket: timeouts, TCP_NODELAY and shutdown apply
-to it as to any other connection.
+Here the handshake runs through memory BIOs (ssl.SSLObject), so the
+socket stays a plain socket: timeouts, deadlines, TCP_NODELAY and
+shutdown apply to it as to any other connection. Then, when it can
+(_openssl.py: the libssl the _ssl module runs on, and an SSL object
+proved by its own BIOs), OpenSSL gets socket BIOs and does the I/O
+itself: a large send is one SSL_write_ex() of the whole piece with the
+GIL released, its records gathered in a buffer BIO of BATCH bytes and
+sent in one write() per batch; a large read fills a buffer BIO with one
+read() per batch, from which OpenSSL takes its records (OpenSSL 3.0's
+own read-ahead is worse: it memmoves the rest of its buffer for every
+record). Small messages go straight, and an idle connection keeps no
+buffer. Waits go through the socket: poll() to write, a peek through the
+caller's recv_into (the server handler's deadlines and cancel) to read.
+Where that cannot be had, the memory BIOs stay, and we move ciphertext
+between them and the socket in batches (two more passes over it:
+MemoryBIO.read() copies it out of OpenSSL's buffer, which OpenSSL zeroes
+as it grows).
+
+Measured (issue 13; shared/bench/compare --runs 3, A = the native path,
+B = the memory BIOs, same run): daemon CPU 0.86 download-https, 0.89
+upload-https, 0.91 curl-full, 0.95 parallel-https. What a GiB of
+download-https costs the daemon now (perf, 2 cores; upstream's
+SSLSocket daemon in brackets): AES-256-GCM 0.51 (0.49); memmove 0.21
+(0.15: OpenSSL copies the plaintext into its record buffer, and we copy
+records into the batch buffer; without that buffer one write() per
+record measured more); kernel 0.67 (0.73), of which copying from the
+NBD socket 0.18 and into TCP 0.12; Python 0.28 (0.15: request handling
+and the NBD stream, not TLS). An upload: AES 0.52 (0.56), memmove 0.25
+(0.19), kernel 0.89 (1.23), Python 0.34 (0.35). The floor of a user
+space TLS daemon here, AES and the two kernel copies and OpenSSL's
+copy, is about 0.9 CPU-s per GiB; upstream is at 1.7. Only kernel TLS
+(not on the bench's kernel) would remove the record copies and let NBD
+payloads be spliced to the client's socket as on the unix socket.
 """
 
 import io
@@ -36,6 +56,10 @@ BATCH = 256 * 1024
 # KiB. A batch's pieces go out in one sendmsg(). (32 KiB pieces cost 7-9%
 # more CPU sending.)
 HALF = BATCH // 2
+
+# Let OpenSSL do the socket I/O when it can (see _openssl); False keeps
+# the memory BIOs.
+NATIVE = True
 
 # Ciphertext received at once for a small read (the handshake, request
 # heads, small bodies): two full TLS records. A read into a buffer at
@@ -60,6 +84,24 @@ class Connection:
         # Ciphertext of large reads (request bodies) is received here,
         # made on the first one and dropped when the connection idles.
         self._rbuf = None
+        # OpenSSL's own socket I/O once the handshake is done (writes)
+        # and the in BIO is empty (reads); None if it cannot be had.
+        self._native = None
+        self._native_reads = False
+        if NATIVE:
+            self._start_native(sock)
+
+    def _start_native(self, sock):
+        # Imported here: ctypes stays out of a light import of the client
+        # library.
+        from . import _openssl
+        lib = _openssl.load()
+        if lib is not None:
+            ptr = _openssl.ssl_pointer(lib, self._tls, self._in, self._out)
+            if ptr is not None:
+                _openssl.Native.prepare(lib, ptr)
+                self._native = _openssl.Native(lib, ptr, self._tls._sslobj,
+                                               sock, BATCH)
 
     def handshake(self):
         while True:
@@ -82,6 +124,8 @@ class Connection:
                 raise
         # Session tickets and the end of the handshake.
         self._flush()
+        if self._native is not None:
+            self._native.start_writing()
 
     def version(self):
         return self._tls.version()
@@ -92,6 +136,9 @@ class Connection:
         clients report a bare TCP FIN as "unexpected eof"). We do not wait
         for the peer's close_notify.
         """
+        if self._native is not None:
+            self._native.shutdown()
+            return
         try:
             self._tls.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
@@ -107,6 +154,9 @@ class Connection:
         the garbage collector, which big C buffers do not trigger: 256
         closed connections kept 300 MiB.
         """
+        if self._native is not None:
+            self._native.close()
+            self._native = None
         self._tls = self._in = self._out = self._rbuf = None
         self.sock = None
 
@@ -119,6 +169,9 @@ class Connection:
         reader, request body, the image handler's loop) would otherwise
         each run once per record.
         """
+        if self._native is not None and self._native_read():
+            view = memoryview(buf).cast("B")
+            return self._native.read(view, len(view) >= SMALL)
         view = memoryview(buf).cast("B")
         want = len(view)
         while True:
@@ -145,7 +198,20 @@ class Connection:
             n += got
         return n
 
+    def _native_read(self):
+        """True if OpenSSL reads the socket: from the first read that
+        finds the in BIO empty (what came with the handshake is read
+        from it first)."""
+        if not self._native_reads and not self._eof and \
+                not self._in.pending:
+            self._native.start_reading()
+            self._native_reads = True
+        return self._native_reads
+
     def sendall(self, data):
+        if self._native is not None:
+            self._native.write(data, memoryview(data).nbytes >= SMALL)
+            return
         view = memoryview(data).cast("B")
         for start in range(0, len(view), BATCH):
             batch = view[start:start + BATCH]
@@ -167,6 +233,8 @@ class Connection:
         cost.
         """
         self._rbuf = None
+        if self._native is not None:
+            self._native.idle()
 
     def _fill(self, large=False):
         """

@@ -15,8 +15,11 @@ from ovirt_imageio import tls
 from ovirt_imageio.http import server
 
 
-@pytest.fixture
-def contexts(pki):
+@pytest.fixture(params=["native", "memory"])
+def contexts(pki, request, monkeypatch):
+    """Both paths: OpenSSL's socket I/O, and the memory BIOs it falls
+    back to."""
+    monkeypatch.setattr(tls, "NATIVE", request.param == "native")
     srv = server.tls_context(pki["cert_file"], pki["key_file"])
     cli = ssl.create_default_context(cafile=pki["ca_file"])
     return srv, cli
@@ -38,7 +41,23 @@ def pair(contexts):
     conn = tls.Connection(a, srv_ctx)
     conn.handshake()
     t.join(10)
+    assert (conn._native is not None) == tls.NATIVE
     return conn, result["client"]
+
+
+def test_ssl_pointer_is_proved_by_its_bios(contexts):
+    from ovirt_imageio import _openssl
+    lib = _openssl.load()
+    if lib is None:
+        pytest.skip("No libssl to use here")
+    a, b = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = contexts[0].wrap_bio(a, b, server_side=True)
+    assert _openssl.ssl_pointer(lib, obj, a, b)
+    # Another object's BIOs, or these swapped: not this SSL.
+    assert _openssl.ssl_pointer(lib, obj, b, a) is None
+    c, d = ssl.MemoryBIO(), ssl.MemoryBIO()
+    assert _openssl.ssl_pointer(lib, obj, c, d) is None
+    assert _openssl.ssl_pointer(lib, object(), a, b) is None
 
 
 def test_large_transfer_both_ways(contexts):
@@ -96,6 +115,8 @@ def test_idle_drops_the_receive_buffer(contexts):
     # Between requests a connection keeps no receive buffer; the next
     # large read makes one again.
     conn, client = pair(contexts)
+    if conn._native is not None:
+        pytest.skip("OpenSSL frees its read buffer whenever it is empty")
     data = os.urandom(tls.BATCH + 1)
     for _ in range(2):
         sender = threading.Thread(target=client.sendall, args=(data,))
@@ -112,6 +133,26 @@ def test_idle_drops_the_receive_buffer(contexts):
         assert conn._rbuf is not None
         conn.idle()
         assert conn._rbuf is None
+
+
+def test_idle_drops_the_send_buffer(contexts):
+    # A large send gathers records in a buffer of a batch; between
+    # requests the connection keeps none.
+    conn, client = pair(contexts)
+    if conn._native is None:
+        pytest.skip("The out BIO is read empty after every piece")
+    data = os.urandom(tls.BATCH + 1)
+    for _ in range(2):
+        t = threading.Thread(target=conn.sendall, args=(data,))
+        t.start()
+        received = bytearray()
+        while len(received) < len(data):
+            received += client.recv(65536)
+        t.join(10)
+        assert received == data
+        assert conn._native._buffered["write"]
+        conn.idle()
+        assert not conn._native._buffered["write"]
 
 
 def test_send_survives_partial_sends(contexts):
@@ -160,6 +201,57 @@ def test_recv_into_returns_every_record_received(contexts):
     client.sendall(b"x" * 3000)
     assert conn.recv_into(memoryview(buf)[:1000]) == 1000
     assert conn.recv_into(buf) == 2000
+
+
+def test_closed_socket_is_never_written(contexts):
+    # OpenSSL's BIOs hold the fd's number, which a closed socket gives
+    # back to the process: the next socket gets it.
+    conn, client = pair(contexts)
+    fd = conn.sock.fileno()
+    conn.sock.close()
+    c, d = socket.socketpair()
+    try:
+        c.settimeout(0)
+        d.settimeout(0)
+        with pytest.raises(OSError):
+            conn.sendall(b"x" * 100)
+        with pytest.raises(OSError):
+            conn.recv_into(bytearray(100))
+        if fd in (c.fileno(), d.fileno()):
+            with pytest.raises(BlockingIOError):
+                (d if c.fileno() == fd else c).recv(100)
+    finally:
+        c.close()
+        d.close()
+
+
+def test_blocking_socket_returns_what_came(contexts):
+    # Without a timeout (the client's checksum request) a read returns
+    # the records that came, without waiting for more that may never
+    # come: small and large reads (through the read buffer).
+    conn, client = pair(contexts)
+    conn.sock.settimeout(None)
+    result = []
+
+    def read(size):
+        buf = bytearray(size)
+        n = conn.recv_into(buf)
+        result.append(bytes(buf[:n]))
+
+    for size in (1000, 10 * tls.BATCH):
+        result.clear()
+        client.sendall(b"x" * 100)
+        client.sendall(b"y" * 200)
+        t = threading.Thread(target=read, args=(size,), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive()
+        data = result[0]
+        # One record at least; the other may still be on its way.
+        assert data in (b"x" * 100, b"x" * 100 + b"y" * 200)
+        if len(data) == 100:
+            buf = bytearray(1000)
+            assert conn.recv_into(buf) == 200
 
 
 @pytest.mark.parametrize("clean", [True, False], ids=["close_notify", "eof"])

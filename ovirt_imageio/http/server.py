@@ -517,7 +517,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # Deadlines. Every read of the connection's socket (plain rfile, or
     # the TLS connection's ciphertext) goes through _recv_into.
 
-    def _recv_into(self, buf):
+    def _recv_into(self, buf, nbytes=0, flags=0):
         # Before the check: Handler.interrupt reads it after setting the
         # flag, so one of the two sees the other.
         self.reading = True
@@ -526,20 +526,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 # Canceled (Context.interrupt): the client's bytes are
                 # not wanted any more.
                 return 0
-            return self._recv_deadline(buf)
+            return self._recv_deadline(buf, nbytes, flags)
         finally:
             self.reading = False
 
-    def _recv_deadline(self, buf):
+    def _recv_deadline(self, buf, nbytes=0, flags=0):
         if self._deadline is None:
-            return self.request.recv_into(buf)
+            return self.request.recv_into(buf, nbytes, flags)
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise self._expired()
         idle = self._idle
         self.request.settimeout(left if idle is None else min(left, idle))
         try:
-            return self.request.recv_into(buf)
+            return self.request.recv_into(buf, nbytes, flags)
         except TimeoutError:
             if time.monotonic() >= self._deadline:
                 raise self._expired() from None
@@ -816,12 +816,14 @@ class _Reader(io.RawIOBase):
 
 class _DeadlineSocket:
     """What tls.Connection uses of a socket, reading with the handler's
-    _recv_into."""
+    _recv_into (OpenSSL's own reads wait through it, peeking)."""
 
     def __init__(self, handler):
         self.recv_into = handler._recv_into
         self.sendall = handler.request.sendall
         self.sendmsg = handler.request.sendmsg
+        self.fileno = handler.request.fileno
+        self.gettimeout = handler.request.gettimeout
 
 
 class _HeaderReader:
