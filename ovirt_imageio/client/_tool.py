@@ -1303,24 +1303,6 @@ def _existing_target(path):
     return path
 
 
-def _upload_source(path):
-    """upload-disk's FILE: a local image (_source()) or an HTTP(S) URL;
-    a URL's user info is refused, since a password would show in ps."""
-    if not _is_url(path):
-        return _source(path)
-    import argparse
-
-    from . import urlsource
-
-    path = opts.text(path)
-    if "@" in path.split("/", 3)[2]:
-        # Not quoted: the password is in it.
-        raise argparse.ArgumentTypeError(
-            f"{urlsource.display(path)}: a URL cannot carry credentials "
-            f"(they would show in ps): give them in a --header-file")
-    return path
-
-
 def _new_file(path):
     """backup-disk's FILE: a file that does not exist yet."""
     path = opts.text(path)
