@@ -54,7 +54,9 @@ vdsm can (FAULTS lists them), until engine.faults.discard(name).
 engine.hold(name) makes POST /disks ("add_disk") or POST /imagetransfers
 ("add_transfer") wait, its work done, before it answers, until the Event
 it returns is set: a client can be interrupted while it waits for the
-answer, as with a slow engine.
+answer, as with a slow engine. hold("finish_failed") keeps a failed
+transfer in cancelled_system or finalizing_failure until it is set, as
+a busy engine does.
 
     engine = Engine(store_dir, control_socket, daemon_port, pki)
     engine.start()
@@ -820,8 +822,9 @@ class Engine:
 
     def hold(self, name):
         """Make the request name ("add_disk", "add_transfer") wait before
-        it answers until the returned Event is set."""
-        if name not in ("add_disk", "add_transfer"):
+        it answers, or a failed transfer ("finish_failed") before it
+        ends, until the returned Event is set."""
+        if name not in ("add_disk", "add_transfer", "finish_failed"):
             raise ValueError(f"Cannot hold {name!r}")
         event = threading.Event()
         with self.lock:
@@ -1387,6 +1390,7 @@ class Engine:
             self._teardown(t)
         except Exception as exc:
             log.error("Cleaning up transfer %s failed: %s", t.id, exc)
+        self._hold("finish_failed")
         with self.lock:
             self._fail(t)
 

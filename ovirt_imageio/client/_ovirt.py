@@ -485,6 +485,31 @@ class Engine:
                       e if isinstance(e, Error) else describe(e))
 
 
+    def wait_for_end(self, transfer, timeout=CANCEL_TIMEOUT):
+        """
+        Wait until a transfer the engine stopped (cancelled_system: it
+        did not start) has ended, so that what holds it (a backup, the
+        disk's lock) can be released. Errors are logged: this runs while
+        another error is on its way out.
+        """
+        phase = self.types.ImageTransferPhase
+        service = self.transfer_service(transfer.id)
+        poller = Poller(timeout, f"transfer {transfer.id} to end")
+        try:
+            while True:
+                try:
+                    current = service.get()
+                except self.sdk.NotFoundError:
+                    return
+                if current.phase in (phase.FINISHED_FAILURE,
+                                     phase.FINISHED_CLEANUP,
+                                     phase.FINISHED_SUCCESS):
+                    return
+                poller.wait()
+        except (Error, self.sdk.Error) as e:
+            log.error("Transfer %s did not end: %s", transfer.id,
+                      e if isinstance(e, Error) else describe(e))
+
     # VMs and backups (ENGINE-SIM.md 1.5, 2.5, 3.4; doc/engine-api.md).
 
     def vm_of_disk(self, disk_id):

@@ -1368,6 +1368,17 @@ def download_transfer(engine, bar, disk, host=None, **kwargs):
     transfer = engine.add_transfer(disk, "download", host, **kwargs)
     try:
         transfer = engine.wait_for_transfer(transfer)
+    except _ovirt.NotStarted:
+        # The engine stopped it (cancelled_system): nothing to finalize,
+        # but it must end before the backup holding it can.
+        engine.wait_for_end(transfer)
+        raise
+    except BaseException:
+        if bar is not None:
+            bar.phase = "finalizing transfer"
+        _cleanup(engine.finalize_transfer, transfer, disk.id)
+        raise
+    try:
         yield transfer_urls(transfer)
     except BaseException:
         if bar is not None:

@@ -1419,6 +1419,47 @@ def test_backup_missing_bitmap(env, tmp_path):
     assert_backup_cleaned_up(env, disk)
 
 
+def test_backup_missing_bitmap_slow_engine(env, spawn, tmp_path):
+    # The engine ends the failed transfer (cancelled_system) a while
+    # after it says so: ovirt-img waits for the end before it finalizes
+    # the backup, which the engine refuses while a transfer is open.
+    disk = vm_disk(env, tmp_path)
+    env.engine.add_vm("vm1", [disk.id])
+    full = tmp_path / "full.qcow2"
+    p = env.run("backup-disk", disk.id, full)
+    checkpoint = backup_result(p.stdout)[1]["checkpoint_id"]
+    subprocess.run(["qemu-img", "bitmap", "--remove", "-f", "qcow2",
+                    disk.path, checkpoint], check=True, timeout=60)
+    before = set(env.engine.transfers)
+    end = env.engine.hold("finish_failed")
+    proc = spawn("backup-disk", "--from-checkpoint", checkpoint,
+                 "--backing-file", full, disk.id, tmp_path / "incr.qcow2")
+
+    def stopped():
+        with env.engine.lock:
+            new = [t for i, t in env.engine.transfers.items()
+                   if i not in before and t.phase == "cancelled_system"]
+        return new[0] if new else None
+    t = testutil.wait_for(stopped, timeout=DEADLINE,
+                          message="the transfer stopped by the engine")
+    path = f"/ovirt-engine/api/imagetransfers/{t.id}"
+
+    def gets():
+        with env.engine.lock:
+            return sum(1 for m, p, _ in env.engine.requests
+                       if m == "GET" and p == path)
+    seen = gets()
+    # ovirt-img learns the transfer did not start (one GET), then polls
+    # for its end (another); if it went on instead, it has exited.
+    testutil.wait_for(lambda: gets() >= seen + 2 or proc.poll() is not None,
+                      timeout=DEADLINE, message="ovirt-img to poll")
+    end.set()
+    code, _, err = finish(proc)
+    assert code == 1, err
+    assert f"lost the bitmap of checkpoint {checkpoint}" in err[-1]
+    assert_backup_cleaned_up(env, disk)
+
+
 def test_backup_disk_not_attached(env, tmp_path):
     disk = vm_disk(env, tmp_path)
     p = env.run("backup-disk", disk.id, tmp_path / "b.qcow2", check=False)
